@@ -1,0 +1,133 @@
+"""
+The hub_mirror supervisor: keeps one mirror's registry serving, whatever the upstream does.
+
+Not an execution module. ``hub_mirror.running`` copies this file to the host and runs it
+(as the mirror's unprivileged user) from the systemd unit or the init script. It needs only
+the Python standard library.
+
+Why it exists: the registry in proxy mode pings its upstream at start and panics when the
+upstream does not answer (distribution issue 4038), so a host that boots during a Docker Hub
+outage would serve nothing, exactly when its cache matters most. The supervisor then serves
+the same storage as a plain read-only registry ("offline mode": every cached tag and blob,
+no pulls from upstream, no push), checks the upstream every ``--recheck`` seconds, and goes
+back to proxy mode as soon as the upstream answers. It also restarts the registry when it
+exits, with a short backoff, like systemd's ``Restart=always``.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def __virtual__():
+    return (False, "hub_mirror_supervise is the mirror's supervisor program, not a module")
+
+
+def log(message):
+    print(f"hub-mirror-supervise: {message}", file=sys.stderr, flush=True)
+
+
+def http_answers(url, timeout):
+    """True when ``url`` gives any HTTP answer (401 included) within ``timeout``."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class Supervisor:
+    def __init__(self, args):
+        self.args = args
+        self.child = None
+        self.stopping = False
+
+    def handle_signal(self, signum, _frame):
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def spawn(self, config):
+        env = dict(os.environ, OTEL_TRACES_EXPORTER="none")
+        self.child = subprocess.Popen(  # pylint: disable=consider-using-with
+            [self.args.binary, "serve", config], env=env
+        )
+        return self.child
+
+    def upstream_up(self):
+        return http_answers(self.args.upstream.rstrip("/") + "/v2/", self.args.probe_timeout)
+
+    def serve_proxy(self):
+        """Run in proxy mode; True if it served before it exited, False if it never came up."""
+        child = self.spawn(self.args.config)
+        local = f"http://{self.args.listen}/v2/"
+        served = False
+        while child.poll() is None:
+            if not served and http_answers(local, 1):
+                served = True
+                log("serving in proxy mode")
+            time.sleep(0.5 if not served else 2)
+        return served or self.stopping
+
+    def serve_offline(self):
+        """Serve the cache read-only until the upstream answers again (or a stop)."""
+        log(f"upstream {self.args.upstream} does not answer: serving the cache read-only")
+        child = self.spawn(self.args.offline_config)
+        next_check = time.monotonic() + self.args.recheck
+        while child.poll() is None and not self.stopping:
+            if time.monotonic() >= next_check:
+                if self.upstream_up():
+                    log("upstream answers again: back to proxy mode")
+                    child.terminate()
+                    try:
+                        child.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+                    return
+                next_check = time.monotonic() + self.args.recheck
+            time.sleep(0.5)
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self.handle_signal)
+        signal.signal(signal.SIGINT, self.handle_signal)
+        backoff = 1
+        while not self.stopping:
+            if not self.upstream_up():
+                self.serve_offline()
+                continue
+            if self.serve_proxy():
+                backoff = 1
+            elif not self.stopping and not self.upstream_up():
+                continue  # it died on the start-up ping: offline mode next round
+            if self.stopping:
+                break
+            log(f"registry exited with {self.child.returncode}; restarting in {backoff}s")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30)
+        if self.child and self.child.poll() is None:
+            self.child.wait()
+        return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--offline-config", required=True)
+    parser.add_argument("--listen", required=True, help="HOST:PORT to probe locally")
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--recheck", type=float, default=15)
+    parser.add_argument("--probe-timeout", type=float, default=5)
+    return Supervisor(parser.parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Small network helpers for tests that must only ever talk to loopback.
+
+Every helper here refuses non-loopback hosts: the test harness promises never to
+send a packet off the machine, and a typo in a URL should fail loudly rather than
+reach the real Docker Hub.
+"""
+
+import ipaddress
+import os
+import socket
+import time
+import urllib.parse
+
+import requests
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+# Proxy variables would route loopback traffic elsewhere (or leak it off the host).
+PROXY_ENV_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "ftp_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "FTP_PROXY",
+)
+
+
+def is_loopback_host(host):
+    """True when ``host`` names the loopback interface (127/8, ::1, localhost)."""
+    host = (host or "").strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def assert_loopback_url(url):
+    """Raise ValueError unless ``url`` points at loopback; returns the URL."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not is_loopback_host(host):
+        raise ValueError(f"refusing non-loopback URL {url!r}: tests stay on 127.0.0.1")
+    return url
+
+
+def assert_loopback_hostport(hostport):
+    """Same guard for ``HOST:PORT`` strings as used by skopeo references."""
+    assert_loopback_url(f"http://{hostport}/")
+    return hostport
+
+
+def clean_env(extra=None):
+    """A copy of os.environ without proxy settings, plus ``extra``.
+
+    Child processes (registry, skopeo) honour proxy variables; removing them
+    keeps their traffic on loopback whatever the caller's shell has set.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV_VARS}
+    env["NO_PROXY"] = env["no_proxy"] = "*"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def loopback_session():
+    """A requests Session that ignores proxy env vars and netrc (trust_env=False)."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
+def free_port(host="127.0.0.1"):
+    """Return a TCP port that is free right now on ``host``.
+
+    There is an unavoidable race between closing this socket and the caller
+    binding it; on a test machine that is acceptable.
+    """
+    if not is_loopback_host(host):
+        raise ValueError(f"free_port only hands out loopback ports, not {host!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url, timeout=20, ok=(200, 401), abort=None):
+    """Poll ``url`` with GET until it answers with a status in ``ok``.
+
+    Returns the final Response. Raises TimeoutError carrying the last error or
+    status seen when ``timeout`` seconds pass. ``abort`` is an optional
+    callable returning a reason string when waiting is pointless (e.g. the
+    server process died); that raises RuntimeError at once instead of burning
+    the whole timeout.
+    """
+    assert_loopback_url(url)
+    deadline = time.monotonic() + timeout
+    last = "no attempt made"
+    with loopback_session() as session:
+        while True:
+            if abort is not None:
+                reason = abort()
+                if reason:
+                    raise RuntimeError(f"gave up waiting for {url}: {reason}")
+            try:
+                resp = session.get(url, timeout=2)
+                if resp.status_code in ok:
+                    return resp
+                last = f"HTTP {resp.status_code}"
+            except requests.RequestException as exc:
+                last = repr(exc)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
+            time.sleep(0.1)

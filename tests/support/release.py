@@ -1,0 +1,216 @@
+"""A loopback stand-in for GitHub release downloads of the ``registry`` binary.
+
+The installer fetches ``registry_<ver>_linux_<arch>.tar.gz`` and its ``.sha256``
+from a URL template. Tests point that template at a FileServer serving assets
+made here from Debian's build of the same program, so installs are exercised
+end to end without the internet.
+"""
+
+import hashlib
+import io
+import pathlib
+import subprocess
+import tarfile
+import threading
+import urllib.parse
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+from .netutil import free_port
+
+DEB_CACHE = pathlib.Path("/var/cache/hub-mirror-ci/debs")
+APT_TIMEOUT = 600
+# A fixed mtime keeps assets reproducible: same inputs, same sha256.
+ASSET_MTIME = 1_700_000_000
+
+README = "# registry\n\nTest stand-in for a CNCF distribution release asset (hub_mirror tests).\n"
+LICENSE = "Apache License, Version 2.0 (stand-in text for tests)\n"
+
+
+def asset_name(version, arch):
+    return f"registry_{version}_linux_{arch}.tar.gz"
+
+
+def _add_member(tar, name, data, mode):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    info.mtime = ASSET_MTIME
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_release_asset(out_dir, version, arch, binary="/usr/bin/docker-registry"):
+    """Write ``<out_dir>/v<version>/registry_<version>_linux_<arch>.tar.gz`` and its ``.sha256``.
+
+    The tarball holds ``registry`` (0755), ``README.md`` and ``LICENSE`` at the
+    top level, like upstream's. The ``.sha256`` file holds only the hex digest
+    and a newline, also like upstream's. Returns {"path", "sha256", "url_path"}.
+    """
+    release_dir = pathlib.Path(out_dir) / f"v{version}"
+    release_dir.mkdir(parents=True, exist_ok=True)
+    name = asset_name(version, arch)
+    path = release_dir / name
+    with tarfile.open(path, "w:gz") as tar:
+        _add_member(tar, "registry", pathlib.Path(binary).read_bytes(), 0o755)
+        _add_member(tar, "README.md", README.encode(), 0o644)
+        _add_member(tar, "LICENSE", LICENSE.encode(), 0o644)
+    digest = sha256_file(path)
+    (release_dir / f"{name}.sha256").write_text(digest + "\n")
+    return {"path": str(path), "sha256": digest, "url_path": f"/v{version}/{name}"}
+
+
+def sha256_file(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+# -- Debian builds for other architectures --------------------------------------
+
+
+def _run(cmd, **kwargs):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=APT_TIMEOUT, **kwargs)
+
+
+def _ensure_dpkg_arch(arch):
+    """Enable ``arch`` in dpkg and refresh apt lists, only if not already enabled."""
+    native = _run(["dpkg", "--print-architecture"]).stdout.strip()
+    foreign = _run(["dpkg", "--print-foreign-architectures"]).stdout.split()
+    if arch == native or arch in foreign:
+        return False
+    _run(["dpkg", "--add-architecture", arch])
+    _run(["apt-get", "update", "-q"])
+    return True
+
+
+def _cached_deb(arch):
+    matches = sorted(DEB_CACHE.glob(f"docker-registry_*_{arch}.deb"))
+    return matches[-1] if matches else None
+
+
+def _download_deb(arch):
+    """``apt-get download docker-registry:<arch>`` into the cache; path of the .deb."""
+    DEB_CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        _run(["apt-get", "download", f"docker-registry:{arch}"], cwd=DEB_CACHE)
+    except subprocess.CalledProcessError:
+        # Unknown arch or stale lists: enable it and refresh (once), then retry once.
+        if not _ensure_dpkg_arch(arch):
+            _run(["apt-get", "update", "-q"])
+        _run(["apt-get", "download", f"docker-registry:{arch}"], cwd=DEB_CACHE)
+    deb = _cached_deb(arch)
+    if deb is None:
+        raise FileNotFoundError(f"apt-get download left no docker-registry .deb for {arch} in {DEB_CACHE}")
+    return deb
+
+
+def fetch_debian_registry_binary(arch, dest_dir):
+    """Debian's ``docker-registry`` binary for ``arch`` (e.g. arm64); returns its path.
+
+    The .deb is cached under /var/cache/hub-mirror-ci/debs so only the first
+    call touches apt. Foreign binaries run here through qemu-user-static.
+    """
+    deb = _cached_deb(arch) or _download_deb(arch)
+    dest_dir = pathlib.Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    _run(["dpkg-deb", "-x", str(deb), str(dest_dir)])
+    binary = dest_dir / "usr" / "bin" / "docker-registry"
+    if not binary.exists():
+        raise FileNotFoundError(f"{deb} has no usr/bin/docker-registry")
+    return str(binary)
+
+
+# -- static file server -----------------------------------------------------------
+
+
+class _FileHandler(SimpleHTTPRequestHandler):
+    """Static files only: records each path, honours overrides, no listings."""
+
+    def __init__(self, *args, fileserver=None, **kwargs):
+        self.fileserver = fileserver
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, fmt, *args):
+        """Silent: FileServer.requests is the log."""
+
+    def _common(self):
+        path = urllib.parse.urlsplit(self.path).path
+        self.fileserver._record(path)
+        override = self.fileserver.overrides.get(path)
+        if override is not None:
+            status, body = override
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return True
+        local = pathlib.Path(self.translate_path(self.path))
+        if not local.is_file():
+            # A directory listing is not what a release server returns.
+            self.send_error(404, "Not Found")
+            return True
+        return False
+
+    def do_GET(self):
+        if not self._common():
+            super().do_GET()
+
+    def do_HEAD(self):
+        if not self._common():
+            super().do_HEAD()
+
+
+class FileServer:
+    """Threaded static HTTP server for ``root_dir`` on 127.0.0.1:<free port>.
+
+    ``requests`` lists the paths asked for (GET and HEAD), in order.
+    ``override(path, status, body)`` makes one path answer with a canned
+    response (e.g. a 500 or a truncated asset) for failure tests.
+    """
+
+    def __init__(self, root_dir, port=None):
+        self.root_dir = str(root_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.requests = []
+        self.overrides = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread = None
+
+    def _record(self, path):
+        with self._lock:
+            self.requests.append(path)
+
+    def override(self, path, status=500, body=b""):
+        self.overrides[path] = (status, body)
+
+    def clear_overrides(self):
+        self.overrides.clear()
+
+    def start(self):
+        handler = partial(_FileHandler, directory=self.root_dir, fileserver=self)
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True, name=f"fileserver-{self.port}")
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
