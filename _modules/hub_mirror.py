@@ -1593,3 +1593,13 @@ def catalog(mirror="dockerhub", tags=False):
     if not tags:
         return repositories
     return {repo: cached_tags(spec["storage"], repo) for repo in repositories}
+
+
+# ---------------------------------------------------------------------------------------
+# Inspect and operate the cache (status, tags, ratelimit, warm, gc, usage)
+# ---------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------
+# Clients: point docker, containerd, podman and buildkit at the mirror
+# ---------------------------------------------------------------------------------------

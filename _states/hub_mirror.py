@@ -88,3 +88,9 @@ def uninstalled(name):
     Remove the registry binary that ``install:method: archive`` installed.
     """
     return _apply(name, "uninstall")
+
+
+# --- Inspect and operate the cache -------------------------------------------------------
+
+
+# --- Clients -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ hub_mirror-config-user-present:
     - name: {{ hub_mirror.lookup.user }}
     - gid: {{ hub_mirror.lookup.group }}
     - system: True
-    - home: {{ hub_mirror.lookup.state_dir }}
+    - home: /nonexistent
     - createhome: False
     - shell: /usr/sbin/nologin
     - fullname: hub_mirror registry

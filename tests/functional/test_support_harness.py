@@ -16,11 +16,6 @@ import tarfile
 import pytest
 import requests
 
-# `pytest tests/...` does not put the repo root on sys.path by itself (tests/functional
-# has no __init__.py); harmless once pytest config sets pythonpath = ["."].
-_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 from tests.support import oci
 from tests.support.hub import FakeDockerHub

@@ -1,0 +1,92 @@
+"""`salt-call --local state.apply hub_mirror`, as a user runs it, with real processes:
+the release asset from a loopback server, the registry as a supervised service, a pull
+through it with skopeo, and `hub_mirror.catalog` listing what was pulled."""
+
+import pytest
+
+from tests.conftest import HUB_TOKEN, HUB_USER, RELEASE_VERSION, archive_pillar
+from tests.support import oci
+from tests.support.netutil import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def mirror_pillar(hub, port, **extra):
+    return {
+        "upstream": hub.url,
+        "listen": f"127.0.0.1:{port}",
+        "username": HUB_USER,
+        "token": HUB_TOKEN,
+        **extra,
+    }
+
+
+@pytest.fixture
+def applied(masterless, release_server, clean_hub, mirror_name):
+    """A fresh minion's test=True prediction, then the live first apply."""
+    port = free_port()
+    masterless.set_pillar(
+        archive_pillar(release_server, {mirror_name: mirror_pillar(clean_hub, port)})
+    )
+    predicted = masterless.apply(test=True)
+    first = masterless.apply()
+    assert first.returncode == 0, first
+    return masterless, port, predicted, first
+
+
+def test_apply_serves_pulls_and_catalog_lists_them(applied, clean_hub, image_layout, tmp_path):
+    minion, port, _, first = applied
+    name = minion.mirror_names()[0]
+    assert all(ret["result"] for ret in first.states.values()), first
+
+    digest = oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "pulled"))
+    assert digest == image_layout[1]["single"]["manifest_digest"]
+
+    catalog = minion.run("hub_mirror.catalog", f"mirror={name}")
+    assert catalog.returncode == 0, catalog
+    assert catalog.data == ["library/alpine"]
+    with_tags = minion.run("hub_mirror.catalog", f"mirror={name}", "tags=True")
+    assert with_tags.data == {"library/alpine": {"latest": digest}}
+
+
+def test_mirror_authenticates_with_exactly_the_pillar_credential(applied, clean_hub, tmp_path):
+    _, port, _, _ = applied
+    oci.pull(f"127.0.0.1:{port}", "library/busybox", "latest", str(tmp_path / "pulled"))
+    used = [req for req in clean_hub.token_requests if not req["anonymous"]]
+    assert used, clean_hub.token_requests
+    assert all(req["username"] == HUB_USER and req["password_ok"] for req in used)
+    assert not [req for req in clean_hub.token_requests if req["anonymous"]]
+
+
+def test_second_apply_changes_nothing(applied):
+    minion, _, _, _ = applied
+    again = minion.apply()
+    assert again.returncode == 0, again
+    assert again.changes == {}
+    assert all(ret["result"] is True for ret in again.states.values())
+    predicted = minion.apply(test=True)
+    assert predicted.changes == {}
+    assert all(ret["result"] is True for ret in predicted.states.values())
+
+
+def test_test_mode_predicts_the_live_run(applied):
+    _, _, predicted, first = applied
+    assert predicted.returncode == 0, predicted
+    assert set(predicted.changes) == set(first.changes)
+    for sid, changes in first.changes.items():
+        assert set(predicted.changes[sid]) == set(changes), sid
+    assert {sid for sid, ret in predicted.states.items() if ret["result"] is None} == set(
+        first.changes
+    )
+
+
+def test_installed_version_and_rendered_config(applied):
+    minion, port, _, _ = applied
+    name = minion.mirror_names()[0]
+    assert minion.run("hub_mirror.version").data == f"{RELEASE_VERSION}+ds1"
+    config = minion.run("hub_mirror.config", f"mirror={name}").data
+    assert config["http"]["addr"] == f"127.0.0.1:{port}"
+    assert config["proxy"]["password"] == "<redacted>"
+    assert config["storage"]["delete"] == {"enabled": True}
+    assert config["http"]["debug"]["addr"].startswith("127.0.0.1:")
+    assert set(config["health"]) == {"storagedriver"}

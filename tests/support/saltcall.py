@@ -1,0 +1,141 @@
+"""
+Masterless Salt, the way a user runs it: ``salt-call --local`` with this repo as file_root.
+
+Each :class:`Masterless` owns a private minion config, pillar and cache under its root, and
+points every ``hub_mirror:lookup`` path at that root too, so tests never touch the host's
+own mirror. Only the init scripts (or units) live where the service manager reads them, named
+after each test's unique mirror names.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SALT_CALL = str(Path(sys.executable).parent / "salt-call")
+
+
+def unique_name(prefix="t"):
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def world_traversable_dir(path):
+    """Make ``path`` and its parents traversable by the service user (pytest's tmp is 0700)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for part in [path, *path.parents]:
+        if str(part) in ("/", "/tmp"):
+            break
+        os.chmod(part, os.stat(part).st_mode | 0o711)
+    return path
+
+
+class CallResult:
+    def __init__(self, proc):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        try:
+            self.data = json.loads(proc.stdout)["local"] if proc.stdout.strip() else None
+        except (ValueError, KeyError, TypeError):
+            self.data = None
+
+    @property
+    def states(self):
+        """{state id: return} of a state run; {} when it did not render."""
+        if not isinstance(self.data, dict):
+            return {}
+        return {key.split("_|-")[1]: value for key, value in self.data.items()}
+
+    @property
+    def changes(self):
+        return {sid: ret["changes"] for sid, ret in self.states.items() if ret["changes"]}
+
+    @property
+    def output(self):
+        return self.stdout + self.stderr
+
+    def __repr__(self):
+        return f"<CallResult rc={self.returncode} {self.output[-3000:]}>"
+
+
+class Masterless:
+    def __init__(self, root, minion_id=None, lookup=None):
+        self.root = world_traversable_dir(root)
+        self.minion_id = minion_id or unique_name("minion-")
+        self.conf_dir = self.root / "etc"
+        self.pillar_dir = self.root / "pillar"
+        self.log_file = self.root / "minion.log"
+        self.lookup = {
+            "prefix": str(self.root / "opt"),
+            "config_dir": str(self.root / "etc-hub-mirror"),
+            "state_dir": str(self.root / "var-lib"),
+            "log_dir": str(self.root / "log"),
+            "run_dir": str(self.root / "run"),
+            **(lookup or {}),
+        }
+        for directory in (self.conf_dir, self.pillar_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        (self.conf_dir / "minion").write_text(
+            yaml.safe_dump(
+                {
+                    "id": self.minion_id,
+                    "file_client": "local",
+                    "root_dir": str(self.root / "salt-root"),
+                    "file_roots": {"base": [str(REPO / "salt"), str(REPO)]},
+                    "pillar_roots": {"base": [str(self.pillar_dir)]},
+                    "log_file": str(self.log_file),
+                    "log_level_logfile": "debug",
+                }
+            )
+        )
+        (self.pillar_dir / "top.sls").write_text("base:\n  '*':\n    - hub_mirror\n")
+        self.pillar = {}
+
+    def set_pillar(self, hub_mirror):
+        """Write the hub_mirror pillar; ``lookup`` paths default to this root."""
+        hub_mirror = dict(hub_mirror)
+        hub_mirror["lookup"] = {**self.lookup, **hub_mirror.get("lookup", {})}
+        self.pillar = hub_mirror
+        (self.pillar_dir / "hub_mirror.sls").write_text(
+            yaml.safe_dump({"hub_mirror": hub_mirror}, sort_keys=False)
+        )
+
+    def write_raw_pillar(self, text):
+        """Pillar text as a user would write it, bad YAML types included."""
+        (self.pillar_dir / "hub_mirror.sls").write_text(text)
+
+    def run(self, *args, timeout=300):
+        proc = subprocess.run(
+            [SALT_CALL, "-c", str(self.conf_dir), "--local", "--out=json", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.root),
+            check=False,
+        )
+        return CallResult(proc)
+
+    def sync(self):
+        result = self.run("saltutil.sync_all")
+        assert result.returncode == 0, result
+        return result
+
+    def apply(self, sls="hub_mirror", test=False, timeout=300):
+        args = ["state.apply", sls]
+        if test:
+            args.append("test=True")
+        return self.run(*args, timeout=timeout)
+
+    def mirror_names(self):
+        return list((self.pillar.get("mirrors") or {}).keys())
+
+    def teardown(self):
+        """Stop every mirror this minion started; the cache goes with the tmp dir."""
+        for name in self.mirror_names():
+            self.run("hub_mirror.absent", f"mirror={name}")
