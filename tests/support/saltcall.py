@@ -65,7 +65,7 @@ class CallResult:
 
 
 class Masterless:
-    def __init__(self, root, minion_id=None, lookup=None):
+    def __init__(self, root, minion_id=None, lookup=None, grains=None):
         self.root = world_traversable_dir(root)
         self.minion_id = minion_id or unique_name("minion-")
         self.conf_dir = self.root / "etc"
@@ -91,6 +91,8 @@ class Masterless:
                     "pillar_roots": {"base": [str(self.pillar_dir)]},
                     "log_file": str(self.log_file),
                     "log_level_logfile": "debug",
+                    # Static grains override detected ones, e.g. a CPU arch this host is not.
+                    **({"grains": grains} if grains else {}),
                 }
             )
         )

@@ -1,0 +1,3 @@
+base:
+  '*':
+    - hub_mirror

@@ -1,0 +1,186 @@
+"""Pure logic of the execution module: arch mapping, release URLs and digests, config
+rendering per dialect, pagination links, change reports that never show the token."""
+
+import hashlib
+
+import pytest
+import yaml
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+# Every arch upstream builds, and the grain spellings that must reach it.
+GRAIN_TO_ASSET = [
+    ({"osarch": "amd64"}, "amd64"),
+    ({"osarch": "x86_64"}, "amd64"),
+    ({"osarch": "arm64"}, "arm64"),
+    ({"osarch": "aarch64"}, "arm64"),
+    ({"osarch": "armhf"}, "armv7"),
+    ({"osarch": "armv7hl"}, "armv7"),
+    ({"osarch": "armel"}, "armv6"),
+    ({"osarch": "ppc64el"}, "ppc64le"),
+    ({"osarch": "ppc64le"}, "ppc64le"),
+    ({"osarch": "s390x"}, "s390x"),
+    ({"osarch": "riscv64"}, "riscv64"),
+    ({"osarch": "", "cpuarch": "armv7l"}, "armv7"),
+    ({"osarch": "", "cpuarch": "armv6l"}, "armv6"),
+    ({"osarch": "", "cpuarch": "aarch64"}, "arm64"),
+]
+
+
+@pytest.mark.parametrize("grains,asset_arch", GRAIN_TO_ASSET)
+def test_grains_map_to_release_asset_arch(hub_mirror, grains, asset_arch):
+    assert hub_mirror.release_arch(grains) == asset_arch
+
+
+def test_unknown_cpu_has_no_release_arch(hub_mirror):
+    assert hub_mirror.release_arch({"osarch": "mips", "cpuarch": "mips"}) is None
+
+
+@pytest.mark.parametrize("version", ["2.8.3", "3.0.0"])
+def test_every_built_arch_has_a_known_digest_and_asset_url(hub_mirror, version):
+    arches = hub_mirror.RELEASE_ARCHES_2 if version.startswith("2") else hub_mirror.RELEASE_ARCHES_3
+    assert set(hub_mirror.KNOWN_DIGESTS[version]) == set(arches)
+    for arch in arches:
+        url = hub_mirror.asset_url(version, arch)
+        assert url == (
+            "https://github.com/distribution/distribution/releases/download/"
+            f"v{version}/registry_{version}_linux_{arch}.tar.gz"
+        )
+        assert len(hub_mirror._expected_digest(version, arch, "")) == 64
+
+
+def test_riscv64_only_from_3x(hub_mirror):
+    with pytest.raises(CommandExecutionError, match="no release for CPU arch 'riscv64'"):
+        hub_mirror._check_arch_supported("2.8.3", "riscv64", {})
+    hub_mirror._check_arch_supported("3.0.0", "riscv64", {})
+
+
+def test_unknown_version_without_source_hash_names_the_key_to_add(hub_mirror):
+    with pytest.raises(CommandExecutionError) as err:
+        hub_mirror._expected_digest("3.1.1", "amd64", "")
+    assert "hub_mirror:install:source_hash" in str(err.value)
+    assert "registry_3.1.1_linux_amd64.tar.gz.sha256" in str(err.value)
+
+
+@pytest.mark.parametrize("given", ["a" * 64, "sha256:" + "A" * 64, "sha256=" + "b" * 64])
+def test_source_hash_digest_forms(hub_mirror, given):
+    assert hub_mirror._expected_digest("9.9.9", "amd64", given) == given[-64:].lower()
+
+
+def test_source_hash_url_is_fetched_and_parsed(hub_mirror, tmp_path):
+    digest = hashlib.sha256(b"x").hexdigest()
+    (tmp_path / "asset.sha256").write_text(digest + "\n")
+    assert hub_mirror._expected_digest("9.9.9", "amd64", f"file://{tmp_path}/asset.sha256") == digest
+
+
+def _mirror(hub_mirror, **overrides):
+    spec = hub_mirror._merge(hub_mirror.MIRROR_DEFAULTS, {"username": "u", "token": "t0k3n"})
+    spec.update(overrides)
+    return hub_mirror._complete_mirror("dockerhub", spec, hub_mirror.DEFAULTS["lookup"])
+
+
+def test_render_2x_has_no_3x_only_keys(hub_mirror):
+    config = hub_mirror.render_config(_mirror(hub_mirror), "2")
+    assert "ttl" not in config["proxy"]
+    assert config["proxy"] == {
+        "remoteurl": "https://registry-1.docker.io",
+        "username": "u",
+        "password": "t0k3n",
+    }
+
+
+def test_render_3x_sets_ttl(hub_mirror):
+    config = hub_mirror.render_config(_mirror(hub_mirror, ttl="72h"), "3")
+    assert config["proxy"]["ttl"] == "72h"
+
+
+def test_render_defaults_are_the_safe_ones(hub_mirror):
+    config = hub_mirror.render_config(_mirror(hub_mirror), "3")
+    assert config["http"]["addr"] == "127.0.0.1:5000"
+    assert config["http"]["debug"]["addr"] == "127.0.0.1:15000"
+    assert config["storage"]["delete"] == {"enabled": True}
+    assert config["storage"]["filesystem"]["rootdirectory"] == "/var/lib/hub-mirror/dockerhub"
+    assert list(config["health"]) == ["storagedriver"]
+    assert "cache" not in config["storage"]  # blobdescriptor cache + TTL serves empty bodies
+
+
+def test_anonymous_mirror_has_no_credentials(hub_mirror):
+    config = hub_mirror.render_config(_mirror(hub_mirror, username="", token=""), "3")
+    assert set(config["proxy"]) == {"remoteurl", "ttl"}
+
+
+def test_ipv6_and_interface_listen(hub_mirror):
+    assert hub_mirror.render_config(_mirror(hub_mirror, listen="[::1]:5000"), "3")["http"][
+        "addr"
+    ] == "[::1]:5000"
+    assert hub_mirror.render_config(_mirror(hub_mirror, listen="eth0:5001"), "3")["http"][
+        "addr"
+    ] == "192.0.2.10:5001"
+
+
+def test_offline_config_serves_the_same_storage_read_only_without_proxy(hub_mirror):
+    config = hub_mirror.render_config(_mirror(hub_mirror), "3")
+    offline = hub_mirror.render_offline_config(config)
+    assert "proxy" not in offline
+    assert offline["storage"]["maintenance"] == {"readonly": {"enabled": True}}
+    assert offline["storage"]["filesystem"] == config["storage"]["filesystem"]
+    assert offline["http"]["addr"] == config["http"]["addr"]
+    assert config["proxy"]["password"] == "t0k3n"  # the original is not mutated
+
+
+def test_config_changes_never_show_the_token(hub_mirror):
+    spec = _mirror(hub_mirror)
+    old = hub_mirror._config_text(hub_mirror.render_config(spec, "3"))
+    spec["token"] = "n3wt0k3n"
+    spec["listen_port"] = 5050
+    new = hub_mirror._config_text(hub_mirror.render_config(spec, "3"))
+    changes = hub_mirror._config_changes(old, new)
+    assert changes["proxy.password"] == {"old": "<redacted>", "new": "<redacted>"}
+    assert changes["http.addr"] == {"old": "127.0.0.1:5000", "new": "127.0.0.1:5050"}
+    assert "t0k3n" not in repr(changes)
+
+
+def test_config_text_is_yaml_the_registry_reads(hub_mirror):
+    text = hub_mirror._config_text(hub_mirror.render_config(_mirror(hub_mirror), "2"))
+    assert text.startswith("# Managed by Salt")
+    assert yaml.safe_load(text)["version"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "header,target",
+    [
+        ('</v2/_catalog?last=b&n=2>; rel="next"', "/v2/_catalog?last=b&n=2"),
+        ("</v2/_catalog?last=a%2Fb&n=100>; rel=next", "/v2/_catalog?last=a%2Fb&n=100"),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_next_link(hub_mirror, header, target):
+    assert hub_mirror.next_link(header) == target
+
+
+@pytest.mark.parametrize(
+    "version,dialect", [("2.8.3", "2"), ("2.8.2+ds1", "2"), ("v2.8.1", "2"), ("3.0.0", "3"), ("3.1.1", "3")]
+)
+def test_dialect_follows_the_major_version(hub_mirror, version, dialect):
+    assert hub_mirror._dialect(version) == dialect
+
+
+def test_unprivileged_ports_drop_every_capability(hub_mirror):
+    conf = hub_mirror._merge(hub_mirror.DEFAULTS, {})
+    conf["lookup"]["supervisor"] = "systemd"
+    files = hub_mirror._service_files(conf, _mirror(hub_mirror))
+    unit = files["/etc/systemd/system/hub-mirror-dockerhub.service"][0]
+    assert "CapabilityBoundingSet=\n" in unit
+    assert "User=hub-mirror" in unit
+    assert "ReadWritePaths=/var/lib/hub-mirror/dockerhub" in unit
+    assert "Restart=always" in unit
+    assert "t0k3n" not in unit
+
+
+def test_settings_redacts_and_validates(hub_mirror):
+    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": {"username": "u", "token": "t0k3n"}}}}
+    assert hub_mirror.settings()["mirrors"]["dockerhub"]["token"] == "<redacted>"
+    assert hub_mirror.settings(redact=False)["mirrors"]["dockerhub"]["token"] == "t0k3n"
+    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": {"listen": 5000}}}}
+    with pytest.raises(SaltInvocationError, match="hub_mirror:mirrors:dockerhub:listen"):
+        hub_mirror.settings()
