@@ -135,6 +135,9 @@ MIRROR_DEFAULTS = {
 }
 
 SECRET_KEYS = ("token",)
+# How long registry 3.x keeps a credential from the helper: a rotated token is in use
+# within this time, without a restart.
+CREDENTIAL_LIFETIME = "5m"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 _DIGEST_RE = re.compile(r"^(?:sha256[:=])?([0-9a-fA-F]{64})$")
@@ -256,12 +259,20 @@ def _is_loopback(host):
         return False
 
 
+def _shown_url(value):
+    """``value`` fit for an error message: what precedes an ``@`` may be a token."""
+    if not isinstance(value, str) or "@" not in value:
+        return value
+    scheme, sep, rest = value.partition("://")
+    return f"{scheme}{sep}{REDACTED}@{rest.rpartition('@')[2]}" if sep else REDACTED
+
+
 def _check_url(errors, key, value, schemes=("http", "https")):
     parsed = urllib.parse.urlparse(value) if isinstance(value, str) else None
     if not parsed or parsed.scheme not in schemes or not parsed.netloc:
         errors.add(
             key,
-            f"{value!r} is not an absolute {'/'.join(schemes)} URL",
+            f"{_shown_url(value)!r} is not an absolute {'/'.join(schemes)} URL",
             "write it like https://registry-1.docker.io",
         )
         return None
@@ -294,7 +305,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
     if upstream and upstream.path not in ("", "/"):
         errors.add(
             f"{prefix}:upstream",
-            f"{mirror['upstream']!r} has a path",
+            f"{_shown_url(mirror['upstream'])!r} has a path",
             "give only scheme and host, e.g. https://ghcr.io",
         )
 
@@ -766,15 +777,21 @@ def _config_dialect(conf):
 # ---------------------------------------------------------------------------------------
 
 
-def render_config(mirror, dialect):
+def render_config(mirror, dialect, credential_helper=None):
     """
     Return the registry config (a dict) for a completed ``mirror`` in a ``dialect``
     (``"2"`` or ``"3"``). Pure: the caller decides what to do with the token in it.
+
+    2.8 takes the credential as ``proxy.username``/``password``. 3.x asks
+    ``credential_helper`` for it (``proxy.exec``), so the config holds no secret and a new
+    token needs no restart.
     """
     proxy = {"remoteurl": mirror["upstream"]}
-    if mirror["username"]:
+    if mirror["username"] and dialect == "2":
         proxy["username"] = mirror["username"]
         proxy["password"] = mirror["token"]
+    elif mirror["username"]:
+        proxy["exec"] = {"command": credential_helper, "lifetime": CREDENTIAL_LIFETIME}
     if dialect != "2":
         proxy["ttl"] = mirror["ttl"]
     return {
@@ -842,6 +859,8 @@ def _paths(conf, name):
     return {
         "config": os.path.join(lookup["config_dir"], f"{name}.yml"),
         "offline_config": os.path.join(lookup["config_dir"], f"{name}.offline.yml"),
+        "credentials": os.path.join(lookup["config_dir"], f"{name}.credentials.json"),
+        "credential_helper": os.path.join(lookup["prefix"], "bin", "hub-mirror-credential-helper"),
         "last_good": os.path.join(lookup["config_dir"], f"{name}.yml.last-good"),
         "fingerprint": os.path.join(lookup["state_dir"], ".fingerprints", name),
         "unit": os.path.join(lookup["unit_dir"], f"hub-mirror-{name}.service"),
@@ -864,7 +883,7 @@ def config(mirror="dockerhub"):
         salt '*' hub_mirror.config mirror=ghcr
     """
     conf, spec = _mirror(mirror)
-    return render_config(spec, _config_dialect(conf))
+    return render_config(spec, _config_dialect(conf), _paths(conf, mirror)["credential_helper"])
 
 
 def _write_atomic(path, text, mode, uid=-1, gid=-1):
@@ -953,11 +972,17 @@ def configure(mirror="dockerhub", test=False):
     """
     conf, spec = _mirror(mirror, redact=False)
     paths = _paths(conf, mirror)
-    rendered = render_config(spec, _config_dialect(conf))
+    dialect = _config_dialect(conf)
+    rendered = render_config(spec, dialect, paths["credential_helper"])
     texts = {
         "config": _config_text(rendered),
         "offline_config": _config_text(render_offline_config(rendered)),
     }
+    if "exec" in rendered["proxy"]:
+        texts["credential_helper"] = _program_text("hub_mirror_credential_helper.py")
+        texts["credentials"] = json.dumps(
+            {"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True
+        )
     old_text = _read(paths["config"])
     _check_listen_free(conf, spec, old_text)
 
@@ -968,6 +993,8 @@ def configure(mirror="dockerhub", test=False):
             changes[key] = {"old": "", "new": paths[key]}
         elif old != text and key == "config":
             changes[key] = _config_changes(old, text)
+        elif old != text and key == "credentials":
+            changes[key] = {"old": REDACTED, "new": REDACTED}
         elif old != text:
             changes[key] = "updated"
     if not os.path.isdir(spec["storage"]):
@@ -982,7 +1009,9 @@ def configure(mirror="dockerhub", test=False):
         os.makedirs(spec["storage"], mode=0o750, exist_ok=True)
         os.chown(spec["storage"], uid, gid)
     for key, text in texts.items():
-        if key in changes:
+        if key == "credential_helper" and key in changes:
+            _write_atomic(paths[key], text, 0o755)
+        elif key in changes:
             _write_atomic(paths[key], text, 0o600, uid, gid)
     return {"changes": changes, "comment": f"Mirror {mirror} config updated"}
 
@@ -1125,11 +1154,11 @@ def _service_name(name):
     return f"hub-mirror-{name}"
 
 
-def _supervise_source():
-    """The supervisor program: hub_mirror_supervise.py, shipped beside this module."""
+def _program_text(filename):
+    """A program shipped beside this module, with a shebang for this host's Python."""
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "hub_mirror_supervise.py"), encoding="utf-8") as handle:
-        return handle.read()
+    with open(os.path.join(here, filename), encoding="utf-8") as handle:
+        return f"#!{_python()}\n" + handle.read()
 
 
 def _python():
@@ -1149,9 +1178,10 @@ def _service_files(conf, spec):
             f"--offline-config={paths['offline_config']}",
             f"--listen={_probe_url(spec)[len('http://'):]}",
             f"--upstream={spec['upstream']}",
+            f"--credentials={paths['credentials']}",
         ]
     )
-    files = {paths["supervise"]: (_supervise_source(), 0o755)}
+    files = {paths["supervise"]: (_program_text("hub_mirror_supervise.py"), 0o755)}
     if _supervisor(conf) == "systemd":
         if spec["listen_port"] < 1024:
             capabilities = (
@@ -1395,9 +1425,11 @@ def _rollback(conf, spec, paths):
     if last_good is None or last_good == current:
         return message
     os.replace(paths["config"], paths["config"] + ".failed")
-    shutil.copy2(paths["last_good"], paths["config"])
+    # The service user must be able to read it, and it serves on its own address.
+    _write_atomic(paths["config"], last_good, 0o600, *_ids(conf))
     _start(conf, name, restart=True)
-    restored = _wait_serving(spec, conf["probe_timeout"])
+    host, port = _parse_hostport(yaml.safe_load(last_good)["http"]["addr"])
+    restored = _wait_serving(dict(spec, listen_host=host, listen_port=port), conf["probe_timeout"])
     return message + (
         f"\nRestored the last config that served ({'it serves again' if restored else 'it does not answer either'});"
         f" the new one is kept as {paths['config']}.failed"
@@ -1453,7 +1485,16 @@ def absent(mirror="dockerhub", purge_storage=False, test=False):
     conf, spec = _mirror(mirror)
     paths = _paths(conf, mirror)
     candidates = [
-        paths[k] for k in ("unit", "init", "config", "offline_config", "last_good", "fingerprint")
+        paths[k]
+        for k in (
+            "unit",
+            "init",
+            "config",
+            "offline_config",
+            "credentials",
+            "last_good",
+            "fingerprint",
+        )
     ]
     candidates += [paths["config"] + ".failed"]
     if purge_storage:
@@ -1501,7 +1542,12 @@ def uninstall(test=False):
     conf = settings()
     present = [
         path
-        for path in (_binary_path(conf), _record_path(conf), _paths(conf, "x")["supervise"])
+        for path in (
+            _binary_path(conf),
+            _record_path(conf),
+            _paths(conf, "x")["supervise"],
+            _paths(conf, "x")["credential_helper"],
+        )
         if conf["install"]["method"] == "archive" and os.path.exists(path)
     ]
     changes = {path: "removed" for path in present}

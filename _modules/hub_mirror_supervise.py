@@ -55,7 +55,13 @@ class Supervisor:
             self.child.send_signal(signum)
 
     def spawn(self, config):
-        env = dict(os.environ, OTEL_TRACES_EXPORTER="none")
+        # OTEL: 3.x exports traces to localhost by default. HUB_MIRROR_CREDENTIALS: the
+        # credential helper's file (3.x proxy.exec passes the helper no arguments).
+        env = dict(
+            os.environ,
+            OTEL_TRACES_EXPORTER="none",
+            HUB_MIRROR_CREDENTIALS=self.args.credentials,
+        )
         self.child = subprocess.Popen(  # pylint: disable=consider-using-with
             [self.args.binary, "serve", config], env=env
         )
@@ -124,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--offline-config", required=True)
     parser.add_argument("--listen", required=True, help="HOST:PORT to probe locally")
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--credentials", default="", help="credential helper's file (3.x)")
     parser.add_argument("--recheck", type=float, default=15)
     parser.add_argument("--probe-timeout", type=float, default=5)
     return Supervisor(parser.parse_args(argv)).run()

@@ -118,7 +118,7 @@ def test_ipv6_and_interface_listen(hub_mirror):
 
 
 def test_offline_config_serves_the_same_storage_read_only_without_proxy(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror), "3")
+    config = hub_mirror.render_config(_mirror(hub_mirror), "2")
     offline = hub_mirror.render_offline_config(config)
     assert "proxy" not in offline
     assert offline["storage"]["maintenance"] == {"readonly": {"enabled": True}}
@@ -129,10 +129,10 @@ def test_offline_config_serves_the_same_storage_read_only_without_proxy(hub_mirr
 
 def test_config_changes_never_show_the_token(hub_mirror):
     spec = _mirror(hub_mirror)
-    old = hub_mirror._config_text(hub_mirror.render_config(spec, "3"))
+    old = hub_mirror._config_text(hub_mirror.render_config(spec, "2"))
     spec["token"] = "n3wt0k3n"
     spec["listen_port"] = 5050
-    new = hub_mirror._config_text(hub_mirror.render_config(spec, "3"))
+    new = hub_mirror._config_text(hub_mirror.render_config(spec, "2"))
     changes = hub_mirror._config_changes(old, new)
     assert changes["proxy.password"] == {"old": "<redacted>", "new": "<redacted>"}
     assert changes["http.addr"] == {"old": "127.0.0.1:5000", "new": "127.0.0.1:5050"}
@@ -184,3 +184,10 @@ def test_settings_redacts_and_validates(hub_mirror):
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": {"listen": 5000}}}}
     with pytest.raises(SaltInvocationError, match="hub_mirror:mirrors:dockerhub:listen"):
         hub_mirror.settings()
+
+
+def test_render_3x_takes_the_credential_from_the_helper_not_the_config(hub_mirror):
+    config = hub_mirror.render_config(_mirror(hub_mirror), "3", "/opt/hub-mirror/bin/helper")
+    assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "5m"}
+    assert "password" not in config["proxy"] and "username" not in config["proxy"]
+    assert "t0k3n" not in repr(config)

@@ -1,0 +1,54 @@
+"""
+The hub_mirror credential helper: hands a mirror's upstream credential to registry 3.x.
+
+Not an execution module. ``hub_mirror.configure`` installs it as
+``<prefix>/bin/hub-mirror-credential-helper`` and renders ``proxy.exec.command`` to it for
+registry 3.x, which then asks it for the credential (docker-credential-helper protocol:
+``get`` with the registry host on stdin; it prints
+``{"ServerURL": ..., "Username": ..., "Secret": ...}``) and asks again after
+``proxy.exec.lifetime``. A token rotation then rewrites only the credentials file, and the
+registry picks the new token up without a restart.
+
+The credentials file (JSON ``{"Username": ..., "Secret": ...}``, 0600, owned by the mirror's
+user) is named by ``HUB_MIRROR_CREDENTIALS``, which the supervisor sets: the registry
+passes no arguments to a helper.
+"""
+
+import json
+import os
+import sys
+
+NOT_FOUND = "credentials not found in native keychain"
+
+
+def __virtual__():
+    return (False, "hub_mirror_credential_helper is a program, not a module")
+
+
+def get(server, path):
+    with open(path, encoding="utf-8") as handle:
+        stored = json.load(handle)
+    if not stored.get("Username") or not stored.get("Secret"):
+        raise KeyError(server)
+    return {"ServerURL": server, "Username": stored["Username"], "Secret": stored["Secret"]}
+
+
+def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv != ["get"]:
+        # store, erase and list make no sense for a credential that pillar owns.
+        print(f"hub-mirror-credential-helper: only 'get' is supported, not {argv}", file=sys.stderr)
+        return 1
+    server = stdin.read().strip()
+    path = os.environ.get("HUB_MIRROR_CREDENTIALS", "")
+    try:
+        credential = get(server, path)
+    except (OSError, ValueError, KeyError):
+        print(NOT_FOUND, file=stdout)
+        return 1
+    json.dump(credential, stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The credential helper registry 3.x runs for proxy.exec, on its own, as the registry
+runs it: a program with `get`, the host on stdin, the file named by the environment."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HELPER = Path(__file__).resolve().parents[2] / "_modules" / "hub_mirror_credential_helper.py"
+
+
+def run_helper(args, stdin, credentials=None):
+    env = {k: v for k, v in os.environ.items() if k != "HUB_MIRROR_CREDENTIALS"}
+    if credentials is not None:
+        env["HUB_MIRROR_CREDENTIALS"] = str(credentials)
+    return subprocess.run(
+        [sys.executable, str(HELPER), *args], input=stdin, capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def test_get_prints_the_credential_for_the_host(tmp_path):
+    creds = tmp_path / "m.credentials.json"
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "dckr_pat_x"}))
+    proc = run_helper(["get"], "registry-1.docker.io\n", creds)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "ServerURL": "registry-1.docker.io",
+        "Username": "bot",
+        "Secret": "dckr_pat_x",
+    }
+
+
+def test_a_rotated_file_is_read_on_the_next_get(tmp_path):
+    creds = tmp_path / "m.credentials.json"
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "old"}))
+    assert json.loads(run_helper(["get"], "h", creds).stdout)["Secret"] == "old"
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "new"}))
+    assert json.loads(run_helper(["get"], "h", creds).stdout)["Secret"] == "new"
+
+
+def test_missing_or_empty_credentials_answer_not_found(tmp_path):
+    for credentials in (None, tmp_path / "absent.json"):
+        proc = run_helper(["get"], "h", credentials)
+        assert proc.returncode == 1
+        assert proc.stdout.strip() == "credentials not found in native keychain"
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"Username": "", "Secret": ""}))
+    assert run_helper(["get"], "h", empty).returncode == 1
+
+
+def test_store_erase_list_are_refused(tmp_path):
+    for verb in ("store", "erase", "list"):
+        proc = run_helper([verb], "{}")
+        assert proc.returncode == 1
+        assert "only 'get'" in proc.stderr
