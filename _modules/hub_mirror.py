@@ -19,6 +19,7 @@ on a command line. Functions that show configuration redact it.
 :configuration: the ``hub_mirror`` pillar; see ``pillar.example``.
 """
 
+import concurrent.futures
 import copy
 import errno
 import hashlib
@@ -28,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -309,11 +311,12 @@ def _validate_mirror(errors, name, mirror, version, grains):
             "give only scheme and host, e.g. https://ghcr.io",
         )
 
+    bound = {}
     for key in ("listen", "debug_listen"):
         if key == "debug_listen" and not mirror[key]:
             continue
         try:
-            host, _ = _parse_hostport(mirror[key])
+            host, port = _parse_hostport(mirror[key])
         except ValueError:
             errors.add(
                 f"{prefix}:{key}",
@@ -335,6 +338,18 @@ def _validate_mirror(errors, name, mirror, version, grains):
                 f"{mirror[key]!r} is not a loopback address",
                 "the debug listener exposes pprof and metrics: bind it to 127.0.0.1",
             )
+        else:
+            bound[key] = (resolved, port)
+    # Two listeners on one socket: the registry exits at start, so nothing would serve.
+    if len(bound) == 2 and bound["listen"][1] == bound["debug_listen"][1] and (
+        bound["listen"][0] == bound["debug_listen"][0]
+        or {bound["listen"][0], bound["debug_listen"][0]} & {"0.0.0.0", "::"}
+    ):
+        errors.add(
+            f"{prefix}:debug_listen",
+            f"{mirror['debug_listen']!r} is the listen address too",
+            "give the debug listener its own port, or remove it for listen port + 10000",
+        )
 
     if mirror["token"] and not mirror["username"]:
         errors.add(
@@ -459,6 +474,7 @@ def _validate(raw, grains):
                     "give each mirror its own " + key,
                 )
             seen[(key, value)] = name
+    _validate_client(errors, raw.get("client"))
     errors.raise_if_any()
 
 
@@ -954,6 +970,22 @@ def _config_changes(old_text, new_text):
     return changes
 
 
+def _config_files(conf, spec):
+    """{paths key: text} of every file ``configure`` writes for a mirror (token included)."""
+    paths = _paths(conf, spec["name"])
+    rendered = render_config(spec, _config_dialect(conf), paths["credential_helper"])
+    texts = {
+        "config": _config_text(rendered),
+        "offline_config": _config_text(render_offline_config(rendered)),
+    }
+    if "exec" in rendered["proxy"]:
+        texts["credential_helper"] = _program_text("hub_mirror_credential_helper.py")
+        texts["credentials"] = json.dumps(
+            {"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True
+        )
+    return texts
+
+
 def configure(mirror="dockerhub", test=False):
     """
     Render ``mirror``'s registry config from pillar and write it, 0600, owned by the
@@ -972,17 +1004,7 @@ def configure(mirror="dockerhub", test=False):
     """
     conf, spec = _mirror(mirror, redact=False)
     paths = _paths(conf, mirror)
-    dialect = _config_dialect(conf)
-    rendered = render_config(spec, dialect, paths["credential_helper"])
-    texts = {
-        "config": _config_text(rendered),
-        "offline_config": _config_text(render_offline_config(rendered)),
-    }
-    if "exec" in rendered["proxy"]:
-        texts["credential_helper"] = _program_text("hub_mirror_credential_helper.py")
-        texts["credentials"] = json.dumps(
-            {"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True
-        )
+    texts = _config_files(conf, spec)
     old_text = _read(paths["config"])
     _check_listen_free(conf, spec, old_text)
 
@@ -1262,17 +1284,21 @@ def _rc_links(name):
 
 
 def _fingerprint(conf, spec, files):
-    """What the running mirror must have started from: binary, config and service files."""
+    """
+    What the mirror must serve with: the binary the pillar asks for, the configs rendered
+    from pillar and the service files. Computed from pillar, not from disk, so that a test
+    run sees the restart a pending install or config change will cause. The credentials
+    file is left out: registry 3.x rereads it without a restart.
+    """
     digest = hashlib.sha256()
     binary = _binary_path(conf)
-    record = _read_record(conf)
-    if conf["install"]["method"] == "archive" and record.get("binary_sha256"):
-        digest.update(record["binary_sha256"].encode())
+    if conf["install"]["method"] == "archive":
+        digest.update(asset_url(conf["version"], conf["arch"], conf["install"]["source"]).encode())
     elif os.path.exists(binary):
         digest.update(_sha256_file(binary).encode())
-    paths = _paths(conf, spec["name"])
+    texts = _config_files(conf, spec)
     for key in ("config", "offline_config"):
-        digest.update((_read(paths[key]) or "").encode())
+        digest.update(texts[key].encode())
     for path in sorted(files):
         digest.update(path.encode() + b"\0" + files[path][0].encode())
     return digest.hexdigest()
@@ -1371,7 +1397,8 @@ def running(mirror="dockerhub", test=False):
         salt '*' hub_mirror.running
         salt '*' hub_mirror.running mirror=dockerhub test=True
     """
-    conf, spec = _mirror(mirror)
+    # Unredacted only to fingerprint the rendered config; the token goes nowhere else.
+    conf, spec = _mirror(mirror, redact=False)
     paths = _paths(conf, mirror)
     if not os.path.exists(_binary_path(conf)) and not test:
         raise CommandExecutionError(
@@ -1409,7 +1436,8 @@ def running(mirror="dockerhub", test=False):
         _start(conf, mirror, restart=is_running)
     if not _wait_serving(spec, conf["probe_timeout"]):
         raise CommandExecutionError(_rollback(conf, spec, paths))
-    _write_atomic(paths["fingerprint"], fingerprint + "\n", 0o644)
+    # 0600: a digest over the rendered config is still derived from the token.
+    _write_atomic(paths["fingerprint"], fingerprint + "\n", 0o600)
     shutil.copy2(paths["config"], paths["last_good"])
     return {"changes": changes, "comment": f"Mirror {mirror} runs and answers /v2/"}
 
@@ -1649,3 +1677,926 @@ def catalog(mirror="dockerhub", tags=False):
 # ---------------------------------------------------------------------------------------
 # Clients: point docker, containerd, podman and buildkit at the mirror
 # ---------------------------------------------------------------------------------------
+
+
+# The client side runs on build hosts and VMs that may not run a mirror themselves. It
+# never fails a run because a mirror is down: it configures only mirrors that answer now,
+# takes out the ones that stopped answering, and reports per runtime what it did.
+#
+# Every file it touches is recorded under <state_dir>/.client (0700): whether the file
+# existed, its original bytes and a digest of what hub_mirror last wrote. A file still
+# holding exactly what hub_mirror wrote gets its original bytes back; one the user has
+# edited since loses only hub_mirror's part (a daemon.json key, a marked block, or
+# hub_mirror's endpoints in a registries.yaml).
+
+CLIENT_RUNTIMES = ("docker", "containerd", "podman", "buildkit", "k3s", "rke2")
+
+CLIENT_DEFAULTS = {
+    # Upstream registry host -> mirror URLs, in preference order.
+    "mirrors": {},
+    "runtimes": list(CLIENT_RUNTIMES),
+    # A mirror on the LAN answers in milliseconds; this bounds what a dead one costs.
+    "probe_timeout": 2,
+    "paths": {
+        "docker_daemon_json": "/etc/docker/daemon.json",
+        "docker_pidfile": "/var/run/docker.pid",
+        "containerd_config": "/etc/containerd/config.toml",
+        "containerd_certs_d": "/etc/containerd/certs.d",
+        "registries_conf": "/etc/containers/registries.conf",
+        "registries_conf_d": "/etc/containers/registries.conf.d",
+        "buildkitd_toml": "/etc/buildkit/buildkitd.toml",
+        "k3s_registries": "/etc/rancher/k3s/registries.yaml",
+        "rke2_registries": "/etc/rancher/rke2/registries.yaml",
+    },
+}
+
+DOCKER_HUB = "docker.io"
+# Loaded in name order after registries.conf; a user file sorting later can override it.
+REGISTRIES_DROPIN = "50-hub-mirror.conf"
+BLOCK_BEGIN = "# BEGIN hub_mirror: managed by Salt; `state.apply hub_mirror.client.clean` removes it"
+BLOCK_END = "# END hub_mirror"
+
+_REGISTRY_HOST_RE = re.compile(
+    r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?$"
+)
+_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+_TOML_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\[\]#]+?)\s*\]\]?\s*(?:#.*)?$")
+_V1_REGISTRIES_RE = re.compile(r"^\s*\[\s*registries\s*\.\s*(search|insecure|block)\s*\]", re.M)
+# Where a root daemon finds its tools even when Salt runs with a short PATH.
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _validate_client(errors, client):
+    """Validate ``hub_mirror:client``; called from ``_validate``."""
+    if client is None:
+        return
+    if not isinstance(client, dict):
+        errors.add("client", f"must be a mapping, got {type(client).__name__}", "see pillar.example")
+        return
+    _check_keys(errors, "client", client, CLIENT_DEFAULTS)
+
+    mirrors = client.get("mirrors") or {}
+    if not isinstance(mirrors, dict):
+        errors.add(
+            "client:mirrors",
+            "must map an upstream registry host to mirror URLs",
+            "write e.g. {docker.io: ['http://192.168.128.1:5000']}",
+        )
+        mirrors = {}
+    for upstream, urls in mirrors.items():
+        key = f"client:mirrors:{upstream}"
+        if not isinstance(upstream, str) or not _REGISTRY_HOST_RE.match(upstream):
+            errors.add(
+                key,
+                f"{upstream!r} is not a registry host",
+                "use the host images are pulled from, e.g. docker.io, ghcr.io or quay.io",
+            )
+        urls = [urls] if isinstance(urls, str) else urls
+        if not isinstance(urls, list) or not urls:
+            errors.add(
+                key,
+                "must be a mirror URL or a non-empty list of them",
+                "write e.g. ['http://192.168.128.1:5000']",
+            )
+            continue
+        for url in urls:
+            problem = _mirror_url_problem(url)
+            if problem:
+                errors.add(key, problem, "write it like http://192.168.128.1:5000 (scheme, host, port only)")
+        if len({str(url).rstrip("/") for url in urls}) != len(urls):
+            errors.add(key, "lists a mirror twice", "list each mirror once, in preference order")
+
+    runtimes = client.get("runtimes", CLIENT_DEFAULTS["runtimes"])
+    if not isinstance(runtimes, list) or any(r not in CLIENT_RUNTIMES for r in runtimes):
+        errors.add(
+            "client:runtimes",
+            f"{runtimes!r} is not a list of known runtimes",
+            f"use a list of: {', '.join(CLIENT_RUNTIMES)}",
+        )
+
+    timeout = client.get("probe_timeout", CLIENT_DEFAULTS["probe_timeout"])
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
+        errors.add(
+            "client:probe_timeout",
+            f"{timeout!r} is not a number of seconds from 0 to 60",
+            "use e.g. 2: a mirror that answers at all answers in milliseconds",
+        )
+
+    paths = client.get("paths") or {}
+    if not isinstance(paths, dict):
+        errors.add("client:paths", "must be a mapping", "see pillar.example")
+        return
+    _check_keys(errors, "client:paths", paths, CLIENT_DEFAULTS["paths"])
+    for name, value in paths.items():
+        if name in CLIENT_DEFAULTS["paths"] and (
+            not isinstance(value, str) or not os.path.isabs(value)
+        ):
+            errors.add(
+                f"client:paths:{name}",
+                f"{value!r} is not an absolute path",
+                f"write e.g. {CLIENT_DEFAULTS['paths'][name]}",
+            )
+
+
+def _mirror_url_problem(url):
+    """Why ``url`` cannot be a mirror for every runtime, or None."""
+    if not isinstance(url, str):
+        return f"{url!r} is not a URL"
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"{url!r} is not an absolute http or https URL"
+    try:
+        parsed.port  # pylint: disable=pointless-statement
+    except ValueError:
+        return f"{url!r} has an invalid port"
+    if parsed.username or parsed.password:
+        return f"{url!r} holds credentials"
+    # Docker's registry-mirrors and buildkit's mirrors take a host, nothing more.
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.params:
+        return f"{url!r} has a path"
+    return None
+
+
+def _client_conf(conf):
+    """The completed ``client`` settings: defaults, URL lists, the record directory."""
+    raw = conf.get("client") or {}
+    client = _merge(CLIENT_DEFAULTS, {k: v for k, v in raw.items() if k != "mirrors"})
+    client["mirrors"] = {
+        upstream: [url.rstrip("/") for url in ([urls] if isinstance(urls, str) else urls)]
+        for upstream, urls in (raw.get("mirrors") or {}).items()
+    }
+    client["record_dir"] = os.path.join(conf["lookup"]["state_dir"], ".client")
+    return client
+
+
+# -- pure rendering: daemon.json ---------------------------------------------------------
+
+
+def json_members(text):
+    """
+    The members of the top-level JSON object in ``text``, as
+    ``[(key, key_start, value_start, value_end)]``, plus the offsets of its braces.
+
+    Lets daemon.json be edited one key at a time, leaving every other byte as the user
+    wrote it. Raises ValueError when ``text`` is not a JSON object.
+    """
+    json.loads(text)
+    decoder = json.JSONDecoder()
+    index = _JSON_SPACE_RE.match(text, 0).end()
+    if text[index : index + 1] != "{":
+        raise ValueError("daemon.json does not hold a JSON object")
+    opening = index
+    index = _JSON_SPACE_RE.match(text, index + 1).end()
+    members = []
+    while text[index : index + 1] != "}":
+        key, after = json.decoder.scanstring(text, index + 1)
+        colon = _JSON_SPACE_RE.match(text, after).end()
+        value_start = _JSON_SPACE_RE.match(text, colon + 1).end()
+        _, value_end = decoder.raw_decode(text, value_start)
+        members.append((key, index, value_start, value_end))
+        index = _JSON_SPACE_RE.match(text, value_end).end()
+        if text[index : index + 1] == ",":
+            index = _JSON_SPACE_RE.match(text, index + 1).end()
+    return members, opening, index
+
+
+def json_set_member(text, key, value_text):
+    """``text`` with top-level ``key`` set to the JSON ``value_text``; other bytes kept."""
+    members, opening, closing = json_members(text)
+    for name, _, value_start, value_end in members:
+        if name == key:
+            return text[:value_start] + value_text + text[value_end:]
+    member = f"{json.dumps(key)}: {value_text}"
+    if not members:
+        return text[: opening + 1] + f"\n  {member}\n" + text[closing:]
+    # Insert first, indented like the member that follows it.
+    spacing = text[opening + 1 : members[0][1]]
+    return text[: opening + 1] + spacing + member + "," + text[opening + 1 :]
+
+
+def json_drop_member(text, key):
+    """``text`` without top-level ``key``; the inverse of inserting it with json_set_member."""
+    members, opening, closing = json_members(text)
+    for position, (name, key_start, _, value_end) in enumerate(members):
+        if name != key:
+            continue
+        if position + 1 < len(members):
+            return text[:key_start] + text[members[position + 1][1] :]
+        if position > 0:
+            return text[: members[position - 1][3]] + text[value_end:]
+        return text[: opening + 1] + text[closing:]
+    return text
+
+
+def _json_member_value(text, key):
+    """(raw text, parsed value) of a top-level member, or (None, None)."""
+    members, _, _ = json_members(text)
+    for name, _, value_start, value_end in members:
+        if name == key:
+            raw = text[value_start:value_end]
+            return raw, json.loads(raw)
+    return None, None
+
+
+def render_daemon_json(base, mirrors):
+    """daemon.json text with ``registry-mirrors`` = our docker.io mirrors first, then the
+    user's own; ``base`` None means there is no daemon.json yet."""
+    ours = list(mirrors.get(DOCKER_HUB, []))
+    if base is None:
+        return json.dumps({"registry-mirrors": ours}, indent=2) + "\n"
+    _, theirs = _json_member_value(base, "registry-mirrors")
+    merged = ours + [url for url in (theirs or []) if url not in ours]
+    return json_set_member(base, "registry-mirrors", json.dumps(merged))
+
+
+def _strip_daemon_json(current, record):
+    """daemon.json without hub_mirror's mirrors; the user's original value where it is intact."""
+    ours = {url for urls in record.get("mirrors", {}).values() for url in urls}
+    _, listed = _json_member_value(current, "registry-mirrors")
+    theirs = [url for url in (listed or []) if url not in ours]
+    original_raw = record.get("user_mirrors_raw")
+    if original_raw is not None and theirs == json.loads(original_raw):
+        text = json_set_member(current, "registry-mirrors", original_raw)
+    elif original_raw is None and not theirs:
+        text = json_drop_member(current, "registry-mirrors")
+    else:
+        text = json_set_member(current, "registry-mirrors", json.dumps(theirs))
+    if not record.get("existed") and not json.loads(text):
+        return None
+    return text
+
+
+def _remember_daemon_json(base):
+    raw, _ = _json_member_value(base, "registry-mirrors") if base is not None else (None, None)
+    return {"user_mirrors_raw": raw}
+
+
+# -- pure rendering: marked blocks (TOML and registries.conf) ------------------------------
+
+
+def strip_block(text):
+    """``text`` without hub_mirror's marked block (and the newline that set it apart)."""
+    if text is None:
+        return None
+    begin = text.find(BLOCK_BEGIN + "\n")
+    if begin < 0 or (begin > 0 and text[begin - 1] != "\n"):
+        return text
+    end = text.find(BLOCK_END + "\n", begin)
+    if end < 0:
+        return text
+    end += len(BLOCK_END) + 1
+    return text[: max(begin - 1, 0)] + text[end:]
+
+
+def add_block(base, body):
+    """``base`` with a marked block holding ``body`` appended; ``base`` None: the block alone."""
+    block = f"{BLOCK_BEGIN}\n{body}{BLOCK_END}\n"
+    base = strip_block(base)
+    return block if not base else f"{base}\n{block}"
+
+
+def _strip_block_file(current, record):
+    text = strip_block(current)
+    if not text and not record.get("existed"):
+        return None
+    return text
+
+
+def _toml_tables(text):
+    """Normalised headers of the TOML tables in ``text`` (quotes and spacing unified)."""
+    tables = set()
+    for line in (text or "").splitlines():
+        match = _TOML_HEADER_RE.match(line)
+        if match:
+            tables.add(re.sub(r"\s*\.\s*", ".", match.group(1).replace("'", '"')))
+    return tables
+
+
+def _mirror_host(url):
+    return urllib.parse.urlparse(url).netloc
+
+
+def upstream_server(upstream):
+    """The URL a client pulls ``upstream`` from when no mirror is configured."""
+    return "https://registry-1.docker.io" if upstream == DOCKER_HUB else f"https://{upstream}"
+
+
+def render_hosts_toml(base, mirrors):
+    """containerd ``certs.d/<upstream>/hosts.toml``: each mirror as a pull/resolve host, in
+    order, then ``server`` (the upstream). In a user's own file the hosts are appended in a
+    marked block after the user's own."""
+    ((upstream, urls),) = mirrors.items()
+    lines = []
+    if not strip_block(base):
+        lines += [f'server = "{upstream_server(upstream)}"', ""]
+    for url in urls:
+        lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]', ""]
+    return add_block(base, "\n".join(lines[:-1]) + "\n")
+
+
+def _hosts_toml_conflict(base, mirrors):
+    tables = _toml_tables(base)
+    taken = [url for urls in mirrors.values() for url in urls if f'host."{url}"' in tables]
+    if taken:
+        return f"it already has a [host.\"{taken[0]}\"] table of its own"
+    return None
+
+
+def render_registries_conf(base, mirrors):
+    """A containers-registries.conf(5) drop-in: per upstream a ``[[registry]]`` with its
+    mirrors in order; http mirrors are marked insecure."""
+    lines = []
+    for upstream, urls in mirrors.items():
+        lines += ["[[registry]]", f'prefix = "{upstream}"', f'location = "{upstream}"', ""]
+        for url in urls:
+            lines += ["[[registry.mirror]]", f'location = "{_mirror_host(url)}"']
+            if url.startswith("http://"):
+                lines.append("insecure = true")
+            lines.append("")
+    return add_block(base, "\n".join(lines[:-1]) + "\n")
+
+
+def render_buildkitd_toml(base, mirrors):
+    """buildkitd.toml: ``[registry."<upstream>"] mirrors`` in order, and ``http = true``
+    for each plain-http mirror host, in a marked block after the user's settings."""
+    lines = []
+    plain_http = []
+    for upstream, urls in mirrors.items():
+        hosts = [_mirror_host(url) for url in urls]
+        lines += [f'[registry."{upstream}"]', f"  mirrors = {json.dumps(hosts)}", ""]
+        plain_http += [
+            _mirror_host(url)
+            for url in urls
+            if url.startswith("http://") and _mirror_host(url) not in plain_http
+        ]
+    for host in plain_http:
+        lines += [f'[registry."{host}"]', "  http = true", ""]
+    return add_block(base, "\n".join(lines[:-1]) + "\n")
+
+
+def _buildkitd_conflict(base, mirrors):
+    tables = _toml_tables(strip_block(base))
+    if "registry" in tables:
+        return "it has a [registry] table of its own; add the mirrors there yourself"
+    ours = list(mirrors) + [
+        _mirror_host(url) for urls in mirrors.values() for url in urls if url.startswith("http://")
+    ]
+    for name in ours:
+        if f'registry."{name}"' in tables:
+            return f'it already configures [registry."{name}"]; add the mirrors there yourself'
+    if re.search(r"^\s*registry\s*\.", strip_block(base) or "", re.M):
+        return "it sets registry keys with dotted names; add the mirrors there yourself"
+    return None
+
+
+# -- pure rendering: k3s / rke2 registries.yaml -------------------------------------------
+
+
+def render_registries_yaml(base, mirrors):
+    """k3s/rke2 ``registries.yaml`` with our endpoints first under ``mirrors.<upstream>``."""
+    data = yaml.safe_load(base) if base else None
+    header = ""
+    if data is None:
+        data = {}
+        header = "# Managed by Salt (hub_mirror): `state.apply hub_mirror.client.clean` removes it.\n"
+    if not isinstance(data, dict) or not isinstance(data.get("mirrors", {}), dict):
+        raise ValueError("registries.yaml does not hold a mapping with a mirrors mapping")
+    section = data.setdefault("mirrors", {})
+    for upstream, urls in mirrors.items():
+        entry = section.setdefault(upstream, {}) or {}
+        section[upstream] = entry
+        theirs = [url for url in entry.get("endpoint") or [] if url not in urls]
+        entry["endpoint"] = list(urls) + theirs
+    return header + yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
+
+
+def _strip_registries_yaml(current, record):
+    data = yaml.safe_load(current) or {}
+    ours = record.get("mirrors", {})
+    section = data.get("mirrors") if isinstance(data, dict) else None
+    if isinstance(section, dict):
+        for upstream, urls in ours.items():
+            entry = section.get(upstream)
+            if not isinstance(entry, dict):
+                continue
+            entry["endpoint"] = [url for url in entry.get("endpoint") or [] if url not in urls]
+            if not entry["endpoint"]:
+                del entry["endpoint"]
+            if not entry:
+                del section[upstream]
+        if not section:
+            del data["mirrors"]
+    if not data and not record.get("existed"):
+        return None
+    return yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
+
+
+_CLIENT_KINDS = {
+    "daemon_json": (render_daemon_json, _strip_daemon_json),
+    "hosts_toml": (render_hosts_toml, _strip_block_file),
+    "registries_conf": (render_registries_conf, _strip_block_file),
+    "buildkitd_toml": (render_buildkitd_toml, _strip_block_file),
+    "registries_yaml": (render_registries_yaml, _strip_registries_yaml),
+}
+
+
+# -- host side: probe, detect, record, write ------------------------------------------------
+
+
+def _probe_mirror(url, timeout):
+    """None when ``url`` answers ``/v2/`` like a registry within ``timeout``, else why not."""
+    session = requests.Session()
+    # An HTTP proxy in Salt's environment says nothing about what the clients reach.
+    session.trust_env = False
+    try:
+        response = session.get(f"{url}/v2/", timeout=(timeout, timeout), allow_redirects=False)
+    except requests.Timeout:
+        return f"no answer within {timeout}s"
+    except requests.ConnectionError as exc:
+        return "connection refused" if "refused" in str(exc).lower() else "unreachable"
+    except requests.RequestException as exc:
+        return f"failed: {type(exc).__name__}"
+    finally:
+        session.close()
+    if response.status_code not in (200, 401):
+        return f"answered HTTP {response.status_code}"
+    if not response.headers.get("Docker-Distribution-Api-Version", "").startswith("registry/2"):
+        return "answered, but not as a registry"
+    return None
+
+
+def _probe_mirrors(urls, timeout):
+    """{url: None or why it does not answer}, probed in parallel so dead mirrors cost one
+    timeout in all."""
+    if not urls:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        return dict(zip(urls, pool.map(lambda url: _probe_mirror(url, timeout), urls)))
+
+
+def _which(name):
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + _SYSTEM_PATH)
+
+
+def _runtime_present(runtime, paths):
+    """None when ``runtime`` is on this host (its program or its config), else why not."""
+    programs, marker = {
+        "docker": (("dockerd",), paths["docker_daemon_json"]),
+        "containerd": (("containerd",), paths["containerd_config"]),
+        "podman": (("podman", "buildah", "skopeo", "crio"), paths["registries_conf"]),
+        "buildkit": (("buildkitd",), paths["buildkitd_toml"]),
+        "k3s": (("k3s",), os.path.dirname(paths["k3s_registries"])),
+        "rke2": (("rke2",), os.path.dirname(paths["rke2_registries"])),
+    }[runtime]
+    if any(_which(program) for program in programs) or os.path.exists(marker):
+        return None
+    return f"not installed (no {' or '.join(programs)} on PATH, no {marker})"
+
+
+def _read_exact(path):
+    """The text of ``path`` exactly as stored (no newline translation), or None."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text") from exc
+
+
+def _sha256_text(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _makedirs_recorded(directory):
+    """Create ``directory`` and missing parents (0755); return the ones created, top first."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        os.mkdir(path, 0o755)
+    return list(reversed(missing))
+
+
+def _write_exact(path, text, new_mode=0o644):
+    """Write ``text`` atomically, keeping an existing file's mode and owner."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    try:
+        stat = os.stat(path)
+        mode, uid, gid = stat.st_mode & 0o7777, stat.st_uid, stat.st_gid
+    except FileNotFoundError:
+        mode, uid, gid = new_mode, -1, -1
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.hub-mirror-")
+    try:
+        os.fchmod(fd, mode)
+        if uid != -1:
+            os.fchown(fd, uid, gid)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _ClientRecord:
+    """What hub_mirror did to client config files, kept under ``<state_dir>/.client`` (0700):
+    per file whether it existed, its original bytes (0600) and what hub_mirror last wrote."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.index_path = os.path.join(directory, "index.json")
+        try:
+            with open(self.index_path, encoding="utf-8") as handle:
+                self.files = json.load(handle).get("files", {})
+        except FileNotFoundError:
+            self.files = {}
+
+    def _original_path(self, path):
+        return os.path.join(self.directory, "originals", hashlib.sha256(path.encode()).hexdigest())
+
+    def original(self, path):
+        return _read_exact(self._original_path(path))
+
+    def remember(self, path, entry, original):
+        """Record the first touch of ``path``, with its original bytes if it existed."""
+        if original is not None:
+            saved = self._original_path(path)
+            os.makedirs(os.path.dirname(saved), mode=0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+            _write_exact(saved, original, new_mode=0o600)
+        self.files[path] = entry
+
+    def forget(self, path):
+        self.files.pop(path, None)
+        try:
+            os.unlink(self._original_path(path))
+        except FileNotFoundError:
+            pass
+
+    def save(self):
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        _write_atomic(self.index_path, json.dumps({"files": self.files}, indent=2) + "\n", 0o600)
+
+
+_CONFLICTS = {"hosts_toml": _hosts_toml_conflict, "buildkitd_toml": _buildkitd_conflict}
+
+
+def _sync_file(record, runtime, path, kind, mirrors, blocked, test):
+    """
+    Bring one client config file to ``mirrors`` (empty: none of hub_mirror's in it).
+
+    Returns ``(change, mirrors written, note)``; ``change`` is None when the file is
+    already right.
+    """
+    render, strip = _CLIENT_KINDS[kind]
+    entry = record.files.get(path)
+    current = _read_exact(path)
+    if entry is not None and current is not None and _sha256_text(current) == entry["written"]:
+        base = record.original(path) if entry["existed"] else None
+    elif entry is not None and current is not None:
+        base = strip(current, entry)
+    else:
+        base = current
+    note = None
+    if mirrors and blocked:
+        mirrors, note = {}, blocked
+    if mirrors and kind in _CONFLICTS and strip_block(base):
+        conflict = _CONFLICTS[kind](strip_block(base), mirrors)
+        if conflict:
+            mirrors, note = {}, f"{path}: {conflict}"
+    desired = render(base, mirrors) if mirrors else base
+    if desired == current:
+        if not test and entry is not None and not mirrors:
+            record.forget(path)
+        return None, mirrors, note
+
+    change = {"old": (entry or {}).get("mirrors", {}) if current is not None else {}, "new": mirrors}
+    if test:
+        return change, mirrors, note
+    if entry is None:
+        entry = {"runtime": runtime, "existed": current is not None, "dirs": []}
+        if kind == "daemon_json":
+            entry.update(_remember_daemon_json(current))
+        record.remember(path, entry, current)
+    if desired is None:
+        os.unlink(path)
+        for directory in reversed(entry["dirs"]):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+    else:
+        entry["dirs"] = entry["dirs"] + _makedirs_recorded(os.path.dirname(path))
+        _write_exact(path, desired)
+    if mirrors:
+        entry.update(written=_sha256_text(desired), mirrors=mirrors)
+        record.files[path] = entry
+    else:
+        record.forget(path)
+    return change, mirrors, note
+
+
+def _docker_reload(client, test):
+    """Make dockerd re-read daemon.json without a restart; say how, or None if not running."""
+    if os.path.isdir("/run/systemd/system") and _which("systemctl"):
+        active = subprocess.run(
+            ["systemctl", "is-active", "--quiet", "docker"], timeout=30, check=False
+        ).returncode == 0
+        if active:
+            if not test:
+                _systemctl("reload", "docker")
+            return "systemctl reload docker"
+    pid_text = _read_exact(client["paths"]["docker_pidfile"]) or ""
+    pid = int(pid_text.strip()) if pid_text.strip().isdigit() else None
+    if pid is None or (_read_exact(f"/proc/{pid}/comm") or "").strip() != "dockerd":
+        return None
+    if not test:
+        os.kill(pid, signal.SIGHUP)
+    return f"SIGHUP to dockerd (pid {pid})"
+
+
+def _cri_config_paths(text):
+    """The CRI plugin's registry ``config_path`` set in a containerd config.toml, or None."""
+    table = ""
+    for line in (text or "").splitlines():
+        header = _TOML_HEADER_RE.match(line)
+        if header:
+            table = re.sub(r"\s*\.\s*", ".", header.group(1).replace("'", '"'))
+            continue
+        match = re.match(r"""^\s*((?:registry\s*\.\s*)?)config_path\s*=\s*["']([^"']*)["']""", line)
+        if not match:
+            continue
+        where = table + ("." if table and match.group(1) else "") + ("registry" if match.group(1) else "")
+        if where.endswith(".registry") and "cri" in where:
+            return match.group(2)
+    return None
+
+
+def _containerd_major():
+    program = _which("containerd")
+    if not program:
+        return None
+    try:
+        out = subprocess.run(
+            [program, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\s v?(\d+)\.\d+", out)
+    return int(match.group(1)) if match else None
+
+
+def _containerd_note(client):
+    """Whether the CRI plugin (kubelet, crictl) reads the certs.d hub_mirror writes."""
+    config = client["paths"]["containerd_config"]
+    certs_d = client["paths"]["containerd_certs_d"]
+    configured = _cri_config_paths(_read_exact(config))
+    if configured is None and (_containerd_major() or 1) >= 2:
+        configured = "/etc/containerd/certs.d:/etc/docker/certs.d"
+    if certs_d in (configured or "").split(":"):
+        return f"the CRI plugin reads {certs_d}: nothing to restart"
+    return (
+        f"the CRI plugin does not read {certs_d}: set config_path = \"{certs_d}\" under "
+        f'[plugins."io.containerd.grpc.v1.cri".registry] in {config} (and drop any '
+        "registry.mirrors there), then restart containerd; ctr --hosts-dir and nerdctl "
+        "use the hosts already"
+    )
+
+
+def _podman_blocked(client):
+    """Why a v2 drop-in would break containers/image here, or None."""
+    paths = client["paths"]
+    candidates = [paths["registries_conf"]]
+    if os.path.isdir(paths["registries_conf_d"]):
+        candidates += [
+            os.path.join(paths["registries_conf_d"], name)
+            for name in sorted(os.listdir(paths["registries_conf_d"]))
+            if name.endswith(".conf") and name != REGISTRIES_DROPIN
+        ]
+    for path in candidates:
+        try:
+            text = _read_exact(path)
+        except (OSError, ValueError):
+            continue
+        if text and _V1_REGISTRIES_RE.search(text):
+            return (
+                f"{path} uses the old v1 format ([registries.search]); containers/image "
+                "refuses to mix it with a v2 drop-in: convert it to v2 first"
+            )
+    return None
+
+
+def _runtime_files(runtime, client, alive):
+    """[(path, kind, mirrors)] that ``runtime`` should have, given the answering mirrors."""
+    paths = client["paths"]
+    if runtime == "docker":
+        ours = {DOCKER_HUB: alive[DOCKER_HUB]} if DOCKER_HUB in alive else {}
+        return [(paths["docker_daemon_json"], "daemon_json", ours)]
+    if runtime == "containerd":
+        return [
+            (
+                os.path.join(paths["containerd_certs_d"], upstream, "hosts.toml"),
+                "hosts_toml",
+                {upstream: alive[upstream]} if upstream in alive else {},
+            )
+            for upstream in client["mirrors"]
+        ]
+    if runtime == "podman":
+        return [(os.path.join(paths["registries_conf_d"], REGISTRIES_DROPIN), "registries_conf", alive)]
+    if runtime == "buildkit":
+        return [(paths["buildkitd_toml"], "buildkitd_toml", alive)]
+    return [(paths[f"{runtime}_registries"], "registries_yaml", alive)]
+
+
+
+
+def _kind_of(runtime):
+    return {
+        "docker": "daemon_json",
+        "containerd": "hosts_toml",
+        "podman": "registries_conf",
+        "buildkit": "buildkitd_toml",
+    }.get(runtime, "registries_yaml")
+
+
+def _describe(mirrors):
+    return "; ".join(f"{upstream} -> {', '.join(urls)}" for upstream, urls in mirrors.items())
+
+
+def _runtime_notes(runtime, client, alive, changes, configured, test):
+    """What the user should know about ``runtime`` after this run: reloads, restarts."""
+    notes = []
+    if runtime == "docker":
+        others = sorted(set(alive) - {DOCKER_HUB})
+        if others:
+            notes.append(f"docker mirrors only docker.io; {', '.join(others)} is left to the other runtimes")
+        if changes:
+            try:
+                how = _docker_reload(client, test)
+            except (OSError, CommandExecutionError) as exc:
+                how = None
+                notes.append(f"reloading dockerd failed: {exc}")
+            if how:
+                changes["reload"] = how
+            else:
+                notes.append("dockerd is not running: it reads daemon.json when it starts")
+    elif runtime == "containerd" and configured:
+        notes.append(_containerd_note(client))
+    elif runtime == "buildkit" and changes:
+        notes.append(
+            "buildkitd reads buildkitd.toml at start: restart it, or recreate buildx builders "
+            f"with --config {client['paths']['buildkitd_toml']}"
+        )
+    elif runtime in ("k3s", "rke2") and changes:
+        notes.append(f"{runtime} reads registries.yaml at start: restart {runtime} to apply it")
+    elif runtime == "podman" and changes and _which("crio"):
+        notes.append("cri-o re-reads registries.conf on reload: systemctl reload crio")
+    return notes
+
+
+def _sync_runtime(record, client, runtime, alive, wanted, test):
+    """Sync every config file of one runtime; return (changes, one comment line)."""
+    absent = _runtime_present(runtime, client["paths"]) if wanted else None
+    recorded = [path for path, entry in record.files.items() if entry["runtime"] == runtime]
+    if absent and not recorded:
+        return {}, f"{runtime}: skipped: {absent}"
+    files = _runtime_files(runtime, client, alive) if wanted and not absent else []
+    files += [
+        (path, _kind_of(runtime), {}) for path in recorded if path not in {f[0] for f in files}
+    ]
+    blocked = _podman_blocked(client) if runtime == "podman" and wanted else None
+
+    changes, notes, configured = {}, [], {}
+    for path, kind, mirrors in files:
+        try:
+            change, written, note = _sync_file(record, runtime, path, kind, mirrors, blocked, test)
+        except json.JSONDecodeError as exc:
+            notes.append(f"{path} is not valid JSON ({exc}): fix it; it was left as it was")
+            continue
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            notes.append(f"{path} was left as it was: {exc}")
+            continue
+        if change:
+            changes[path] = change
+        if note and note not in notes:
+            notes.append(note)
+        configured.update(written)
+    notes = _runtime_notes(runtime, client, alive if wanted else {}, changes, configured, test) + notes
+
+    if configured:
+        verb = ("would configure" if test else "configured") if changes else "configured"
+        line = f"{runtime}: {verb} {_describe(configured)}"
+    else:
+        if not wanted:
+            line = f"{runtime}: not wanted"
+        elif absent:
+            line = f"{runtime}: skipped: {absent}"
+        elif any(note.startswith(path) for path, _, _ in files for note in notes) or blocked:
+            line = f"{runtime}: left alone"
+        else:
+            line = f"{runtime}: no mirror answers for it, pulls go direct"
+        if changes:
+            line += "; would restore its own config" if test else "; restored its own config"
+    if notes:
+        line += " (" + "; ".join(notes) + ")"
+    return changes, line
+
+
+def client_configure(test=False):
+    """
+    Point this host's container clients at the mirrors in ``hub_mirror:client:mirrors``,
+    but only at those that answer ``GET /v2/`` within ``client:probe_timeout`` right now.
+
+    Per runtime in ``client:runtimes`` (one that is not installed is skipped):
+
+    - docker: ``registry-mirrors`` merged into daemon.json, every other byte kept as
+      written (only docker.io can be mirrored), then dockerd reloaded (``systemctl
+      reload docker`` or SIGHUP), never restarted.
+    - containerd: ``certs.d/<upstream>/hosts.toml`` with the mirrors in order and the
+      upstream as ``server`` fallback; the comment says whether the CRI plugin reads it.
+    - podman, cri-o, buildah, skopeo: a ``registries.conf.d`` drop-in.
+    - buildkit: ``[registry."<upstream>"] mirrors`` in buildkitd.toml (a marked block).
+    - k3s, rke2: ``registries.yaml`` endpoints.
+
+    A mirror configured by an earlier run that no longer answers is taken out; with none
+    answering, each client gets its own config back. A problem with one client is
+    reported in the comment, never raised: a dead mirror must not fail a build host's
+    run. Returns ``{"changes": {...}, "comment": "..."}``; ``test=True`` changes nothing.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.client_configure
+        salt '*' hub_mirror.client_configure test=True
+    """
+    client = _client_conf(settings())
+    urls = list(dict.fromkeys(url for urls in client["mirrors"].values() for url in urls))
+    probed = _probe_mirrors(urls, client["probe_timeout"])
+    alive = {
+        upstream: [url for url in urls if probed[url] is None]
+        for upstream, urls in client["mirrors"].items()
+    }
+    alive = {upstream: urls for upstream, urls in alive.items() if urls}
+
+    if urls:
+        lines = [
+            "Mirrors: "
+            + "; ".join(f"{url} {probed[url] or 'answers'}" for url in urls)
+        ]
+    else:
+        lines = ["hub_mirror:client:mirrors is empty: there is no mirror to point clients at"]
+    record = _ClientRecord(client["record_dir"])
+    changes = {}
+    for runtime in CLIENT_RUNTIMES:
+        wanted = runtime in client["runtimes"]
+        if not wanted and not any(e["runtime"] == runtime for e in record.files.values()):
+            continue
+        runtime_changes, line = _sync_runtime(record, client, runtime, alive, wanted, test)
+        if runtime_changes:
+            changes[runtime] = runtime_changes
+        lines.append(line)
+    if not test and (changes or os.path.exists(record.index_path)):
+        record.save()
+    return {"changes": changes, "comment": "\n".join(lines)}
+
+
+def client_clean(test=False):
+    """
+    Give every client config file ``hub_mirror.client_configure`` touched back to its
+    owner: a file still exactly as hub_mirror left it gets its original bytes back (or is
+    removed, when hub_mirror created it); a file edited since loses only hub_mirror's
+    part. dockerd is reloaded when daemon.json changes.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.client_clean
+        salt '*' hub_mirror.client_clean test=True
+    """
+    client = _client_conf(settings())
+    record = _ClientRecord(client["record_dir"])
+    changes, lines = {}, []
+    for runtime in CLIENT_RUNTIMES:
+        if not any(entry["runtime"] == runtime for entry in record.files.values()):
+            continue
+        runtime_changes, line = _sync_runtime(record, client, runtime, {}, False, test)
+        if runtime_changes:
+            changes[runtime] = runtime_changes
+        lines.append(line.replace(": not wanted; ", ": "))
+    if not test and os.path.exists(record.index_path):
+        record.save()
+    return {
+        "changes": changes,
+        "comment": "\n".join(lines) or "No client config of hub_mirror's is left to restore",
+    }

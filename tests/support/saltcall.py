@@ -70,7 +70,8 @@ class Masterless:
         self.minion_id = minion_id or unique_name("minion-")
         self.conf_dir = self.root / "etc"
         self.pillar_dir = self.root / "pillar"
-        self.log_file = self.root / "minion.log"
+        # Salt prepends root_dir to an absolute log_file: name the file where it lands.
+        self.log_file = self.root / "salt-root" / "minion.log"
         self.lookup = {
             "prefix": str(self.root / "opt"),
             "config_dir": str(self.root / "etc-hub-mirror"),
@@ -89,7 +90,7 @@ class Masterless:
                     "root_dir": str(self.root / "salt-root"),
                     "file_roots": {"base": [str(REPO / "salt"), str(REPO)]},
                     "pillar_roots": {"base": [str(self.pillar_dir)]},
-                    "log_file": str(self.log_file),
+                    "log_file": "minion.log",
                     "log_level_logfile": "debug",
                     # Static grains override detected ones, e.g. a CPU arch this host is not.
                     **({"grains": grains} if grains else {}),

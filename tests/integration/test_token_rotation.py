@@ -1,0 +1,64 @@
+"""Rotating the Docker Hub token in pillar: the config changes, the mirror restarts exactly
+once, the upstream sees the new credential, and no output shows either token."""
+
+import hashlib
+
+import pytest
+
+from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
+from tests.support import oci
+from tests.support.netutil import free_port
+
+pytestmark = pytest.mark.integration
+
+NEW_TOKEN = "dckr_pat_ROTATED9876543210zyxwvu"
+
+
+def sha256(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def rotating_hub(clean_hub):
+    yield clean_hub
+    clean_hub.token = HUB_TOKEN
+
+
+def test_rotation_restarts_once_and_uses_the_new_token(
+    masterless, release_server, rotating_hub, mirror_name, tmp_path
+):
+    hub = rotating_hub
+    port = free_port()
+    mirror = {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}
+    masterless.set_pillar(archive_pillar(release_server, {mirror_name: mirror}))
+    assert masterless.apply().returncode == 0
+    oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "a"))
+    log_path = masterless.root / "log" / f"{mirror_name}.log"
+    starts_before = log_path.read_text().count("serving in proxy mode")
+
+    hub.token = NEW_TOKEN  # Docker Hub now accepts only the new token
+    masterless.set_pillar(archive_pillar(release_server, {mirror_name: dict(mirror, token=NEW_TOKEN)}))
+    predicted = masterless.apply(test=True)
+    rotated = masterless.apply()
+    assert rotated.returncode == 0, rotated
+
+    config_changes = rotated.changes[f"hub_mirror-config-{mirror_name}-configured"]["config"]
+    assert config_changes == {"proxy.password": {"old": "<redacted>", "new": "<redacted>"}}
+    assert rotated.changes[f"hub_mirror-service-{mirror_name}-running"] == {"restarted": True}
+    assert predicted.changes == rotated.changes
+    assert log_path.read_text().count("serving in proxy mode") == starts_before + 1
+
+    hub.reset_counts()
+    hub.token_requests.clear()
+    oci.pull(f"127.0.0.1:{port}", "library/busybox", "latest", str(tmp_path / "b"))
+    used = [req for req in hub.token_requests if not req["anonymous"]]
+    assert used and all(req["password_sha256"] == sha256(NEW_TOKEN) and req["password_ok"] for req in used)
+
+    minion_log = masterless.log_file.read_text()
+    assert "[DEBUG" in minion_log  # the check below reads a debug-level log
+    for output in (predicted.output, rotated.output, log_path.read_text(), minion_log):
+        assert HUB_TOKEN not in output
+        assert NEW_TOKEN not in output
+
+    again = masterless.apply()
+    assert again.changes == {}
