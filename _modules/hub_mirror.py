@@ -23,6 +23,8 @@ import concurrent.futures
 import copy
 import errno
 import hashlib
+import http.client
+import http.server
 import ipaddress
 import json
 import logging
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -134,7 +137,33 @@ MIRROR_DEFAULTS = {
     # 3.x only (2.8 fixes it at 168h); 0 keeps cached content forever.
     "ttl": "168h",
     "log_level": "info",
+    # Images hub_mirror.cached keeps in the cache, e.g. [library/alpine:3.20].
+    "warm": [],
+    # Cap on the storage directory (e.g. 50G); empty: none. hub_mirror.capped enforces it.
+    "max_size": "",
+    # Shared storage: the registry's S3 driver instead of the storage directory, so that
+    # several mirror hosts serve one cache. Empty: local filesystem.
+    "s3": {},
+    # Blob descriptor cache in redis, shared by the hosts of an S3 pool.
+    "redis": {},
 }
+
+S3_DEFAULTS = {
+    "bucket": "",
+    "region": "us-east-1",
+    # Empty: AWS. Otherwise the S3 API's URL, e.g. http://minio.internal:9000.
+    "endpoint": "",
+    # Both empty: the instance's IAM role.
+    "accesskey": "",
+    "secretkey": "",
+    # Key prefix inside the bucket.
+    "rootdirectory": "/",
+    # Path-style URLs (bucket in the path), which most S3-compatible servers need.
+    "path_style": True,
+}
+REDIS_DEFAULTS = {"addr": "", "password": "", "db": 0}
+# Rendered-config keys that hold secrets: shown as <redacted> in every change report.
+SECRET_CONFIG_KEYS = ("proxy.password", "storage.s3.secretkey", "redis.password")
 
 SECRET_KEYS = ("token",)
 # How long registry 3.x keeps a credential from the helper: a rotated token is in use
@@ -207,7 +236,7 @@ class _Errors:
         self.messages = []
 
     def add(self, key, problem, fix):
-        self.messages.append(f"hub_mirror:{key}: {problem}; {fix}")
+        self.messages.append(f"hub_mirror{':' if key else ''}{key}: {problem}; {fix}")
 
     def raise_if_any(self):
         if self.messages:
@@ -292,7 +321,11 @@ def _validate_mirror(errors, name, mirror, version, grains):
             "use 1-32 lowercase letters, digits, '-' or '_', starting with a letter or digit",
         )
     _check_keys(errors, prefix, mirror, MIRROR_DEFAULTS)
+    # Only this mirror's type errors stop its checks: other keys' errors are reported too.
+    known_before = len(errors.messages)
     for key in MIRROR_DEFAULTS:
+        if key in ("warm", "max_size", "s3", "redis"):
+            continue  # checked by _validate_cache_keys and _validate_shared_storage
         if not isinstance(mirror.get(key), str):
             shown = "a secret" if key in SECRET_KEYS else repr(mirror.get(key))
             errors.add(
@@ -300,7 +333,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
                 f"must be a string, got {type(mirror.get(key)).__name__} ({shown})",
                 "quote the value in YAML",
             )
-    if errors.messages:
+    if len(errors.messages) > known_before:
         return
 
     upstream = _check_url(errors, f"{prefix}:upstream", mirror["upstream"])
@@ -391,6 +424,48 @@ def _validate_mirror(errors, name, mirror, version, grains):
             f"{mirror['log_level']!r} is not a log level",
             f"use one of {', '.join(_LOG_LEVELS)}",
         )
+    _validate_cache_keys(errors, prefix, mirror)
+    _validate_shared_storage(errors, prefix, mirror, version)
+
+
+def _validate_shared_storage(errors, prefix, mirror, version):
+    for section, defaults in (("s3", S3_DEFAULTS), ("redis", REDIS_DEFAULTS)):
+        value = mirror.get(section)
+        if not isinstance(value, dict):
+            errors.add(f"{prefix}:{section}", "must be a mapping", "see pillar.example")
+            return
+        _check_keys(errors, f"{prefix}:{section}", value, defaults)
+        for key, default in defaults.items():
+            if key in value and not isinstance(value[key], type(default)):
+                errors.add(
+                    f"{prefix}:{section}:{key}",
+                    f"must be a {type(default).__name__}",
+                    "see pillar.example",
+                )
+    s3, redis = mirror["s3"], mirror["redis"]
+    if s3:
+        if not s3.get("bucket"):
+            errors.add(f"{prefix}:s3:bucket", "is required with s3", "name the bucket")
+        if bool(s3.get("accesskey")) != bool(s3.get("secretkey")):
+            errors.add(
+                f"{prefix}:s3:secretkey",
+                "accesskey and secretkey go together",
+                "set both, or neither to use the instance's IAM role",
+            )
+        if s3.get("endpoint"):
+            _check_url(errors, f"{prefix}:s3:endpoint", s3["endpoint"])
+    if redis:
+        try:
+            _parse_hostport(redis.get("addr", ""))
+        except ValueError:
+            errors.add(f"{prefix}:redis:addr", "is not HOST:PORT", "write e.g. 127.0.0.1:6379")
+        if _dialect(version) == "2" or mirror["ttl"] != "0":
+            errors.add(
+                f"{prefix}:redis",
+                "the blob descriptor cache serves stale descriptors once TTL expiry deletes "
+                "content (clients then get empty bodies)",
+                "use registry 3.x with ttl: '0' for a redis-backed pool, or remove redis",
+            )
 
 
 def _validate(raw, grains):
@@ -467,7 +542,9 @@ def _validate(raw, grains):
         _validate_mirror(errors, str(name), mirror, version, grains)
         for key in ("listen", "storage"):
             value = mirror.get(key)
-            if value and (key, value) in seen:
+            if not value or not isinstance(value, str):
+                continue  # a wrong type is reported above; a list would not hash
+            if (key, value) in seen:
                 errors.add(
                     f"mirrors:{name}:{key}",
                     f"{value!r} is also used by mirror {seen[(key, value)]!r}",
@@ -502,6 +579,9 @@ def settings(redact=True):
     if redact:
         for mirror in merged["mirrors"].values():
             mirror["token"] = REDACTED if mirror["token"] else ""
+            for section, key in (("s3", "secretkey"), ("redis", "password")):
+                if mirror[section].get(key):
+                    mirror[section][key] = REDACTED
     return merged
 
 
@@ -517,6 +597,10 @@ def _complete_mirror(name, mirror, lookup):
     mirror["storage"] = os.path.normpath(
         mirror["storage"] or os.path.join(lookup["state_dir"], name)
     )
+    if mirror["s3"]:
+        mirror["s3"] = _merge(S3_DEFAULTS, mirror["s3"])
+    if mirror["redis"]:
+        mirror["redis"] = _merge(REDIS_DEFAULTS, mirror["redis"])
     return mirror
 
 
@@ -818,7 +902,7 @@ def render_config(mirror, dialect, credential_helper=None):
             "fields": {"service": "hub-mirror", "mirror": mirror["name"]},
         },
         "storage": {
-            "filesystem": {"rootdirectory": mirror["storage"]},
+            **_storage_driver(mirror, dialect),
             # Without delete, TTL expiry fails and cached content stays on disk forever.
             "delete": {"enabled": True},
             "maintenance": {
@@ -837,7 +921,37 @@ def render_config(mirror, dialect, credential_helper=None):
         # while the upstream is down, which is exactly when the cache matters.
         "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
         "proxy": proxy,
+        **_redis(mirror),
     }
+
+
+def _storage_driver(mirror, dialect):
+    storage = _s3_driver(mirror["s3"], dialect) if mirror["s3"] else {
+        "filesystem": {"rootdirectory": mirror["storage"]}
+    }
+    if mirror["redis"]:
+        storage["cache"] = {"blobdescriptor": "redis"}
+    return storage
+
+
+def _s3_driver(s3, dialect):
+    driver = {"bucket": s3["bucket"], "region": s3["region"], "rootdirectory": s3["rootdirectory"]}
+    if s3["accesskey"]:
+        driver.update(accesskey=s3["accesskey"], secretkey=s3["secretkey"])
+    if s3["endpoint"]:
+        driver["regionendpoint"] = s3["endpoint"]
+        driver["secure"] = not s3["endpoint"].startswith("http://")
+    # 2.8 uses path-style URLs whenever regionendpoint is set; 3.x asks.
+    if dialect != "2":
+        driver["forcepathstyle"] = s3["path_style"]
+    return {"s3": driver}
+
+
+def _redis(mirror):
+    redis = mirror["redis"]
+    if not redis:
+        return {}
+    return {"redis": {"addr": redis["addr"], "password": redis["password"], "db": redis["db"]}}
 
 
 def render_offline_config(config):
@@ -962,7 +1076,7 @@ def _config_changes(old_text, new_text):
     changes = {}
     for key in sorted(set(old_flat) | set(new_flat)):
         if old_flat.get(key) != new_flat.get(key):
-            secret = key == "proxy.password"
+            secret = key in SECRET_CONFIG_KEYS
             changes[key] = {
                 "old": REDACTED if secret and key in old_flat else old_flat.get(key),
                 "new": REDACTED if secret and key in new_flat else new_flat.get(key),
@@ -1144,6 +1258,8 @@ start() {{
     chown {user}:{group} {log_dir} {log}
     chmod 0750 {log_dir}
     chmod 0640 {log}
+    # A clean environment, as systemd gives: nothing leaks in from whoever ran this.
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \\
     start-stop-daemon --start --quiet --background --make-pidfile --pidfile "$PIDFILE" \\
         --chuid {user}:{group} --startas /bin/sh -- \\
         -c 'umask 027; exec "$0" "$@" >>{log} 2>&1' {command}
@@ -1609,7 +1725,9 @@ def _repositories_api(base_url, page_size=1000, timeout=30):
         response = requests.get(url, timeout=timeout)
         if response.status_code == 400 and "PAGINATION_NUMBER_INVALID" in response.text:
             # The server's catalog.maxentries is below our page size: ask for less.
-            page_size = max(1, page_size // 10)
+            if page_size == 1:
+                response.raise_for_status()
+            page_size = max(1, page_size // 2)
             url = f"{base_url}/v2/_catalog?n={page_size}"
             seen.clear()
             repositories.clear()
@@ -1640,13 +1758,21 @@ def cached_tags(storage, repository):
     return tags
 
 
-def catalog(mirror="dockerhub", tags=False):
+def catalog(mirror="dockerhub", tags=False, sizes=False, source="api"):
     """
-    List every repository cached by ``mirror``, following the registry's pagination.
+    List every repository cached by ``mirror``.
+
+    ``source="api"`` (the default) asks the registry (``/v2/_catalog``), following its
+    pagination within the server's ``catalog.maxentries``; ``source="disk"`` reads the
+    storage directory instead, and works with the registry stopped. Either way,
+    repositories whose cached content has all expired are left out: the registry keeps
+    listing them because their directories stay.
 
     With ``tags=True`` each repository maps to its cached tags and their digests, read
     from local storage: on a proxy, ``/v2/<name>/tags/list`` shows the upstream's tags,
-    not what is cached.
+    not what is cached. With ``sizes=True`` each maps to ``{"size": {"bytes", "human"}}``,
+    the bytes its cached images take (a layer shared by repositories counts in each),
+    and to ``{"tags": ..., "size": ...}`` with both.
 
     CLI Example:
 
@@ -1654,24 +1780,1391 @@ def catalog(mirror="dockerhub", tags=False):
 
         salt '*' hub_mirror.catalog
         salt '*' hub_mirror.catalog tags=True
+        salt '*' hub_mirror.catalog sizes=True source=disk
     """
     _, spec = _mirror(mirror)
-    base_url = _probe_url(spec)
-    try:
-        repositories = _repositories_api(base_url)
-    except requests.RequestException as exc:
-        raise CommandExecutionError(
-            f"mirror {mirror} does not answer at {base_url}: {exc}; is it running? "
-            f"(salt-call hub_mirror.running mirror={mirror})"
-        ) from exc
-    if not tags:
+    if source not in ("api", "disk"):
+        raise SaltInvocationError(
+            f"source={source!r}: use api (the registry's /v2/_catalog) or disk (the storage "
+            "directory; works with the registry stopped)"
+        )
+    if source == "api":
+        base_url = _probe_url(spec)
+        try:
+            repositories = _repositories_api(base_url)
+        except requests.RequestException as exc:
+            raise CommandExecutionError(
+                f"mirror {mirror} does not answer at {base_url}: {exc}; is it running? "
+                f"(salt-call hub_mirror.running mirror={mirror}), or read the storage "
+                "directly with source=disk"
+            ) from exc
+        view = _CacheView(spec["storage"])
+    else:
+        view = _storage_view(spec)
+        repositories = view.repositories()
+    live = {repo: set(view.live_revisions(repo)) for repo in repositories}
+    repositories = [repo for repo in repositories if live[repo]]
+    if not tags and not sizes:
         return repositories
-    return {repo: cached_tags(spec["storage"], repo) for repo in repositories}
+    result = {}
+    for repo in repositories:
+        cached = {tag: digest for tag, digest in view.tag_links(repo).items() if digest in live[repo]}
+        if not sizes:
+            result[repo] = cached
+            continue
+        entry = {"size": _size(view.repository_bytes(repo, live[repo]))}
+        result[repo] = {"tags": cached, **entry} if tags else entry
+    return result
 
 
 # ---------------------------------------------------------------------------------------
 # Inspect and operate the cache (status, tags, ratelimit, warm, gc, usage)
 # ---------------------------------------------------------------------------------------
+
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_ACCEPT = ", ".join((MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_MANIFEST))
+DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
+# Docker Hub's documented way to read the pull quota: a HEAD here is not a pull.
+RATELIMIT_REPOSITORY = "ratelimitpreview/test"
+# Go parses this as a time long past: the registry's scheduler expires such entries at once.
+EXPIRED = "1970-01-01T00:00:00Z"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_GO_TIME_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG_RE = re.compile(r"^\w[\w.-]{0,127}$")
+_GC_ELIGIBLE_RE = re.compile(r"^(blob|manifest) eligible for deletion: (sha256:[0-9a-f]{64})", re.MULTILINE)
+_CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
+_PROMETHEUS_RE = re.compile(
+    r'^registry_proxy_(requests|hits|misses|pulled_bytes)(?:_total)?\{[^}]*type="(blob|manifest)"[^}]*\}\s+(\S+)',
+    re.MULTILINE,
+)
+
+
+def human_size(num):
+    """``1.5 MiB`` for 1572864: binary units, one decimal."""
+    if num is None:
+        return None
+    value = float(num)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return None
+
+
+def _size(num):
+    return {"bytes": num, "human": human_size(num)} if num is not None else None
+
+
+def parse_size(value):
+    """
+    Bytes for a size: an integer, or a string such as ``500M``, ``20G`` or ``1.5TiB``
+    (K, M, G, T, P are powers of 1024, with or without ``i``/``B``). Empty or 0: None.
+    Raises ValueError for anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if value in (None, "", 0):
+        return None
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(value)
+        return int(value) or None
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(value)
+    unit = match.group(2).lower()
+    factor = 1024 ** ("kmgtp".index(unit) + 1) if unit else 1
+    return int(float(match.group(1)) * factor) or None
+
+
+def _iso(timestamp):
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def parse_go_time(text):
+    """Seconds since the epoch for an RFC 3339 time as Go writes it (nanoseconds, Z or offset)."""
+    match = _GO_TIME_RE.match(str(text or ""))
+    if not match:
+        return None
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    days = _days_from_civil(year, month, day)
+    seconds = days * 86400 + hour * 3600 + minute * 60 + second + float(match.group(7) or 0)
+    zone = match.group(8)
+    if zone != "Z":
+        offset = int(zone[1:3]) * 3600 + int(zone[4:6]) * 60
+        seconds -= offset if zone[0] == "+" else -offset
+    return seconds
+
+
+def _days_from_civil(year, month, day):
+    """Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _as_list(value):
+    """A list of strings from a list or a comma-separated string (the CLI's form)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(part).strip() for part in value if str(part).strip()]
+
+
+def _is_docker_hub(upstream):
+    return (urllib.parse.urlparse(upstream).hostname or "") in DOCKER_HUB_HOSTS
+
+
+def parse_image(image, upstream="https://registry-1.docker.io"):
+    """
+    ``(repository, reference)`` for an image as users write it: ``alpine``,
+    ``alpine:3.20``, ``docker.io/library/alpine``, ``ghcr.io/org/app@sha256:...``.
+
+    A leading registry host is dropped (a mirror serves one upstream) and, for Docker Hub,
+    one-part names get ``library/``. Raises ValueError for a malformed reference.
+    """
+    text = str(image or "").strip()
+    first, sep, rest = text.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        text = rest
+    if "@" in text:
+        name, reference = text.split("@", 1)
+        if ":" in name.rsplit("/", 1)[-1]:
+            name = name.rsplit(":", 1)[0]
+        if not _DIGEST_RE.match(reference) or not reference.startswith("sha256:"):
+            raise ValueError(f"{image!r}: {reference!r} is not a sha256:<64 hex> digest")
+    else:
+        name, reference = text, "latest"
+        if ":" in text.rsplit("/", 1)[-1]:
+            name, reference = text.rsplit(":", 1)
+        if not _TAG_RE.match(reference):
+            raise ValueError(f"{image!r}: {reference!r} is not a valid tag")
+    if "/" not in name and _is_docker_hub(upstream):
+        name = f"library/{name}"
+    if not _REPO_RE.match(name):
+        raise ValueError(f"{image!r}: {name!r} is not a valid repository name")
+    return name, reference
+
+
+def _validate_cache_keys(errors, prefix, mirror):
+    """The per-mirror keys for operating the cache: ``warm`` and ``max_size``."""
+    warm = mirror.get("warm")
+    if not isinstance(warm, list):
+        errors.add(
+            f"{prefix}:warm",
+            f"must be a list of images, got {type(warm).__name__}",
+            "write e.g. warm: [library/alpine:3.20, library/python:3.12-slim]",
+        )
+    else:
+        for index, image in enumerate(warm):
+            try:
+                parse_image(image, mirror.get("upstream") or MIRROR_DEFAULTS["upstream"])
+            except ValueError as exc:
+                errors.add(f"{prefix}:warm:{index}", str(exc), "write NAME[:TAG] or NAME@sha256:DIGEST")
+    try:
+        parse_size(mirror.get("max_size"))
+    except ValueError:
+        errors.add(
+            f"{prefix}:max_size",
+            f"{mirror.get('max_size')!r} is not a size",
+            "write e.g. 50G, 500M or a number of bytes; empty for no cap",
+        )
+
+
+def platform_name(platform):
+    """``linux/arm/v7`` for an OCI platform object (or an image config)."""
+    if not isinstance(platform, dict):
+        return "unknown"
+    parts = [platform.get("os") or "unknown", platform.get("architecture") or "unknown"]
+    if platform.get("variant"):
+        parts.append(platform["variant"])
+    return "/".join(parts)
+
+
+def _platform_wanted(name, platforms):
+    if platforms is None:
+        # Build attestations are index entries too; no runtime pulls them.
+        return not name.startswith("unknown/")
+    return any(name == wanted or name.startswith(wanted.rstrip("/") + "/") for wanted in platforms)
+
+
+def _read_schedule(storage):
+    """{"repo@digest": (expiry seconds, "blob"|"manifest")} from the proxy's scheduler state."""
+    try:
+        with open(os.path.join(storage, "scheduler-state.json"), encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    schedule = {}
+    for key, entry in (raw or {}).items():
+        if isinstance(entry, dict):
+            kind = "manifest" if entry.get("EntryType") == 1 else "blob"
+            schedule[key] = (parse_go_time(entry.get("ExpiryData")), kind)
+    return schedule
+
+
+class _CacheView:
+    """
+    A read-only view of a mirror's storage, laid out as the registry lays it out
+    (REGISTRY_FACTS.md). Content counts as cached while its revision link and data exist
+    and its expiry in ``scheduler-state.json`` has not passed: the registry removes the
+    links of expired content but leaves the directories, and expires overdue entries at
+    its next start.
+    """
+
+    def __init__(self, storage, now=None):
+        self.storage = storage
+        self.v2 = _v2_root(storage)
+        self.repos_root = os.path.join(self.v2, "repositories")
+        self.now = time.time() if now is None else now
+        self.schedule = _read_schedule(storage)
+        self._documents = {}
+        self._sizes = {}
+
+    def repositories(self):
+        """Every repository directory, as the registry's catalog walk finds them."""
+        found = []
+        pending = [""]
+        while pending:
+            relative = pending.pop()
+            try:
+                entries = list(os.scandir(os.path.join(self.repos_root, relative)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.name == "_manifests" and relative:
+                    found.append(relative)
+                elif not entry.name.startswith("_") and entry.is_dir(follow_symlinks=False):
+                    pending.append(f"{relative}/{entry.name}" if relative else entry.name)
+        return sorted(found)
+
+    def blob_path(self, digest):
+        algorithm, _, hexdigest = digest.partition(":")
+        return os.path.join(self.v2, "blobs", algorithm, hexdigest[:2], hexdigest, "data")
+
+    def blob_size(self, digest):
+        if digest not in self._sizes:
+            try:
+                self._sizes[digest] = os.stat(self.blob_path(digest)).st_size
+            except OSError:
+                self._sizes[digest] = None
+        return self._sizes[digest]
+
+    def _link(self, repo, kind, digest):
+        algorithm, _, hexdigest = digest.partition(":")
+        parts = ("_manifests", "revisions") if kind == "manifest" else ("_layers",)
+        return os.path.join(self.repos_root, repo, *parts, algorithm, hexdigest, "link")
+
+    def revisions(self, repo):
+        """Digests of the manifests linked in ``repo``, expired or not."""
+        base = os.path.join(self.repos_root, repo, "_manifests", "revisions", "sha256")
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            return []
+        return [f"sha256:{name}" for name in names if os.path.exists(os.path.join(base, name, "link"))]
+
+    def expires(self, repo, digest):
+        entry = self.schedule.get(f"{repo}@{digest}")
+        return entry[0] if entry else None
+
+    def live(self, repo, digest):
+        if not os.path.exists(self._link(repo, "manifest", digest)) or self.blob_size(digest) is None:
+            return False
+        expires = self.expires(repo, digest)
+        return expires is None or expires > self.now
+
+    def live_revisions(self, repo):
+        return [digest for digest in self.revisions(repo) if self.live(repo, digest)]
+
+    def layer_cached(self, repo, digest):
+        if not os.path.exists(self._link(repo, "blob", digest)) or self.blob_size(digest) is None:
+            return False
+        expires = self.expires(repo, digest)
+        return expires is None or expires > self.now
+
+    def document(self, digest):
+        """A manifest or image config (JSON) from blob storage; None if absent or not JSON."""
+        if digest not in self._documents:
+            try:
+                with open(self.blob_path(digest), "rb") as handle:
+                    self._documents[digest] = json.loads(handle.read(4 << 20))
+            except (OSError, ValueError):
+                self._documents[digest] = None
+        return self._documents[digest]
+
+    def references(self, digest):
+        """(child manifest descriptors, blob digests) of a manifest."""
+        doc = self.document(digest)
+        if not isinstance(doc, dict):
+            return [], []
+        if isinstance(doc.get("manifests"), list):
+            return [m for m in doc["manifests"] if isinstance(m, dict) and m.get("digest")], []
+        blobs = []
+        config = doc.get("config")
+        if isinstance(config, dict) and config.get("digest"):
+            blobs.append(config["digest"])
+        for layer in doc.get("layers") or []:
+            if isinstance(layer, dict) and layer.get("digest"):
+                blobs.append(layer["digest"])
+        for layer in doc.get("fsLayers") or []:  # schema 1
+            if isinstance(layer, dict) and layer.get("blobSum"):
+                blobs.append(layer["blobSum"])
+        return [], blobs
+
+    def closure(self, repo, digest, linked=None):
+        """Blob digests a manifest is made of (itself included), through an index's
+        children that ``linked(repo, child)`` accepts (default: the cached ones)."""
+        linked = linked or self.live
+        found, pending = set(), [digest]
+        while pending:
+            current = pending.pop()
+            if current in found:
+                continue
+            found.add(current)
+            children, blobs = self.references(current)
+            found.update(blobs)
+            pending.extend(c["digest"] for c in children if linked(repo, c["digest"]))
+        return found
+
+    def complete(self, repo, digest):
+        """A cached manifest whose config and layers are all cached for ``repo``."""
+        _, blobs = self.references(digest)
+        return self.live(repo, digest) and all(self.layer_cached(repo, blob) for blob in blobs)
+
+    def bytes_of(self, digests):
+        return sum(self.blob_size(d) or 0 for d in digests)
+
+    def repository_bytes(self, repo, digests):
+        members = set()
+        for digest in digests:
+            members |= self.closure(repo, digest)
+        return self.bytes_of(members)
+
+    def tag_links(self, repo):
+        return cached_tags(self.storage, repo)
+
+    def link_time(self, repo, digest):
+        try:
+            return os.stat(self._link(repo, "manifest", digest)).st_mtime
+        except OSError:
+            return None
+
+    def describe(self, repo, digest):
+        """What a cached manifest is: media type, platforms cached, size, when cached and until when."""
+        doc = self.document(digest) or {}
+        children, blobs = self.references(digest)
+        info = {
+            "digest": digest,
+            "media_type": doc.get("mediaType")
+            or ("application/vnd.docker.distribution.manifest.v1+json" if "fsLayers" in doc else None),
+            "cached": _iso(self.link_time(repo, digest)),
+            "expires": _iso(self.expires(repo, digest)),
+        }
+        if children or isinstance(doc.get("manifests"), list):
+            info["platforms"] = [
+                platform_name(child.get("platform"))
+                for child in children
+                if self.complete(repo, child["digest"])
+            ]
+            info["platforms_available"] = [platform_name(child.get("platform")) for child in children]
+        else:
+            config = self.document(blobs[0]) if blobs and "config" in doc else None
+            info["platforms"] = [platform_name(config)] if config and self.complete(repo, digest) else []
+        info["size"] = _size(self.bytes_of(self.closure(repo, digest)))
+        return info
+
+    def blob_files(self):
+        """{digest: size} of every blob in storage."""
+        root = os.path.join(self.v2, "blobs", "sha256")
+        found = {}
+        try:
+            prefixes = list(os.scandir(root))
+        except OSError:
+            return found
+        for prefix in prefixes:
+            try:
+                entries = list(os.scandir(prefix.path))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    found[f"sha256:{entry.name}"] = os.stat(os.path.join(entry.path, "data")).st_size
+                except OSError:
+                    continue
+        return found
+
+    def marked(self):
+        """The blobs ``registry garbage-collect`` keeps: every linked manifest and what it
+        references (an index's children by digest, an image's config and layers)."""
+        keep = set()
+        for repo in self.repositories():
+            for digest in self.revisions(repo):
+                keep.add(digest)
+                children, blobs = self.references(digest)
+                keep.update(blobs)
+                keep.update(child["digest"] for child in children)
+        return keep
+
+
+def _tree_bytes(path):
+    """Apparent size of every file under ``path`` (as ``du -sb``)."""
+    total, pending = 0, [path]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _storage_view(spec):
+    """The cache view of an existing storage directory; a clear error if there is none."""
+    storage = spec["storage"]
+    if not os.path.isdir(storage):
+        raise CommandExecutionError(
+            f"mirror {spec['name']} has no storage directory {storage}: nothing was cached "
+            f"there (hub_mirror:mirrors:{spec['name']}:storage; apply hub_mirror.config to create it)"
+        )
+    return _CacheView(storage)
+
+
+def tags(repo, mirror="dockerhub"):
+    """
+    Return the tags of ``repo`` that ``mirror`` has cached, read from its storage (so it
+    works with the registry stopped): for each tag its digest, media type, size, when it
+    was cached and when the cache expires it, and the platforms actually cached; for a
+    multi-arch index also ``platforms_available``, every platform the index lists.
+
+    ``repo`` is written as for ``docker pull``: ``alpine`` means ``library/alpine`` on
+    Docker Hub.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.tags library/alpine
+        salt '*' hub_mirror.tags myorg/app mirror=ghcr
+    """
+    _, spec = _mirror(mirror)
+    try:
+        name, _ = parse_image(repo, spec["upstream"])
+    except ValueError as exc:
+        raise SaltInvocationError(f"repo: {exc}") from exc
+    view = _storage_view(spec)
+    live = set(view.live_revisions(name))
+    if not live:
+        expired = os.path.isdir(os.path.join(view.repos_root, name, "_manifests"))
+        raise CommandExecutionError(
+            f"mirror {mirror} holds no cached content for {name}"
+            + (" (what it cached has expired)" if expired else "")
+            + f"; 'hub_mirror.catalog mirror={mirror} source=disk' lists what is cached"
+        )
+    return {
+        tag: view.describe(name, digest)
+        for tag, digest in view.tag_links(name).items()
+        if digest in live
+    }
+
+
+def _registry_process(paths):
+    """{"pid", "mode", "started"} of the registry serving a mirror's config, from /proc."""
+    wanted = {paths["config"]: "proxy", paths["offline_config"]: "offline"}
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                args = [arg.decode(errors="replace") for arg in handle.read().split(b"\0") if arg]
+        except OSError:
+            continue
+        if len(args) >= 3 and args[-2] == "serve" and args[-1] in wanted:
+            return {"pid": int(pid), "mode": wanted[args[-1]], "started": _iso(_process_start(pid))}
+    return None
+
+
+def _process_start(pid):
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat", encoding="utf-8") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def proxy_counters(expvar=None, metrics=None, dialect="3"):
+    """
+    Hit and miss counters of the proxy for blobs and manifests.
+
+    3.x exports them as Prometheus ``registry_proxy_*_total{type=...}``; 2.8 only in
+    ``/debug/vars``, where every served manifest counts as a hit (hits = requests -
+    misses) and blob misses are not counted at all.
+    """
+    counters = {}
+    found = {(kind, name): float(value) for name, kind, value in _PROMETHEUS_RE.findall(metrics or "")}
+    proxy = ((expvar or {}).get("registry") or {}).get("proxy") or {}
+    for kind, plural in (("blob", "blobs"), ("manifest", "manifests")):
+        if found:
+            requests_, hits, misses, pulled = (
+                int(found.get((kind, key), 0)) for key in ("requests", "hits", "misses", "pulled_bytes")
+            )
+            note = None
+        elif proxy.get(plural):
+            raw = proxy[plural]
+            requests_, misses, pulled = raw.get("Requests", 0), raw.get("Misses", 0), raw.get("BytesPulled", 0)
+            hits, note = raw.get("Hits", 0), None
+            if dialect == "2" and kind == "manifest":
+                hits = max(requests_ - misses, 0)
+            elif dialect == "2":
+                requests_ = hits = misses = pulled = None
+                note = "registry 2.8 does not count blob cache misses (3.x does)"
+        else:
+            counters[plural] = None
+            continue
+        counters[plural] = {
+            "requests": requests_,
+            "hits": hits,
+            "misses": misses,
+            "hit_ratio": round(hits / requests_, 3) if requests_ else None,
+            "pulled": _size(pulled),
+        }
+        if note:
+            counters[plural]["note"] = note
+    return counters
+
+
+def _http_get(url, timeout, **kwargs):
+    try:
+        return requests.get(url, timeout=timeout, **kwargs)
+    except requests.RequestException:
+        return None
+
+
+def _health(debug_url):
+    response = _http_get(f"{debug_url}/debug/health", 3)
+    if response is None:
+        return None
+    if response.status_code == 200:
+        return "ok"
+    return f"unhealthy: {response.text.strip()[:500]}"
+
+
+def _upstream_reachable(upstream, timeout=5):
+    """Any HTTP answer from ``/v2/`` (401 included) means the upstream is reachable."""
+    return _http_get(upstream.rstrip("/") + "/v2/", timeout) is not None
+
+
+def _usage(view, spec):
+    blobs = view.blob_files()
+    cap = parse_size(spec["max_size"])
+    used = _tree_bytes(view.storage) if os.path.isdir(view.storage) else 0
+    try:
+        disk = shutil.disk_usage(view.storage)
+        filesystem = {"free": _size(disk.free), "total": _size(disk.total)}
+    except OSError:
+        filesystem = None
+    return {
+        "storage": view.storage,
+        "used": _size(used),
+        "blobs": {"count": len(blobs), "size": _size(sum(blobs.values()))},
+        "filesystem": filesystem,
+        "max_size": _size(cap),
+        "over_cap": bool(cap and used > cap),
+    }, blobs
+
+
+def usage(mirror="dockerhub"):
+    """
+    Return the storage use of ``mirror``: bytes used (apparent size of every file, as
+    ``du -sb``), blob count and bytes, cached repositories, what ``hub_mirror.gc`` would
+    reclaim now, the filesystem's free space, and the pillar cap ``max_size`` with
+    whether it is exceeded. Reads the storage only: works with the registry stopped.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.usage
+        salt '*' hub_mirror.usage mirror=ghcr
+    """
+    _, spec = _mirror(mirror)
+    view = _CacheView(spec["storage"])
+    report, blobs = _usage(view, spec)
+    keep = view.marked()
+    report["repositories"] = sum(1 for repo in view.repositories() if view.live_revisions(repo))
+    report["reclaimable"] = _size(sum(size for digest, size in blobs.items() if digest not in keep))
+    cap = parse_size(spec["max_size"])
+    report["over_by"] = _size(report["used"]["bytes"] - cap) if report["over_cap"] else None
+    return {"mirror": mirror, **report}
+
+
+def status(mirror=None, images=False):
+    """
+    Return the state of each mirror (or only ``mirror``), keyed by mirror name:
+
+    - ``running`` (the service), ``serving`` (``/v2/`` answers), ``mode`` (``proxy``, or
+      ``offline`` while the supervisor serves the cache read-only), ``started``,
+      ``version``, ``listen``;
+    - ``health`` from the debug listener's storage check, ``upstream_reachable``;
+    - ``credential``: whether a username and token are configured (never their value);
+    - ``repositories`` cached, ``disk`` (used, free) and ``max_size`` / ``over_cap``;
+    - ``proxy``: hit and miss counters with hit ratios for blobs and manifests, since
+      the registry started.
+
+    ``images=True`` adds ``images``: every cached repository with its cached tags (what
+    the ``hub_mirror.fleet`` runner aggregates).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.status
+        salt '*' hub_mirror.status mirror=dockerhub images=True
+    """
+    if mirror is not None:
+        _mirror(mirror)
+    conf = settings()
+    binary = _binary_path(conf)
+    installed = _binary_version(binary) if os.path.exists(binary) else None
+    names = [mirror] if mirror is not None else sorted(conf["mirrors"])
+    return {name: _mirror_status(conf, conf["mirrors"][name], installed, images) for name in names}
+
+
+def _mirror_status(conf, spec, installed, images):
+    name = spec["name"]
+    paths = _paths(conf, name)
+    process = _registry_process(paths)
+    running = _is_running(conf, name)
+    serving = _answers(_probe_url(spec), 3)
+    debug_url = f"http://{spec['debug_listen']}"
+    counters = None
+    if serving or process:
+        expvar_response = _http_get(f"{debug_url}/debug/vars", 5)
+        metrics_response = _http_get(f"{debug_url}/metrics", 5)
+        try:
+            expvar = expvar_response.json() if expvar_response is not None else None
+        except ValueError:
+            expvar = None
+        metrics = metrics_response.text if metrics_response is not None else None
+        if expvar or metrics:
+            counters = proxy_counters(expvar, metrics, _dialect(installed or conf["version"]))
+    view = _CacheView(spec["storage"])
+    disk, _ = _usage(view, spec)
+    repositories = [repo for repo in view.repositories() if view.live_revisions(repo)]
+    report = {
+        "running": running,
+        "serving": serving,
+        "mode": process["mode"] if process else None,
+        "started": process["started"] if process else None,
+        "version": installed,
+        "listen": _probe_url(spec)[len("http://") :],
+        "upstream": spec["upstream"],
+        "upstream_reachable": _upstream_reachable(spec["upstream"]),
+        "health": _health(debug_url) if (serving or process) else None,
+        "credential": bool(spec["username"] and spec["token"]),
+        "repositories": len(repositories),
+        "disk": {"used": disk["used"], "free": (disk["filesystem"] or {}).get("free")},
+        "max_size": disk["max_size"],
+        "over_cap": disk["over_cap"],
+        "proxy": counters,
+    }
+    if images:
+        report["images"] = {
+            repo: {
+                tag: digest
+                for tag, digest in view.tag_links(repo).items()
+                if view.live(repo, digest)
+            }
+            for repo in repositories
+        }
+    if not running and not serving:
+        comment = f"not running (start it: hub_mirror.start mirror={name})"
+    elif not serving:
+        comment = f"the service runs but {report['listen']} does not answer /v2/"
+    else:
+        comment = f"serving in {report['mode'] or 'unknown'} mode"
+    if report["health"] not in (None, "ok"):
+        comment += "; storage health check fails"
+    if disk["over_cap"]:
+        comment += (
+            f"; storage use {disk['used']['human']} exceeds max_size {disk['max_size']['human']}"
+            f" (apply hub_mirror.capped or run hub_mirror.prune mirror={name})"
+        )
+    report["comment"] = comment
+    return report
+
+
+def parse_ratelimit(headers):
+    """(limit, remaining, window seconds, source) from Docker Hub's rate-limit headers."""
+
+    def split(value):
+        if not value:
+            return None, None
+        count, _, rest = value.partition(";")
+        window = re.search(r"w=(\d+)", rest)
+        try:
+            return int(count.strip()), int(window.group(1)) if window else None
+        except ValueError:
+            return None, None
+
+    limit, window = split(headers.get("ratelimit-limit"))
+    remaining, remaining_window = split(headers.get("ratelimit-remaining"))
+    return limit, remaining, window or remaining_window, headers.get("docker-ratelimit-source")
+
+
+def _parse_challenge(header):
+    scheme, _, params = (header or "").partition(" ")
+    return scheme.lower(), dict(_CHALLENGE_PARAM_RE.findall(params))
+
+
+def ratelimit(mirror="dockerhub", timeout=15):
+    """
+    Return the Docker Hub pull quota left for ``mirror``'s credential (anonymous without
+    one): ``limit``, ``remaining`` and the ``window`` they apply to, from a HEAD on
+    ``ratelimitpreview/test`` with a token from the realm the upstream advertises. A HEAD
+    is not a pull: checking uses up nothing. The token is sent only to that realm.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.ratelimit
+    """
+    _, spec = _mirror(mirror, redact=False)
+    upstream = spec["upstream"].rstrip("/")
+    target = f"{upstream}/v2/{RATELIMIT_REPOSITORY}/manifests/latest"
+    headers = {"Accept": MANIFEST_ACCEPT}
+    authenticated = bool(spec["username"] and spec["token"])
+    try:
+        response = requests.head(target, headers=headers, timeout=timeout)
+        if response.status_code == 401:
+            scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate"))
+            if scheme != "bearer" or not params.get("realm"):
+                raise CommandExecutionError(
+                    f"the upstream {upstream} of mirror {mirror} asks for {scheme or 'no'} "
+                    "authentication, not a Docker Hub style bearer token"
+                )
+            query = {"scope": f"repository:{RATELIMIT_REPOSITORY}:pull"}
+            if params.get("service"):
+                query["service"] = params["service"]
+            auth = (spec["username"], spec["token"]) if authenticated else None
+            token_response = requests.get(params["realm"], params=query, auth=auth, timeout=timeout)
+            if token_response.status_code in (401, 403):
+                raise CommandExecutionError(
+                    f"the token service of {upstream} refused the credential of mirror {mirror}: "
+                    f"check hub_mirror:mirrors:{mirror}:username and :token"
+                )
+            token_response.raise_for_status()
+            body = token_response.json()
+            token = body.get("token") or body.get("access_token")
+            response = requests.head(
+                target, headers={**headers, "Authorization": f"Bearer {token}"}, timeout=timeout
+            )
+    except requests.RequestException as exc:
+        raise CommandExecutionError(
+            f"cannot ask the upstream {upstream} of mirror {mirror} for its rate limit: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    except ValueError as exc:
+        raise CommandExecutionError(f"the token service of {upstream} answered no JSON token") from exc
+    limit, remaining, window, source = parse_ratelimit(response.headers)
+    report = {
+        "mirror": mirror,
+        "upstream": upstream,
+        "authenticated": authenticated,
+        "limit": limit,
+        "remaining": remaining,
+        "window": {"seconds": window, "human": f"{window / 3600:g}h"} if window else None,
+        "source": source,
+        "checked": _iso(time.time()),
+    }
+    if limit is None:
+        report["comment"] = (
+            f"the upstream sent no rate-limit headers (HTTP {response.status_code}): no pull "
+            "limit applies to this credential, or the upstream is not Docker Hub"
+        )
+    else:
+        report["comment"] = (
+            f"{remaining} of {limit} pulls left in the current {report['window']['human']} window"
+            + ("" if authenticated else " (anonymous: per IP address)")
+        )
+    return report
+
+
+def _get_manifest(session, base, repo, reference, timeout):
+    response = session.get(
+        f"{base}/v2/{repo}/manifests/{reference}", headers={"Accept": MANIFEST_ACCEPT}, timeout=timeout
+    )
+    if response.status_code != 200:
+        raise CommandExecutionError(
+            f"{repo}:{reference}: the mirror answered HTTP {response.status_code}: {response.text.strip()[:300]}"
+        )
+    body = response.content
+    digest = response.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise CommandExecutionError(f"{repo}:{reference}: the manifest is not JSON") from exc
+    return digest, doc, len(body)
+
+
+def _fetch_blob(session, base, repo, digest, timeout):
+    fetched = 0
+    with session.get(f"{base}/v2/{repo}/blobs/{digest}", stream=True, timeout=timeout) as response:
+        if response.status_code != 200:
+            raise CommandExecutionError(f"{repo}@{digest}: the mirror answered HTTP {response.status_code}")
+        for chunk in response.iter_content(1 << 20):
+            fetched += len(chunk)
+    return fetched
+
+
+def _warm_one(spec, base, image, repo, reference, platforms, timeout):
+    """Pull one image through the mirror into its cache; a report, never an exception."""
+    before = _CacheView(spec["storage"])
+    report = {"image": image, "repository": repo, "reference": reference}
+    fetched = 0
+    # Read before the GET: the GET itself stores the manifest.
+    prior = reference if reference.startswith("sha256:") else before.tag_links(repo).get(reference)
+    prior = prior if prior and before.live(repo, prior) else None
+    try:
+        with requests.Session() as session:
+            digest, doc, size = _get_manifest(session, base, repo, reference, timeout)
+            report["digest"] = digest
+            was_cached = digest == prior
+            fetched += 0 if was_cached else size
+            manifests = [(digest, doc)]
+            if isinstance(doc.get("manifests"), list):
+                chosen = [
+                    entry
+                    for entry in doc["manifests"]
+                    if isinstance(entry, dict) and _platform_wanted(platform_name(entry.get("platform")), platforms)
+                ]
+                if not chosen:
+                    available = [platform_name(e.get("platform")) for e in doc["manifests"] if isinstance(e, dict)]
+                    raise CommandExecutionError(
+                        f"{image}: the index has none of the platforms {platforms}; it has {available}"
+                    )
+                report["platforms"] = [platform_name(entry.get("platform")) for entry in chosen]
+                manifests = []
+                for entry in chosen:
+                    child_cached = before.live(repo, entry["digest"])
+                    child_digest, child_doc, child_size = _get_manifest(
+                        session, base, repo, entry["digest"], timeout
+                    )
+                    was_cached = was_cached and child_cached
+                    fetched += 0 if child_cached else child_size
+                    manifests.append((child_digest, child_doc))
+            blobs = []
+            for _, manifest in manifests:
+                config = manifest.get("config") or {}
+                blobs += [config["digest"]] if config.get("digest") else []
+                blobs += [layer["digest"] for layer in manifest.get("layers") or [] if layer.get("digest")]
+            missing = [blob for blob in dict.fromkeys(blobs) if not before.layer_cached(repo, blob)]
+            for blob in missing:
+                fetched += _fetch_blob(session, base, repo, blob, timeout)
+        # The registry stores a blob it fetched upstream in the background after serving
+        # it: wait for it, or the next pull would miss again.
+        deadline = time.monotonic() + timeout
+        while missing and time.monotonic() < deadline:
+            after = _CacheView(spec["storage"])
+            missing = [blob for blob in missing if not after.layer_cached(repo, blob)]
+            if missing:
+                time.sleep(0.2)
+        if missing:
+            raise CommandExecutionError(f"{image}: the mirror did not store {len(missing)} blob(s) within {timeout}s")
+        report.update(
+            already_cached=was_cached and fetched == 0,
+            fetched=_size(fetched),
+            blobs=len(set(blobs)),
+            error=None,
+        )
+    except (requests.RequestException, CommandExecutionError) as exc:
+        report.update(already_cached=False, fetched=_size(fetched), error=str(exc))
+    return report
+
+
+def _cached_for(view, repo, reference, platforms):
+    """Whether ``repo:reference`` is cached with all wanted platforms (disk only)."""
+    digest = reference if reference.startswith("sha256:") else view.tag_links(repo).get(reference)
+    if not digest or not view.live(repo, digest):
+        return False
+    children, _ = view.references(digest)
+    if not children:
+        return view.complete(repo, digest)
+    wanted = [c for c in children if _platform_wanted(platform_name(c.get("platform")), platforms)]
+    return bool(wanted) and all(view.complete(repo, child["digest"]) for child in wanted)
+
+
+def warm(images=None, mirror="dockerhub", platforms=None, parallel=4, timeout=300, test=False):
+    """
+    Pull ``images`` through ``mirror`` so that they are cached before the first build
+    needs them: manifest (or index), then config and layers, ``parallel`` images at a
+    time. For a multi-arch index every platform is fetched, or only ``platforms`` (e.g.
+    ``linux/amd64,linux/arm64``). Without ``images``, the pillar list
+    ``hub_mirror:mirrors:<mirror>:warm`` is used.
+
+    Reports per image the digest, the bytes fetched and whether it was already cached.
+    ``test=True`` reads the cache only and says which images would be fetched. Images
+    that cannot be fetched make it fail after the others are done.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.warm library/alpine:3.20,library/python:3.12-slim
+        salt '*' hub_mirror.warm '["alpine:3.20"]' platforms=linux/amd64 parallel=2
+        salt '*' hub_mirror.warm test=True
+    """
+    _, spec = _mirror(mirror)
+    images = _as_list(spec["warm"] if images is None else images)
+    platforms = _as_list(platforms) or None
+    try:
+        parallel = int(parallel)
+        timeout = float(timeout)
+    except (TypeError, ValueError) as exc:
+        raise SaltInvocationError("parallel and timeout must be numbers") from exc
+    if parallel < 1:
+        raise SaltInvocationError("parallel must be 1 or more")
+    parsed, bad = [], []
+    for image in images:
+        try:
+            parsed.append((image, *parse_image(image, spec["upstream"])))
+        except ValueError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise SaltInvocationError("cannot warm: " + "; ".join(bad))
+    if not parsed:
+        return {"changes": {}, "comment": f"No images to warm for mirror {mirror}", "images": {}}
+
+    if test:
+        view = _CacheView(spec["storage"])
+        missing = [img for img, repo, ref in parsed if not _cached_for(view, repo, ref, platforms)]
+        return {
+            "changes": {image: "would be fetched" for image in missing},
+            "comment": (
+                f"{len(missing)} of {len(parsed)} images would be fetched into mirror {mirror}"
+                if missing
+                else f"All {len(parsed)} images are cached by mirror {mirror}"
+            ),
+            "images": {img: {"already_cached": img not in missing} for img, _, _ in parsed},
+        }
+
+    base = _probe_url(spec)
+    if not _answers(base, 5):
+        raise CommandExecutionError(
+            f"mirror {mirror} does not answer at {base}: nothing was warmed "
+            f"(start it: hub_mirror.start mirror={mirror})"
+        )
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(parallel, len(parsed))) as pool:
+        reports = list(
+            pool.map(lambda item: _warm_one(spec, base, *item, platforms, timeout), parsed)
+        )
+    results = {report.pop("image"): report for report in reports}
+    changes = {
+        image: {"digest": r["digest"], "fetched": r["fetched"]}
+        for image, r in results.items()
+        if not r["error"] and not r["already_cached"]
+    }
+    failed = {image: r["error"] for image, r in results.items() if r["error"]}
+    total = sum(r["fetched"]["bytes"] for r in results.values())
+    comment = (
+        f"Mirror {mirror}: {len(changes)} image(s) fetched ({human_size(total)}), "
+        f"{sum(1 for r in results.values() if r['already_cached'])} already cached"
+    )
+    if failed:
+        raise CommandExecutionError(
+            f"{comment}; {len(failed)} failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
+    return {"changes": changes, "comment": comment, "images": results}
+
+
+def _service_user_kwargs(conf):
+    """subprocess arguments that run a command as the mirror's service user."""
+    if os.geteuid() != 0:
+        return {}
+    uid, gid = _ids(conf)
+    return {"user": uid, "group": gid, "extra_groups": []}
+
+
+def _registry_env(**overrides):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env["OTEL_TRACES_EXPORTER"] = "none"
+    env.update(overrides)
+    return env
+
+
+def _wait_stopped(paths, timeout=30):
+    deadline = time.monotonic() + timeout
+    while _registry_process(paths) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _registry_process(paths) is None
+
+
+def _while_stopped(conf, spec, action):
+    """Run ``action()`` with the mirror's service stopped, then bring it back.
+
+    Returns (action's result, {"stopped": seconds, "serving": bool or None}). The
+    registry must be gone before ``action`` runs: the caller deletes files under it.
+    """
+    name = spec["name"]
+    paths = _paths(conf, name)
+    was_running = _is_running(conf, name)
+    began = time.monotonic()
+    if was_running:
+        if _supervisor(conf) == "systemd":
+            _systemctl("stop", _service_name(name), check=False)
+        else:
+            _init(conf, name, "stop", check=False)
+    serving = None
+    try:
+        if not _wait_stopped(paths):
+            raise CommandExecutionError(
+                f"the registry of mirror {name} still runs (pid {_registry_process(paths)['pid']}): "
+                "nothing was deleted"
+            )
+        result = action()
+    finally:
+        if was_running:
+            _start(conf, name, restart=False)
+            serving = _wait_serving(spec, conf["probe_timeout"])
+        stopped = time.monotonic() - began
+    if was_running and not serving:
+        raise CommandExecutionError(
+            f"mirror {name} did not answer again within {conf['probe_timeout']}s after the "
+            f"maintenance. Recent log:\n{_recent_log(conf, name)}"
+        )
+    return result, {"stopped": round(stopped, 1) if was_running else None, "serving": serving}
+
+
+def _run_gc(conf, paths, dry_run, delete_untagged):
+    command = [_binary_path(conf), "garbage-collect"]
+    command += ["--dry-run"] if dry_run else []
+    command += ["--delete-untagged"] if delete_untagged else []
+    command.append(paths["config"])
+    try:
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+            env=_registry_env(),
+            **_service_user_kwargs(conf),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CommandExecutionError(f"cannot run {' '.join(command)}: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+        raise CommandExecutionError(f"{' '.join(command)} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+def gc(mirror="dockerhub", dry_run=True, delete_untagged=False):
+    """
+    Garbage-collect ``mirror``'s storage with ``registry garbage-collect`` and report the
+    bytes freed. Blobs that no cached manifest references (left by expiry, or by pulls
+    that fetched layers of manifests that were never stored) are deleted.
+
+    With ``dry_run=True`` (the default) nothing is deleted and the registry keeps
+    serving: the report says what would be freed. Otherwise the mirror is stopped for
+    the collection (the registry must not run while files are deleted under it) and
+    started again; ``stopped`` says for how many seconds. ``delete_untagged=True`` also
+    deletes manifests that no tag points at, which on a pull-through cache includes the
+    per-platform manifests of every cached multi-arch image: use it only knowingly.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.gc
+        salt '*' hub_mirror.gc dry_run=False
+    """
+    conf, spec = _mirror(mirror)
+    paths = _paths(conf, mirror)
+    if not os.path.exists(paths["config"]):
+        raise CommandExecutionError(
+            f"mirror {mirror} has no registry config {paths['config']}; apply hub_mirror.config first"
+        )
+    view = _storage_view(spec)
+    report = {"mirror": mirror, "dry_run": bool(dry_run), "delete_untagged": bool(delete_untagged)}
+    if not os.path.isdir(view.repos_root):
+        return dict(report, blobs=0, manifests=0, freed=_size(0), comment="Nothing is cached: nothing to collect")
+    before = view.blob_files()
+    if dry_run:
+        output = _run_gc(conf, paths, True, delete_untagged)
+        window = None
+    else:
+        output, window = _while_stopped(
+            conf, spec, lambda: _run_gc(conf, paths, False, delete_untagged)
+        )
+    eligible = _GC_ELIGIBLE_RE.findall(output)
+    if dry_run:
+        freed = sum(before.get(digest, 0) for kind, digest in eligible if kind == "blob")
+    else:
+        after = _CacheView(spec["storage"]).blob_files()
+        freed = sum(size for digest, size in before.items() if digest not in after)
+    report.update(
+        blobs=sum(1 for kind, _ in eligible if kind == "blob"),
+        manifests=sum(1 for kind, _ in eligible if kind == "manifest"),
+        freed=_size(freed),
+    )
+    if window:
+        report.update(window)
+    verb = "would free" if dry_run else "freed"
+    report["comment"] = (
+        f"garbage-collect {verb} {human_size(freed)} in {report['blobs']} blob(s)"
+        + (f"; the mirror was stopped for {window['stopped']}s" if window and window["serving"] else "")
+    )
+    return report
+
+
+def plan_prune(units, used, unreferenced, cap):
+    """
+    Which cached images to expire, oldest first, to bring ``used`` bytes to ``cap``.
+
+    ``units`` are {"id", "order", "blobs": {digest: size}}; a blob shared by images is
+    freed only when the last image using it goes, and ``unreferenced`` bytes go with the
+    garbage collection anyway. Returns (chosen ids, bytes freed, bytes used after).
+    """
+    refcount = {}
+    for unit in units:
+        for digest in unit["blobs"]:
+            refcount[digest] = refcount.get(digest, 0) + 1
+    projected = used - unreferenced
+    chosen, freed = [], unreferenced
+    for unit in sorted(units, key=lambda u: (u["order"], u["id"])):
+        if projected <= cap:
+            break
+        chosen.append(unit["id"])
+        for digest, size in unit["blobs"].items():
+            refcount[digest] -= 1
+            if refcount[digest] == 0:
+                projected -= size
+                freed += size
+    return chosen, freed, projected
+
+
+def _prune_units(view):
+    """One unit per top-level cached manifest (an index with its platforms)."""
+    units = []
+    for repo in view.repositories():
+        revisions = view.revisions(repo)
+        children = set()
+        for digest in revisions:
+            children.update(c["digest"] for c in view.references(digest)[0])
+        for digest in revisions:
+            if digest in children or f"{repo}@{digest}" not in view.schedule:
+                continue
+            members = view.closure(repo, digest, linked=lambda r, d: d in revisions)
+            units.append(
+                {
+                    "id": f"{repo}@{digest}",
+                    "repo": repo,
+                    "order": view.expires(repo, digest) or 0,
+                    "manifests": [d for d in members if d in revisions],
+                    "blobs": {d: view.blob_size(d) or 0 for d in members},
+                }
+            )
+    return units
+
+
+class _StubUpstream(http.server.BaseHTTPRequestHandler):
+    """Answers ``/v2/`` with no auth challenge: all a maintenance registry needs to start."""
+
+    def do_GET(self):  # pylint: disable=invalid-name
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(b"{}")
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):  # pylint: disable=arguments-differ
+        pass
+
+
+def _free_loopback_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _expire_now(conf, spec, keys, timeout=120):
+    """
+    Make the registry itself expire scheduler entries ``keys`` now: mark them overdue
+    in ``scheduler-state.json`` and run the registry, on the mirror's own config, until
+    its scheduler has processed them. It runs on private loopback ports with a stub
+    upstream (the proxy refuses to start without one), so it serves and fetches nothing.
+    The mirror's service must be stopped.
+    """
+    state_path = os.path.join(spec["storage"], "scheduler-state.json")
+    with open(state_path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    for key in keys:
+        state[key]["ExpiryData"] = EXPIRED
+    info = os.stat(state_path)
+    _write_atomic(state_path, json.dumps(state), info.st_mode & 0o777, info.st_uid, info.st_gid)
+
+    paths = _paths(conf, spec["name"])
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubUpstream)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    env = _registry_env(
+        REGISTRY_HTTP_ADDR=f"127.0.0.1:{_free_loopback_port()}",
+        REGISTRY_HTTP_DEBUG_ADDR=f"127.0.0.1:{_free_loopback_port()}",
+        REGISTRY_PROXY_REMOTEURL=f"http://127.0.0.1:{stub.server_address[1]}",
+    )
+    with tempfile.TemporaryFile() as log_file:
+        proc = subprocess.Popen(  # pylint: disable=consider-using-with
+            [_binary_path(conf), "serve", paths["config"]],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            **_service_user_kwargs(conf),
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                pending = set(keys) & set(_read_schedule(spec["storage"]))
+                if not pending:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log_file.seek(0)
+                    tail = "\n".join(log_file.read().decode(errors="replace").splitlines()[-10:])
+                    raise CommandExecutionError(
+                        f"the registry did not expire {len(pending)} cached item(s) of mirror "
+                        f"{spec['name']} within {timeout}s. Its log:\n{tail}"
+                    )
+                time.sleep(0.5)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            stub.shutdown()
+            stub.server_close()
+
+
+def prune(mirror="dockerhub", max_size=None, test=False):
+    """
+    Bring ``mirror``'s storage under its cap (``max_size``, default the pillar's
+    ``hub_mirror:mirrors:<mirror>:max_size``), freeing space oldest first, by the
+    registry's own means: the oldest cached images are marked expired in its scheduler,
+    the registry expires them (with the mirror stopped, on private ports), and
+    ``registry garbage-collect`` deletes their blobs; then the mirror serves again.
+    Nothing is deleted while the mirror's registry runs.
+
+    An image is the unit: a multi-arch index goes with its platforms, and a layer shared
+    with an image that stays is kept. Returns ``{"changes": {...}, "comment": ...}``;
+    ``test=True`` says what would be expired and freed.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.prune
+        salt '*' hub_mirror.prune max_size=20G test=True
+    """
+    conf, spec = _mirror(mirror)
+    try:
+        cap = parse_size(spec["max_size"] if max_size is None else max_size)
+    except ValueError as exc:
+        raise SaltInvocationError(f"max_size: {max_size!r} is not a size; write e.g. 50G") from exc
+    if not cap:
+        return {"changes": {}, "comment": f"Mirror {mirror} has no max_size: nothing to enforce"}
+    view = _CacheView(spec["storage"])
+    used = _tree_bytes(spec["storage"]) if os.path.isdir(spec["storage"]) else 0
+    if used <= cap:
+        return {
+            "changes": {},
+            "comment": f"Mirror {mirror} uses {human_size(used)}, within max_size {human_size(cap)}",
+        }
+    if _dialect(conf["version"]) != "2" and str(spec["ttl"]) == "0":
+        raise CommandExecutionError(
+            f"mirror {mirror} keeps cached content forever (hub_mirror:mirrors:{mirror}:ttl: 0), so "
+            "the registry cannot expire any of it: set a ttl or raise max_size"
+        )
+    blobs = view.blob_files()
+    keep = view.marked()
+    unreferenced = sum(size for digest, size in blobs.items() if digest not in keep)
+    units = _prune_units(view)
+    chosen, freed, projected = plan_prune(units, used, unreferenced, cap)
+    by_id = {unit["id"]: unit for unit in units}
+    expire = [f"{by_id[i]['repo']}@{d}" for i in chosen for d in by_id[i]["manifests"]]
+    surviving = set()
+    for unit in units:
+        if unit["id"] not in chosen:
+            surviving.update(unit["blobs"])
+    for unit_id in chosen:
+        repo = by_id[unit_id]["repo"]
+        expire += [
+            f"{repo}@{d}"
+            for d in by_id[unit_id]["blobs"]
+            if d not in surviving and f"{repo}@{d}" in view.schedule and view.schedule[f"{repo}@{d}"][1] == "blob"
+        ]
+    expire = sorted(set(expire))
+    changes = {"expired": sorted(chosen), "freed": _size(freed), "used": {"old": _size(used), "new": _size(projected)}}
+    if projected > cap:
+        changes["warning"] = f"everything expirable is expired and {human_size(projected)} remain"
+    if test:
+        return {
+            "changes": changes,
+            "comment": f"Mirror {mirror} would expire {len(chosen)} image(s) to free {human_size(freed)}",
+        }
+    paths = _paths(conf, mirror)
+    if not os.path.exists(paths["config"]):
+        raise CommandExecutionError(
+            f"mirror {mirror} has no registry config {paths['config']}; apply hub_mirror.config first"
+        )
+
+    def maintenance():
+        if expire:
+            _expire_now(conf, spec, expire)
+        _run_gc(conf, paths, False, False)
+
+    _, window = _while_stopped(conf, spec, maintenance)
+    after = _tree_bytes(spec["storage"])
+    changes["freed"] = _size(max(used - after, 0))
+    changes["used"]["new"] = _size(after)
+    changes.pop("warning", None)
+    if after > cap:
+        changes["warning"] = f"{human_size(after)} remain above max_size {human_size(cap)}"
+    return {
+        "changes": changes,
+        "comment": (
+            f"Mirror {mirror}: expired {len(chosen)} image(s), freed {human_size(used - after)}"
+            + (f"; it was stopped for {window['stopped']}s" if window["serving"] else "")
+        ),
+    }
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -1700,6 +3193,7 @@ CLIENT_DEFAULTS = {
     "paths": {
         "docker_daemon_json": "/etc/docker/daemon.json",
         "docker_pidfile": "/var/run/docker.pid",
+        "docker_socket": "/var/run/docker.sock",
         "containerd_config": "/etc/containerd/config.toml",
         "containerd_certs_d": "/etc/containerd/certs.d",
         "registries_conf": "/etc/containers/registries.conf",
@@ -2250,12 +3744,13 @@ class _ClientRecord:
 _CONFLICTS = {"hosts_toml": _hosts_toml_conflict, "buildkitd_toml": _buildkitd_conflict}
 
 
-def _sync_file(record, runtime, path, kind, mirrors, blocked, test):
+def _sync_file(record, runtime, path, kind, mirrors, blocked, test, emptied_dirs):
     """
     Bring one client config file to ``mirrors`` (empty: none of hub_mirror's in it).
 
     Returns ``(change, mirrors written, note)``; ``change`` is None when the file is
-    already right.
+    already right. Directories hub_mirror created for a file it removes are added to
+    ``emptied_dirs``.
     """
     render, strip = _CLIENT_KINDS[kind]
     entry = record.files.get(path)
@@ -2289,11 +3784,7 @@ def _sync_file(record, runtime, path, kind, mirrors, blocked, test):
         record.remember(path, entry, current)
     if desired is None:
         os.unlink(path)
-        for directory in reversed(entry["dirs"]):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                break
+        emptied_dirs.extend(entry["dirs"])
     else:
         entry["dirs"] = entry["dirs"] + _makedirs_recorded(os.path.dirname(path))
         _write_exact(path, desired)
@@ -2322,6 +3813,93 @@ def _docker_reload(client, test):
     if not test:
         os.kill(pid, signal.SIGHUP)
     return f"SIGHUP to dockerd (pid {pid})"
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket: how the Docker API is reached."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def _dockerd_mirrors(socket_path):
+    """The registry mirrors the running dockerd uses (Docker API ``/info``), or None."""
+    connection = _UnixHTTPConnection(socket_path, 5)
+    try:
+        connection.request("GET", "/info")
+        response = connection.getresponse()
+        if response.status != 200:
+            return None
+        info = json.loads(response.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    return [url.rstrip("/") for url in (info.get("RegistryConfig") or {}).get("Mirrors") or []]
+
+
+def _wait_dockerd_mirrors(socket_path, expected, timeout=10):
+    """Poll until dockerd reports ``expected``; return what it reports last (None: no API)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = _dockerd_mirrors(socket_path)
+        if seen is None or seen == expected or time.monotonic() >= deadline:
+            return seen
+        time.sleep(0.2)
+
+
+def _docker_apply(client, old_ours, test):
+    """
+    Make the running dockerd use the daemon.json just written; return (how, notes).
+
+    A reload applies only the keys present in the file, so dockerd keeps mirrors whose
+    key was removed. When hub_mirror's mirrors go and the user's file has no
+    registry-mirrors key, dockerd first reloads a copy with an empty list, then the
+    user's own file goes back in place.
+    """
+    notes = []
+    path = client["paths"]["docker_daemon_json"]
+    socket_path = client["paths"]["docker_socket"]
+    final = _read_exact(path)
+    _, expected = _json_member_value(final, "registry-mirrors") if final else (None, None)
+    how = _docker_reload(client, test=True)
+    if how is None:
+        return None, ["dockerd is not running: it reads daemon.json when it starts"]
+    if test:
+        return how, notes
+    if expected is None:
+        running = _dockerd_mirrors(socket_path) or []
+        if set(running) & set(old_ours):
+            created = _makedirs_recorded(os.path.dirname(path))
+            _write_exact(path, json_set_member(final or "{}\n", "registry-mirrors", "[]"))
+            try:
+                _docker_reload(client, test=False)
+                _wait_dockerd_mirrors(socket_path, [])
+            finally:
+                if final is None:
+                    os.unlink(path)
+                    for directory in reversed(created):
+                        os.rmdir(directory)
+                else:
+                    _write_exact(path, final)
+        expected = []
+    else:
+        _docker_reload(client, test=False)
+    seen = _wait_dockerd_mirrors(socket_path, [url.rstrip("/") for url in expected])
+    if seen is None:
+        notes.append(f"could not ask dockerd at {socket_path} whether it applied daemon.json")
+    elif seen != [url.rstrip("/") for url in expected]:
+        notes.append(
+            f"dockerd still uses mirrors {seen} after the reload: see its log (a key set both "
+            "as a dockerd flag and in daemon.json makes it refuse the file)"
+        )
+    return how, notes
 
 
 def _cri_config_paths(text):
@@ -2439,16 +4017,16 @@ def _runtime_notes(runtime, client, alive, changes, configured, test):
         others = sorted(set(alive) - {DOCKER_HUB})
         if others:
             notes.append(f"docker mirrors only docker.io; {', '.join(others)} is left to the other runtimes")
-        if changes:
+        path = client["paths"]["docker_daemon_json"]
+        if path in changes:
+            old_ours = changes[path]["old"].get(DOCKER_HUB, [])
             try:
-                how = _docker_reload(client, test)
-            except (OSError, CommandExecutionError) as exc:
-                how = None
-                notes.append(f"reloading dockerd failed: {exc}")
+                how, reload_notes = _docker_apply(client, old_ours, test)
+            except (OSError, ValueError, CommandExecutionError) as exc:
+                how, reload_notes = None, [f"reloading dockerd failed: {exc}"]
             if how:
                 changes["reload"] = how
-            else:
-                notes.append("dockerd is not running: it reads daemon.json when it starts")
+            notes += reload_notes
     elif runtime == "containerd" and configured:
         notes.append(_containerd_note(client))
     elif runtime == "buildkit" and changes:
@@ -2475,10 +4053,12 @@ def _sync_runtime(record, client, runtime, alive, wanted, test):
     ]
     blocked = _podman_blocked(client) if runtime == "podman" and wanted else None
 
-    changes, notes, configured = {}, [], {}
+    changes, notes, configured, emptied_dirs = {}, [], {}, []
     for path, kind, mirrors in files:
         try:
-            change, written, note = _sync_file(record, runtime, path, kind, mirrors, blocked, test)
+            change, written, note = _sync_file(
+                record, runtime, path, kind, mirrors, blocked, test, emptied_dirs
+            )
         except json.JSONDecodeError as exc:
             notes.append(f"{path} is not valid JSON ({exc}): fix it; it was left as it was")
             continue
@@ -2490,6 +4070,12 @@ def _sync_runtime(record, client, runtime, alive, wanted, test):
         if note and note not in notes:
             notes.append(note)
         configured.update(written)
+    # Deepest first; a directory that holds something else stays.
+    for directory in sorted(set(emptied_dirs), key=len, reverse=True):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
     notes = _runtime_notes(runtime, client, alive if wanted else {}, changes, configured, test) + notes
 
     if configured:

@@ -59,7 +59,10 @@ def clean_env(extra=None):
     Child processes (registry, skopeo) honour proxy variables; removing them
     keeps their traffic on loopback whatever the caller's shell has set.
     """
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV_VARS}
+    # AWS_* too: a CA bundle or profile from the caller's shell breaks the S3 driver.
+    env = {
+        k: v for k, v in os.environ.items() if k not in PROXY_ENV_VARS and not k.startswith("AWS_")
+    }
     env["NO_PROXY"] = env["no_proxy"] = "*"
     if extra:
         env.update(extra)

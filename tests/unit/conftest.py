@@ -1,18 +1,8 @@
 """Unit tests import the execution module directly, with the loader's dunders stubbed."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"hm_unit_{name}", REPO / "_modules" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.support.modules import load
 
 
 @pytest.fixture

@@ -191,3 +191,53 @@ def test_render_3x_takes_the_credential_from_the_helper_not_the_config(hub_mirro
     assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "5m"}
     assert "password" not in config["proxy"] and "username" not in config["proxy"]
     assert "t0k3n" not in repr(config)
+
+
+def test_s3_storage_replaces_the_filesystem_and_keeps_its_secret_redacted(hub_mirror):
+    s3 = {"bucket": "cache", "endpoint": "http://127.0.0.1:9000", "accesskey": "AK", "secretkey": "SK"}
+    spec = _mirror(hub_mirror, s3=s3)
+    config = hub_mirror.render_config(spec, "2")
+    assert "filesystem" not in config["storage"]
+    assert config["storage"]["s3"] == {
+        "bucket": "cache",
+        "region": "us-east-1",
+        "rootdirectory": "/",
+        "accesskey": "AK",
+        "secretkey": "SK",
+        "regionendpoint": "http://127.0.0.1:9000",
+        "secure": False,
+    }
+    assert hub_mirror.render_config(spec, "3")["storage"]["s3"]["forcepathstyle"] is True
+    old = hub_mirror._config_text(config)
+    spec["s3"]["secretkey"] = "SK2"
+    changes = hub_mirror._config_changes(old, hub_mirror._config_text(hub_mirror.render_config(spec, "2")))
+    assert changes == {"storage.s3.secretkey": {"old": "<redacted>", "new": "<redacted>"}}
+
+
+def test_redis_needs_a_ttl_free_3x_mirror(hub_mirror):
+    redis = {"addr": "127.0.0.1:6379"}
+    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"m": {"redis": redis}}}}
+    with pytest.raises(SaltInvocationError, match="hub_mirror:mirrors:m:redis: the blob descriptor cache"):
+        hub_mirror.settings()
+    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"m": {"redis": dict(redis, password="pw"), "ttl": "0"}}}}
+    spec = hub_mirror.settings()["mirrors"]["m"]
+    assert spec["redis"]["password"] == "<redacted>"
+    config = hub_mirror.render_config(spec, "3")
+    assert config["storage"]["cache"] == {"blobdescriptor": "redis"}
+    assert config["redis"]["addr"] == "127.0.0.1:6379"
+
+
+@pytest.mark.parametrize(
+    "s3,key",
+    [
+        ({"region": "x"}, "s3:bucket"),
+        ({"bucket": "b", "accesskey": "a"}, "s3:secretkey"),
+        ({"bucket": "b", "endpoint": "ftp://x"}, "s3:endpoint"),
+        ({"bucket": "b", "pathstyle": True}, "s3:pathstyle"),
+        ({"bucket": "b", "path_style": "yes"}, "s3:path_style"),
+    ],
+)
+def test_bad_s3_settings_name_their_key(hub_mirror, s3, key):
+    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"m": {"s3": s3}}}}
+    with pytest.raises(SaltInvocationError, match=f"hub_mirror:mirrors:m:{key}"):
+        hub_mirror.settings()
