@@ -1580,6 +1580,88 @@ def _rollback(conf, spec, paths):
     )
 
 
+def orphans():
+    """
+    Return the mirrors this host still has a config for but pillar no longer names.
+    ``hub_mirror.service`` removes them (their cache stays), so that dropping one mirror
+    from pillar touches only that mirror.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.orphans
+    """
+    conf = settings()
+    try:
+        entries = os.listdir(conf["lookup"]["config_dir"])
+    except FileNotFoundError:
+        return []
+    configured = {
+        entry[: -len(".yml")]
+        for entry in entries
+        if entry.endswith(".yml") and not entry.endswith(".offline.yml")
+    }
+    return sorted(configured - set(conf["mirrors"]))
+
+
+def _mirror_or_orphan(name):
+    """A pillar mirror, or one that only its config on disk still describes."""
+    conf = settings()
+    if name in conf["mirrors"]:
+        return conf, conf["mirrors"][name]
+    text = _read(_paths(conf, name)["config"])
+    if text is None and not os.path.exists(_paths(conf, name)["init"]) and not os.path.exists(
+        _paths(conf, name)["unit"]
+    ):
+        return _mirror(name)  # raises: neither in pillar nor on this host
+    storage = ((yaml.safe_load(text or "") or {}).get("storage") or {}).get("filesystem") or {}
+    return conf, {"name": name, "storage": storage.get("rootdirectory", "")}
+
+
+def _registry_host(upstream):
+    """The name clients use for an upstream: docker.io for Docker Hub's endpoint."""
+    host = urllib.parse.urlparse(upstream).netloc
+    return "docker.io" if host in ("registry-1.docker.io", "index.docker.io") else host
+
+
+def endpoint():
+    """
+    Return this host's mirrors as clients should reach them, for the Salt mine: one entry
+    per mirror with the registry it mirrors (``docker.io``, ``ghcr.io``, ...), its URL and
+    whether it answers ``/v2/`` right now. Mirrors that listen on loopback serve only
+    this host and say so.
+
+    Publish it with the mine (minion config or pillar):
+
+    .. code-block:: yaml
+
+        mine_functions:
+          hub_mirror.endpoint: []
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.endpoint
+        salt-run mine.get 'role:mirror' hub_mirror.endpoint tgt_type=grain
+    """
+    conf = settings()
+    endpoints = []
+    for name, spec in sorted(conf["mirrors"].items()):
+        url = _probe_url(spec)
+        endpoints.append(
+            {
+                "mirror": name,
+                "registry": _registry_host(spec["upstream"]),
+                "url": url,
+                "loopback_only": _is_loopback(spec["listen_host"]),
+                "serving": _answers(url, 2),
+            }
+        )
+    return endpoints
+
+
 def stop(mirror="dockerhub"):
     """
     Stop ``mirror``'s registry (its supervisor too).
@@ -1626,7 +1708,7 @@ def absent(mirror="dockerhub", purge_storage=False, test=False):
         salt '*' hub_mirror.absent
         salt '*' hub_mirror.absent purge_storage=True
     """
-    conf, spec = _mirror(mirror)
+    conf, spec = _mirror_or_orphan(mirror)
     paths = _paths(conf, mirror)
     candidates = [
         paths[k]

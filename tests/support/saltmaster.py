@@ -1,0 +1,124 @@
+"""
+A salt-master with salt-minion daemons (pytest-salt-factories), driven with the ``salt`` CLI
+the way a user runs hub_mirror through a master.
+
+The master serves this repo as its state tree (``salt/`` for the SLS, the repo root for
+``_modules``/``_states``, so ``saltutil.sync_all`` ships them) and one pillar file per minion.
+Each minion's ``hub_mirror:lookup`` paths point under the cluster's root, as
+:class:`~tests.support.saltcall.Masterless` does, so tests never touch the host's own mirror.
+"""
+
+import logging
+
+import yaml
+
+from tests.support.saltcall import REPO, unique_name, world_traversable_dir
+
+SALT_TIMEOUT = 300
+
+
+def states_of(data):
+    """{state id: return} of a state run; {} when it did not render (data is then a list)."""
+    if not isinstance(data, dict):
+        return {}
+    return {key.split("_|-")[1]: value for key, value in data.items()}
+
+
+def changes_of(data):
+    return {sid: ret["changes"] for sid, ret in states_of(data).items() if ret["changes"]}
+
+
+class ClusterMinion:
+    def __init__(self, daemon, lookup, pillar):
+        self.daemon = daemon
+        self.id = daemon.id
+        self.lookup = lookup
+        self.pillar = pillar
+
+    @property
+    def log_file(self):
+        return self.daemon.config["log_file"]
+
+    @property
+    def mirror_name(self):
+        """The name of this minion's one mirror."""
+        (name,) = self.pillar["mirrors"]
+        return name
+
+    @property
+    def mirror_listen(self):
+        return self.pillar["mirrors"][self.mirror_name]["listen"]
+
+
+class SaltCluster:
+    """One master under ``root``; :meth:`add_minion` configures minions with their pillar."""
+
+    def __init__(self, salt_factories, root):
+        self.root = world_traversable_dir(root)
+        self.pillar_dir = self.root / "pillar"
+        self.pillar_dir.mkdir(exist_ok=True)
+        self.minions = {}
+        # Every salt CLI output, kept for the secret checks.
+        self.outputs = []
+        self.master = salt_factories.salt_master_daemon(
+            unique_name("master-"),
+            defaults={"root_dir": str(self.root / "master")},
+            overrides={
+                "file_roots": {"base": [str(REPO / "salt"), str(REPO)]},
+                "pillar_roots": {"base": [str(self.pillar_dir)]},
+                "log_level_logfile": "debug",
+            },
+        )
+        self.salt_cli = self.master.salt_cli(timeout=SALT_TIMEOUT)
+        self._write_top()
+
+    def _write_top(self):
+        top = {"base": {minion_id: [f"hub_mirror_{n}"] for n, minion_id in enumerate(self.minions)}}
+        (self.pillar_dir / "top.sls").write_text(yaml.safe_dump(top))
+
+    def add_minion(self, hub_mirror):
+        """A configured (not started) minion whose ``hub_mirror`` pillar is ``hub_mirror``
+        with ``lookup`` paths under its own directory."""
+        minion_id = unique_name("minion-")
+        home = self.root / minion_id
+        lookup = {
+            "prefix": str(home / "opt"),
+            "config_dir": str(home / "etc-hub-mirror"),
+            "state_dir": str(home / "var-lib"),
+            "log_dir": str(home / "log"),
+            "run_dir": str(home / "run"),
+        }
+        pillar = {**hub_mirror, "lookup": {**lookup, **hub_mirror.get("lookup", {})}}
+        daemon = self.master.salt_minion_daemon(
+            minion_id,
+            defaults={"root_dir": str(home / "salt")},
+            overrides={"log_level_logfile": "debug"},
+        )
+        sls = self.pillar_dir / f"hub_mirror_{len(self.minions)}.sls"
+        sls.write_text(yaml.safe_dump({"hub_mirror": pillar}, sort_keys=False))
+        minion = ClusterMinion(daemon, lookup, pillar)
+        self.minions[minion_id] = minion
+        self._write_top()
+        return minion
+
+    def salt(self, minion, *args, timeout=SALT_TIMEOUT):
+        """``salt <minion> <args>``; the result has ``.returncode``, ``.data``, ``.stdout``."""
+        result = self.salt_cli.run(*args, minion_tgt=minion.id, _timeout=timeout + 30)
+        self.outputs.append(result.stdout + result.stderr)
+        return result
+
+    def log_files(self):
+        return [self.master.config["log_file"]] + [m.log_file for m in self.minions.values()]
+
+
+def strip_root_log_handlers():
+    """Salt's deferred handler on the root logger holds every record the daemons forwarded and
+    flushes them at exit to a stderr that pytest has closed: "Logging error" noise. Drop it
+    and its queue."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__module__.startswith("salt."):
+            root.removeHandler(handler)
+            drain = getattr(handler, "sync_with_handlers", None)
+            if drain:
+                drain(())
