@@ -468,6 +468,26 @@ def _validate_shared_storage(errors, prefix, mirror, version):
             )
 
 
+def _mirror_sockets(mirror, grains):
+    """(key, ip, port) of the listen and debug sockets a valid mirror entry will bind."""
+    sockets = []
+    try:
+        host, port = _parse_hostport(mirror.get("listen"))
+        sockets.append(("listen", _resolve_host(host, grains), port))
+        if mirror.get("debug_listen"):
+            host, debug_port = _parse_hostport(mirror["debug_listen"])
+            sockets.append(("debug_listen", _resolve_host(host, grains), debug_port))
+        else:
+            sockets.append(("debug_listen", "127.0.0.1", port + 10000 if port + 10000 < 65536 else port - 10000))
+    except (ValueError, TypeError):
+        pass  # reported by _validate_mirror
+    return [socket_ for socket_ in sockets if socket_[1]]
+
+
+def _hosts_overlap(one, other):
+    return one == other or {one, other} & {"0.0.0.0", "::"}
+
+
 def _validate(raw, grains):
     errors = _Errors()
     if not isinstance(raw, dict):
@@ -532,7 +552,7 @@ def _validate(raw, grains):
     if not isinstance(mirrors, dict) or not mirrors:
         errors.add("mirrors", "must be a non-empty mapping of mirror names", "see pillar.example")
         mirrors = {}
-    seen = {}
+    sockets, storages = [], {}
     for name, mirror in mirrors.items():
         mirror = mirror if mirror is not None else {}
         if not isinstance(mirror, dict):
@@ -540,27 +560,35 @@ def _validate(raw, grains):
             continue
         mirror = _merge(MIRROR_DEFAULTS, mirror)
         _validate_mirror(errors, str(name), mirror, version, grains)
-        for key in ("listen", "storage"):
-            value = mirror.get(key)
-            if not value or not isinstance(value, str):
-                continue  # a wrong type is reported above; a list would not hash
-            if (key, value) in seen:
+        for key, host, port in _mirror_sockets(mirror, grains):
+            for other, other_key, other_host, other_port in sockets:
+                if other != name and port == other_port and _hosts_overlap(host, other_host):
+                    errors.add(
+                        f"mirrors:{name}:{key}",
+                        f"{_hostport(host, port)} is also mirror {other!r}'s {other_key}",
+                        "give each mirror its own port (debug_listen defaults to listen + 10000)",
+                    )
+            sockets.append((name, key, host, port))
+        storage = mirror.get("storage")
+        if isinstance(storage, str):
+            storage = os.path.normpath(storage) if storage else f"<state_dir>/{name}"
+            if storage in storages:
                 errors.add(
-                    f"mirrors:{name}:{key}",
-                    f"{value!r} is also used by mirror {seen[(key, value)]!r}",
-                    "give each mirror its own " + key,
+                    f"mirrors:{name}:storage",
+                    f"{storage!r} is also used by mirror {storages[storage]!r}",
+                    "give each mirror its own storage",
                 )
-            seen[(key, value)] = name
+            storages[storage] = name
     _validate_client(errors, raw.get("client"))
     errors.raise_if_any()
 
 
-def settings(redact=True):
+def settings():
     """
     Return the ``hub_mirror`` settings: defaults merged with pillar, validated.
 
     Each mirror is complete (listen address resolved, storage and debug listener
-    filled in) and tokens are redacted unless ``redact=False`` (for Python callers only).
+    filled in), and every secret (token, S3 secret key, redis password) is redacted.
     Raises an error that names each bad pillar key and its fix.
 
     CLI Example:
@@ -569,6 +597,11 @@ def settings(redact=True):
 
         salt '*' hub_mirror.settings
     """
+    return _settings(redact=True)
+
+
+def _settings(redact):
+    """settings(); ``redact=False`` only for the code that writes the 0600 files."""
     raw = _raw_pillar()
     _validate(raw, __grains__)
     merged = _merge(DEFAULTS, {k: v for k, v in raw.items() if k != "mirrors"})
@@ -605,7 +638,7 @@ def _complete_mirror(name, mirror, lookup):
 
 
 def _mirror(name, redact=True):
-    conf = settings(redact=redact)
+    conf = _settings(redact=redact)
     if name not in conf["mirrors"]:
         raise SaltInvocationError(
             f"hub_mirror:mirrors has no mirror named {name!r}; "
@@ -832,7 +865,9 @@ def _install_archive(conf, test):
         if actual != expected:
             raise CommandExecutionError(
                 f"hub_mirror:install:source_hash: sha256 mismatch for {url}: expected "
-                f"{expected}, got {actual}; the installed registry was left as it was"
+                f"{expected}, got {actual}; the installed registry was left as it was. "
+                "Check install:source (a wrong or truncated download) or, if upstream really "
+                "republished the release, set install:source_hash to its published digest"
             )
         staged = os.path.join(work, "registry")
         _extract_registry(tarball, staged)
@@ -991,7 +1026,7 @@ def _paths(conf, name):
         "offline_config": os.path.join(lookup["config_dir"], f"{name}.offline.yml"),
         "credentials": os.path.join(lookup["config_dir"], f"{name}.credentials.json"),
         "credential_helper": os.path.join(lookup["prefix"], "bin", "hub-mirror-credential-helper"),
-        "last_good": os.path.join(lookup["config_dir"], f"{name}.yml.last-good"),
+        "last_good": os.path.join(lookup["config_dir"], f"{name}.last-good.json"),
         "fingerprint": os.path.join(lookup["state_dir"], ".fingerprints", name),
         "unit": os.path.join(lookup["unit_dir"], f"hub-mirror-{name}.service"),
         "init": os.path.join(lookup["init_dir"], f"hub-mirror-{name}"),
@@ -1554,29 +1589,55 @@ def running(mirror="dockerhub", test=False):
         raise CommandExecutionError(_rollback(conf, spec, paths))
     # 0600: a digest over the rendered config is still derived from the token.
     _write_atomic(paths["fingerprint"], fingerprint + "\n", 0o600)
-    shutil.copy2(paths["config"], paths["last_good"])
+    _save_last_good(paths, files)
     return {"changes": changes, "comment": f"Mirror {mirror} runs and answers /v2/"}
 
 
+def _save_last_good(paths, service_files):
+    """Keep every file the mirror just served with (configs and service files), with
+    owner and mode, so that a later change that does not come up can be undone whole."""
+    snapshot = {}
+    for path in [paths["config"], paths["offline_config"], *service_files]:
+        info = os.stat(path)
+        snapshot[path] = {
+            "text": _read(path),
+            "mode": info.st_mode & 0o7777,
+            "uid": info.st_uid,
+            "gid": info.st_gid,
+        }
+    # 0600: the config in it holds the token (2.8).
+    _write_atomic(paths["last_good"], json.dumps(snapshot), 0o600)
+
+
 def _rollback(conf, spec, paths):
-    """Bring back the last config that served; return the failure message."""
+    """Bring back every file of the last setup that served; return the failure message."""
     name = spec["name"]
     message = (
         f"mirror {name} did not answer {_probe_url(spec)}/v2/ within "
         f"{conf['probe_timeout']}s. Recent log:\n{_recent_log(conf, name)}"
     )
-    current, last_good = _read(paths["config"]), _read(paths["last_good"])
-    if last_good is None or last_good == current:
+    try:
+        with open(paths["last_good"], encoding="utf-8") as handle:
+            snapshot = json.load(handle)
+    except (OSError, ValueError):
         return message
-    os.replace(paths["config"], paths["config"] + ".failed")
-    # The service user must be able to read it, and it serves on its own address.
-    _write_atomic(paths["config"], last_good, 0o600, *_ids(conf))
+    restore = {path: f for path, f in snapshot.items() if _read(path) != f["text"]}
+    if not restore:
+        return message
+    if _read(paths["config"]) is not None:
+        shutil.copy2(paths["config"], paths["config"] + ".failed")
+    for path, saved in restore.items():
+        _write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
+    if paths["unit"] in restore:
+        _systemctl("daemon-reload")
     _start(conf, name, restart=True)
-    host, port = _parse_hostport(yaml.safe_load(last_good)["http"]["addr"])
+    # The restored config serves on its own address, which may not be the new one.
+    host, port = _parse_hostport(yaml.safe_load(snapshot[paths["config"]]["text"])["http"]["addr"])
     restored = _wait_serving(dict(spec, listen_host=host, listen_port=port), conf["probe_timeout"])
     return message + (
-        f"\nRestored the last config that served ({'it serves again' if restored else 'it does not answer either'});"
-        f" the new one is kept as {paths['config']}.failed"
+        "\nRestored the last setup that served "
+        f"({'it serves again' if restored else 'it does not answer either'}); "
+        f"the new config is kept as {paths['config']}.failed"
     )
 
 
@@ -1799,21 +1860,30 @@ def next_link(header):
 
 def _repositories_api(base_url, page_size=1000, timeout=30):
     """Every repository the registry lists, following ``Link`` pagination."""
-    repositories = []
-    url = f"{base_url}/v2/_catalog?n={page_size}"
+    # A page size above the server's catalog.maxentries is refused (400): the first
+    # page finds the largest size it accepts, by bisection.
+    accepted, refused_above = None, page_size
+    while True:
+        response = requests.get(f"{base_url}/v2/_catalog?n={page_size}", timeout=timeout)
+        if response.status_code == 400 and "PAGINATION_NUMBER_INVALID" in response.text:
+            refused_above = page_size - 1
+            if refused_above < 1:
+                response.raise_for_status()
+        else:
+            response.raise_for_status()
+            accepted = (page_size, response)
+        low = accepted[0] if accepted else 0
+        if low >= refused_above:
+            break
+        page_size = (low + refused_above + 1) // 2
+    response = accepted[1]
+    repositories = list(response.json().get("repositories") or [])
     seen = set()
+    link = next_link(response.headers.get("Link"))
+    url = urllib.parse.urljoin(base_url + "/", link) if link else None
     while url and url not in seen:
         seen.add(url)
         response = requests.get(url, timeout=timeout)
-        if response.status_code == 400 and "PAGINATION_NUMBER_INVALID" in response.text:
-            # The server's catalog.maxentries is below our page size: ask for less.
-            if page_size == 1:
-                response.raise_for_status()
-            page_size = max(1, page_size // 2)
-            url = f"{base_url}/v2/_catalog?n={page_size}"
-            seen.clear()
-            repositories.clear()
-            continue
         response.raise_for_status()
         repositories.extend(response.json().get("repositories") or [])
         link = next_link(response.headers.get("Link"))
@@ -1875,8 +1945,9 @@ def catalog(mirror="dockerhub", tags=False, sizes=False, source="api"):
         try:
             repositories = _repositories_api(base_url)
         except requests.RequestException as exc:
+            reason = "no connection" if isinstance(exc, requests.ConnectionError) else str(exc)
             raise CommandExecutionError(
-                f"mirror {mirror} does not answer at {base_url}: {exc}; is it running? "
+                f"mirror {mirror} does not answer at {base_url} ({reason}); is it running? "
                 f"(salt-call hub_mirror.running mirror={mirror}), or read the storage "
                 "directly with source=disk"
             ) from exc
@@ -3189,7 +3260,7 @@ def prune(mirror="dockerhub", max_size=None, test=False):
             "changes": {},
             "comment": f"Mirror {mirror} uses {human_size(used)}, within max_size {human_size(cap)}",
         }
-    if _dialect(conf["version"]) != "2" and str(spec["ttl"]) == "0":
+    if _config_dialect(conf) != "2" and str(spec["ttl"]) == "0":
         raise CommandExecutionError(
             f"mirror {mirror} keeps cached content forever (hub_mirror:mirrors:{mirror}:ttl: 0), so "
             "the registry cannot expire any of it: set a ttl or raise max_size"
@@ -3378,6 +3449,9 @@ def _mirror_url_problem(url):
     """Why ``url`` cannot be a mirror for every runtime, or None."""
     if not isinstance(url, str):
         return f"{url!r} is not a URL"
+    if "@" in url:
+        # Not echoed: the part before the @ may be a password.
+        return "a mirror URL holds credentials (not shown here)"
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return f"{url!r} is not an absolute http or https URL"
@@ -3385,8 +3459,6 @@ def _mirror_url_problem(url):
         parsed.port  # pylint: disable=pointless-statement
     except ValueError:
         return f"{url!r} has an invalid port"
-    if parsed.username or parsed.password:
-        return f"{url!r} holds credentials"
     # Docker's registry-mirrors and buildkit's mirrors take a host, nothing more.
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.params:
         return f"{url!r} has a path"
@@ -3481,7 +3553,9 @@ def render_daemon_json(base, mirrors):
     if base is None:
         return json.dumps({"registry-mirrors": ours}, indent=2) + "\n"
     _, theirs = _json_member_value(base, "registry-mirrors")
-    merged = ours + [url for url in (theirs or []) if url not in ours]
+    if not isinstance(theirs, (list, type(None))):
+        raise ValueError("its registry-mirrors is not a list: fix it")
+    merged = ours + [url for url in (theirs or []) if url.rstrip("/") not in ours]
     return json_set_member(base, "registry-mirrors", json.dumps(merged))
 
 
@@ -3489,7 +3563,8 @@ def _strip_daemon_json(current, record):
     """daemon.json without hub_mirror's mirrors; the user's original value where it is intact."""
     ours = {url for urls in record.get("mirrors", {}).values() for url in urls}
     _, listed = _json_member_value(current, "registry-mirrors")
-    theirs = [url for url in (listed or []) if url not in ours]
+    listed = listed if isinstance(listed, list) else []
+    theirs = [url for url in listed if str(url).rstrip("/") not in ours]
     original_raw = record.get("user_mirrors_raw")
     if original_raw is not None and theirs == json.loads(original_raw):
         text = json_set_member(current, "registry-mirrors", original_raw)
@@ -3878,6 +3953,42 @@ def _sync_file(record, runtime, path, kind, mirrors, blocked, test, emptied_dirs
     return change, mirrors, note
 
 
+def _dockerd_pid(client):
+    """The pid of the running dockerd named by the pidfile, or None."""
+    pid_text = (_read_exact(client["paths"]["docker_pidfile"]) or "").strip()
+    if not pid_text.isdigit():
+        return None
+    try:
+        comm = _read_exact(f"/proc/{pid_text}/comm")
+    except OSError:
+        return None
+    return int(pid_text) if (comm or "").strip() == "dockerd" else None
+
+
+def _docker_blocked(client):
+    """Why merging registry-mirrors into daemon.json would break the running dockerd."""
+    pid = _dockerd_pid(client)
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            args = handle.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return None
+    if any(arg.startswith("--registry-mirror") for arg in args):
+        # dockerd refuses a key set both as a flag and in daemon.json, at reload and start.
+        return "dockerd runs with --registry-mirror: move its mirrors into daemon.json first"
+    config_files = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config-file=")]
+    if config_files and os.path.realpath(config_files[-1]) != os.path.realpath(
+        client["paths"]["docker_daemon_json"]
+    ):
+        return (
+            f"dockerd reads {config_files[-1]}, not {client['paths']['docker_daemon_json']}: "
+            "set hub_mirror:client:paths:docker_daemon_json to it"
+        )
+    return None
+
+
 def _docker_reload(client, test):
     """Make dockerd re-read daemon.json without a restart; say how, or None if not running."""
     if os.path.isdir("/run/systemd/system") and _which("systemctl"):
@@ -3888,9 +3999,8 @@ def _docker_reload(client, test):
             if not test:
                 _systemctl("reload", "docker")
             return "systemctl reload docker"
-    pid_text = _read_exact(client["paths"]["docker_pidfile"]) or ""
-    pid = int(pid_text.strip()) if pid_text.strip().isdigit() else None
-    if pid is None or (_read_exact(f"/proc/{pid}/comm") or "").strip() != "dockerd":
+    pid = _dockerd_pid(client)
+    if pid is None:
         return None
     if not test:
         os.kill(pid, signal.SIGHUP)
@@ -3940,48 +4050,57 @@ def _docker_apply(client, old_ours, test):
     """
     Make the running dockerd use the daemon.json just written; return (how, notes).
 
-    A reload applies only the keys present in the file, so dockerd keeps mirrors whose
-    key was removed. When hub_mirror's mirrors go and the user's file has no
-    registry-mirrors key, dockerd first reloads a copy with an empty list, then the
-    user's own file goes back in place.
+    A reload applies only the keys present in the file: dockerd keeps mirrors whose key
+    was removed. So when hub_mirror's mirrors go and the user's file has no
+    registry-mirrors key, dockerd first reloads a copy holding an empty list, and then
+    the user's own file goes back in place.
     """
-    notes = []
     path = client["paths"]["docker_daemon_json"]
     socket_path = client["paths"]["docker_socket"]
-    final = _read_exact(path)
-    _, expected = _json_member_value(final, "registry-mirrors") if final else (None, None)
     how = _docker_reload(client, test=True)
     if how is None:
         return None, ["dockerd is not running: it reads daemon.json when it starts"]
     if test:
-        return how, notes
+        return how, []
+    final = _read_exact(path)
+    _, expected = _json_member_value(final, "registry-mirrors") if final else (None, None)
     if expected is None:
-        running = _dockerd_mirrors(socket_path) or []
-        if set(running) & set(old_ours):
-            created = _makedirs_recorded(os.path.dirname(path))
-            _write_exact(path, json_set_member(final or "{}\n", "registry-mirrors", "[]"))
-            try:
-                _docker_reload(client, test=False)
-                _wait_dockerd_mirrors(socket_path, [])
-            finally:
-                if final is None:
-                    os.unlink(path)
-                    for directory in reversed(created):
-                        os.rmdir(directory)
-                else:
-                    _write_exact(path, final)
+        running = _dockerd_mirrors(socket_path)
+        if running is None:
+            _docker_reload(client, test=False)
+            return how, [
+                f"could not ask dockerd at {socket_path} for its mirrors: a reload keeps "
+                "mirrors whose key left daemon.json, so restart dockerd if `docker info` "
+                f"still lists {', '.join(old_ours)}"
+            ]
+        if not set(running) & set(old_ours):
+            _docker_reload(client, test=False)
+            return how, []
+        created = _makedirs_recorded(os.path.dirname(path))
+        _write_exact(path, json_set_member(final or "{}\n", "registry-mirrors", "[]"))
+        try:
+            _docker_reload(client, test=False)
+            _wait_dockerd_mirrors(socket_path, [])
+        finally:
+            if final is None:
+                os.unlink(path)
+                for directory in reversed(created):
+                    os.rmdir(directory)
+            else:
+                _write_exact(path, final)
         expected = []
     else:
         _docker_reload(client, test=False)
-    seen = _wait_dockerd_mirrors(socket_path, [url.rstrip("/") for url in expected])
+    expected = [url.rstrip("/") for url in expected]
+    seen = _wait_dockerd_mirrors(socket_path, expected)
     if seen is None:
-        notes.append(f"could not ask dockerd at {socket_path} whether it applied daemon.json")
-    elif seen != [url.rstrip("/") for url in expected]:
-        notes.append(
-            f"dockerd still uses mirrors {seen} after the reload: see its log (a key set both "
-            "as a dockerd flag and in daemon.json makes it refuse the file)"
-        )
-    return how, notes
+        return how, [f"could not ask dockerd at {socket_path} whether it applied daemon.json"]
+    if seen != expected:
+        return how, [
+            f"dockerd still uses mirrors {seen} after the reload: see its log, it refused "
+            "daemon.json"
+        ]
+    return how, []
 
 
 def _cri_config_paths(text):
@@ -4123,7 +4242,7 @@ def _runtime_notes(runtime, client, alive, changes, configured, test):
     return notes
 
 
-def _sync_runtime(record, client, runtime, alive, wanted, test):
+def _sync_runtime(record, client, runtime, alive, wanted, test, cleaning=False):
     """Sync every config file of one runtime; return (changes, one comment line)."""
     absent = _runtime_present(runtime, client["paths"]) if wanted else None
     recorded = [path for path, entry in record.files.items() if entry["runtime"] == runtime]
@@ -4133,7 +4252,11 @@ def _sync_runtime(record, client, runtime, alive, wanted, test):
     files += [
         (path, _kind_of(runtime), {}) for path in recorded if path not in {f[0] for f in files}
     ]
-    blocked = _podman_blocked(client) if runtime == "podman" and wanted else None
+    blocked = None
+    if wanted and runtime == "podman":
+        blocked = _podman_blocked(client)
+    elif wanted and runtime == "docker":
+        blocked = _docker_blocked(client)
 
     changes, notes, configured, emptied_dirs = {}, [], {}, []
     for path, kind, mirrors in files:
@@ -4160,20 +4283,26 @@ def _sync_runtime(record, client, runtime, alive, wanted, test):
             pass
     notes = _runtime_notes(runtime, client, alive if wanted else {}, changes, configured, test) + notes
 
+    has_mirror = DOCKER_HUB in client["mirrors"] if runtime == "docker" else bool(client["mirrors"])
+    restored = "would restore its own config" if test else "restored its own config"
     if configured:
-        verb = ("would configure" if test else "configured") if changes else "configured"
+        verb = "would configure" if test and changes else "configured"
         line = f"{runtime}: {verb} {_describe(configured)}"
+    elif cleaning:
+        line = f"{runtime}: {restored if changes else 'nothing to restore'}"
     else:
         if not wanted:
-            line = f"{runtime}: not wanted"
+            line = f"{runtime}: not in hub_mirror:client:runtimes"
         elif absent:
             line = f"{runtime}: skipped: {absent}"
         elif any(note.startswith(path) for path, _, _ in files for note in notes) or blocked:
             line = f"{runtime}: left alone"
+        elif not has_mirror:
+            line = f"{runtime}: no mirror for it in hub_mirror:client:mirrors"
         else:
             line = f"{runtime}: no mirror answers for it, pulls go direct"
         if changes:
-            line += "; would restore its own config" if test else "; restored its own config"
+            line += f"; {restored}"
     if notes:
         line += " (" + "; ".join(notes) + ")"
     return changes, line
@@ -4258,10 +4387,10 @@ def client_clean(test=False):
     for runtime in CLIENT_RUNTIMES:
         if not any(entry["runtime"] == runtime for entry in record.files.values()):
             continue
-        runtime_changes, line = _sync_runtime(record, client, runtime, {}, False, test)
+        runtime_changes, line = _sync_runtime(record, client, runtime, {}, False, test, cleaning=True)
         if runtime_changes:
             changes[runtime] = runtime_changes
-        lines.append(line.replace(": not wanted; ", ": "))
+        lines.append(line)
     if not test and os.path.exists(record.index_path):
         record.save()
     return {
