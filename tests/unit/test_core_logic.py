@@ -180,7 +180,7 @@ def test_unprivileged_ports_drop_every_capability(hub_mirror):
 def test_settings_redacts_and_validates(hub_mirror):
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": {"username": "u", "token": "t0k3n"}}}}
     assert hub_mirror.settings()["mirrors"]["dockerhub"]["token"] == "<redacted>"
-    assert hub_mirror.settings(redact=False)["mirrors"]["dockerhub"]["token"] == "t0k3n"
+    assert hub_mirror._settings(redact=False)["mirrors"]["dockerhub"]["token"] == "t0k3n"
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": {"listen": 5000}}}}
     with pytest.raises(SaltInvocationError, match="hub_mirror:mirrors:dockerhub:listen"):
         hub_mirror.settings()
@@ -241,3 +241,30 @@ def test_bad_s3_settings_name_their_key(hub_mirror, s3, key):
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"m": {"s3": s3}}}}
     with pytest.raises(SaltInvocationError, match=f"hub_mirror:mirrors:m:{key}"):
         hub_mirror.settings()
+
+
+@pytest.mark.parametrize(
+    "mirrors,key",
+    [
+        ({"a": {"listen": "localhost:5000"}, "b": {"listen": "127.0.0.1:5000"}}, "mirrors:b:listen"),
+        ({"a": {"listen": "127.0.0.1:5000"}, "b": {"listen": "127.0.0.1:15000"}}, "mirrors:b:listen"),
+        ({"a": {"listen": "0.0.0.0:5000"}, "b": {"listen": "127.0.0.1:5000"}}, "mirrors:b:listen"),
+        ({"a": {"storage": "/srv/cache/"}, "b": {"listen": "127.0.0.1:5001", "storage": "/srv/cache"}}, "mirrors:b:storage"),
+    ],
+)
+def test_mirrors_cannot_share_a_socket_or_storage(hub_mirror, mirrors, key):
+    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": mirrors}}
+    with pytest.raises(SaltInvocationError, match=f"hub_mirror:{key}"):
+        hub_mirror.settings()
+
+
+def test_mirrors_on_distinct_sockets_validate(hub_mirror):
+    hub_mirror.__pillar__ = {
+        "hub_mirror": {
+            "mirrors": {
+                "a": {"listen": "127.0.0.1:5000"},
+                "b": {"listen": "127.0.0.2:5000", "debug_listen": "127.0.0.2:15000"},
+            }
+        }
+    }
+    assert set(hub_mirror.settings()["mirrors"]) == {"a", "b"}
