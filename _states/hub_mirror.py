@@ -93,4 +93,74 @@ def uninstalled(name):
 # --- Inspect and operate the cache -------------------------------------------------------
 
 
+def cached(name, images=None, platforms=None, parallel=4):
+    """
+    Keep images cached by mirror ``name``: pull each one that is not cached (all its
+    blobs, for every platform of a multi-arch image or only ``platforms``) through the
+    mirror. ``test=True`` reads the cache only.
+
+    name
+        The mirror.
+    images
+        Images as for ``docker pull`` (``library/alpine:3.20``); default: the pillar list
+        ``hub_mirror:mirrors:<name>:warm``.
+    platforms
+        e.g. ``[linux/amd64]``; default: every platform of an index.
+    parallel
+        How many images are fetched at once.
+
+    .. code-block:: yaml
+
+        hub_mirror-cache-dockerhub-cached:
+          hub_mirror.cached:
+            - name: dockerhub
+    """
+    return _apply(name, "warm", mirror=name, images=images, platforms=platforms, parallel=parallel)
+
+
+def capped(name, max_size=None):
+    """
+    Keep mirror ``name``'s storage under ``max_size`` (default: the pillar's
+    ``hub_mirror:mirrors:<name>:max_size``). When it is over, the oldest cached images
+    are expired by the registry and garbage-collected, with the mirror stopped for the
+    time it takes (see ``hub_mirror.prune``).
+
+    .. code-block:: yaml
+
+        hub_mirror-cache-dockerhub-capped:
+          hub_mirror.capped:
+            - name: dockerhub
+    """
+    return _apply(name, "prune", mirror=name, max_size=max_size)
+
+
+
 # --- Clients -----------------------------------------------------------------------------
+
+
+def client_configured(name):
+    """
+    Point this host's container clients (docker, containerd, podman/cri-o/skopeo,
+    buildkit, k3s/rke2) at the mirrors in ``hub_mirror:client:mirrors`` that answer
+    ``/v2/`` right now, and take out the ones that stopped answering.
+
+    The result is True even when no mirror answers or a client cannot be configured:
+    a dead mirror must never fail a build host's run. The comment says, per runtime,
+    what was configured or skipped and why.
+
+    name
+        A label for the state; what to configure comes from ``hub_mirror:client``.
+    """
+    return _apply(name, "client_configure")
+
+
+def client_absent(name):
+    """
+    Give each client config file that ``client_configured`` touched back to its owner:
+    the original bytes where the file is still as hub_mirror left it, else the file
+    without hub_mirror's part; files hub_mirror created are removed.
+
+    name
+        A label for the state.
+    """
+    return _apply(name, "client_clean")

@@ -1,0 +1,8 @@
+{#- Undo hub_mirror.client: every client config file it touched gets its owner's version
+    back (original bytes, or the file without hub_mirror's part if edited since). #}
+{%- set tplroot = tpldir.split("/")[0] %}
+{%- from tplroot ~ "/map.jinja" import hub_mirror with context %}
+
+hub_mirror-client-clean-clients-absent:
+  hub_mirror.client_absent:
+    - name: clients
