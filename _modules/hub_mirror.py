@@ -128,6 +128,9 @@ DEFAULTS = {
 MIRROR_DEFAULTS = {
     "upstream": "https://registry-1.docker.io",
     "listen": "127.0.0.1:5000",
+    # The URL other hosts reach this mirror at, as hub_mirror.endpoint publishes it to the
+    # mine (a DNS name, or the address in front of a NAT). Empty: the listen address.
+    "advertise": "",
     # Empty: loopback, on the listen port + 10000.
     "debug_listen": "",
     "username": "",
@@ -404,6 +407,11 @@ def _validate_mirror(errors, name, mirror, version, grains):
             f"{storage!r} is not an absolute directory path below /",
             "write e.g. /var/lib/hub-mirror/" + name,
         )
+
+    if mirror["advertise"]:
+        problem = _mirror_url_problem(mirror["advertise"])
+        if problem:
+            errors.add(f"{prefix}:advertise", problem, "write it like http://mirror1.example.net:5000")
 
     if not _DURATION_RE.match(mirror["ttl"]):
         errors.add(
@@ -1352,6 +1360,7 @@ def _service_files(conf, spec):
             f"--listen={_probe_url(spec)[len('http://'):]}",
             f"--upstream={spec['upstream']}",
             f"--credentials={paths['credentials']}",
+            *([] if spec["s3"] else [f"--storage={spec['storage']}"]),
         ]
     )
     files = {paths["supervise"]: (_program_text("hub_mirror_supervise.py"), 0o755)}
@@ -1689,9 +1698,11 @@ def _registry_host(upstream):
 def endpoint():
     """
     Return this host's mirrors as clients should reach them, for the Salt mine: one entry
-    per mirror with the registry it mirrors (``docker.io``, ``ghcr.io``, ...), its URL and
-    whether it answers ``/v2/`` right now. Mirrors that listen on loopback serve only
-    this host and say so.
+    per mirror with the registry it mirrors (``docker.io``, ``ghcr.io``, ...), its URL
+    (``advertise``, else the listen address) and whether it answers ``/v2/`` right now.
+    Without ``advertise``, a mirror that listens on loopback or on every address
+    (``0.0.0.0``) publishes a loopback URL and ``loopback_only: True``: it serves only
+    this host.
 
     Publish it with the mine (minion config or pillar):
 
@@ -1710,14 +1721,17 @@ def endpoint():
     conf = settings()
     endpoints = []
     for name, spec in sorted(conf["mirrors"].items()):
-        url = _probe_url(spec)
+        local_url = _probe_url(spec)
+        url = spec["advertise"].rstrip("/") or local_url
         endpoints.append(
             {
                 "mirror": name,
                 "registry": _registry_host(spec["upstream"]),
                 "url": url,
-                "loopback_only": _is_loopback(spec["listen_host"]),
-                "serving": _answers(url, 2),
+                "loopback_only": not spec["advertise"]
+                and _is_loopback(urllib.parse.urlparse(url).hostname),
+                # The advertised address may be a NAT's, which this host need not reach.
+                "serving": _answers(local_url, 2),
             }
         )
     return endpoints
@@ -3340,6 +3354,8 @@ CLIENT_RUNTIMES = ("docker", "containerd", "podman", "buildkit", "k3s", "rke2")
 CLIENT_DEFAULTS = {
     # Upstream registry host -> mirror URLs, in preference order.
     "mirrors": {},
+    # Take the mirrors from the Salt mine (DISCOVER_DEFAULTS); empty: only "mirrors".
+    "discover": {},
     "runtimes": list(CLIENT_RUNTIMES),
     # A mirror on the LAN answers in milliseconds; this bounds what a dead one costs.
     "probe_timeout": 2,
@@ -3356,6 +3372,23 @@ CLIENT_DEFAULTS = {
         "rke2_registries": "/etc/rancher/rke2/registries.yaml",
     },
 }
+
+DISCOVER_DEFAULTS = {
+    # The mirror hosts whose mine to read, e.g. 'G@role:mirror and G@zone:a'.
+    "tgt": "",
+    "tgt_type": "glob",
+    # The mine function (or alias) the mirror hosts publish hub_mirror.endpoint under.
+    "function": "hub_mirror.endpoint",
+    # A grain such as zone: mirror hosts with this host's value come first.
+    "same_grain": "",
+    # Minion ids that come first, in this order (before the same_grain matches).
+    "prefer": [],
+}
+# The target types the master's mine lookup understands.
+DISCOVER_TGT_TYPES = (
+    "glob", "pcre", "list", "grain", "grain_pcre", "pillar", "pillar_pcre", "pillar_exact",
+    "ipcidr", "compound", "nodegroup",
+)
 
 DOCKER_HUB = "docker.io"
 # Loaded in name order after registries.conf; a user file sorting later can override it.
@@ -3421,6 +3454,16 @@ def _validate_client(errors, client):
             f"use a list of: {', '.join(CLIENT_RUNTIMES)}",
         )
 
+    discover = client.get("discover") or {}
+    if not isinstance(discover, dict):
+        errors.add(
+            "client:discover",
+            f"must be a mapping, got {type(discover).__name__}",
+            "write e.g. {tgt: 'G@role:mirror', tgt_type: compound}",
+        )
+    elif discover:
+        _validate_discover(errors, discover)
+
     timeout = client.get("probe_timeout", CLIENT_DEFAULTS["probe_timeout"])
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
         errors.add(
@@ -3443,6 +3486,45 @@ def _validate_client(errors, client):
                 f"{value!r} is not an absolute path",
                 f"write e.g. {CLIENT_DEFAULTS['paths'][name]}",
             )
+
+
+def _validate_discover(errors, discover):
+    _check_keys(errors, "client:discover", discover, DISCOVER_DEFAULTS)
+    tgt = discover.get("tgt")
+    if not isinstance(tgt, str) or not tgt.strip():
+        errors.add(
+            "client:discover:tgt",
+            "is required: the mirror hosts whose mine to read",
+            "write e.g. 'G@role:mirror' with tgt_type: compound",
+        )
+    tgt_type = discover.get("tgt_type", DISCOVER_DEFAULTS["tgt_type"])
+    if tgt_type not in DISCOVER_TGT_TYPES:
+        errors.add(
+            "client:discover:tgt_type",
+            f"{tgt_type!r} is not a target type the mine understands",
+            f"use one of: {', '.join(DISCOVER_TGT_TYPES)}",
+        )
+    function = discover.get("function", DISCOVER_DEFAULTS["function"])
+    if not isinstance(function, str) or not function.strip() or "," in function:
+        errors.add(
+            "client:discover:function",
+            f"{function!r} is not the name of one mine function",
+            "use hub_mirror.endpoint, or the alias mine_functions publishes it under",
+        )
+    same_grain = discover.get("same_grain", "")
+    if not isinstance(same_grain, str):
+        errors.add(
+            "client:discover:same_grain",
+            f"{same_grain!r} is not a grain name",
+            "write e.g. zone (or a nested one like location:rack)",
+        )
+    prefer = discover.get("prefer", [])
+    if not isinstance(prefer, list) or not all(isinstance(minion, str) for minion in prefer):
+        errors.add(
+            "client:discover:prefer",
+            f"{prefer!r} is not a list of minion ids",
+            "write e.g. [mirror1.example.net, mirror2.example.net]",
+        )
 
 
 def _mirror_url_problem(url):
@@ -3473,6 +3555,8 @@ def _client_conf(conf):
         upstream: [url.rstrip("/") for url in ([urls] if isinstance(urls, str) else urls)]
         for upstream, urls in (raw.get("mirrors") or {}).items()
     }
+    if raw.get("discover"):
+        client["discover"] = _merge(DISCOVER_DEFAULTS, raw["discover"])
     client["record_dir"] = os.path.join(conf["lookup"]["state_dir"], ".client")
     return client
 
@@ -4308,10 +4392,95 @@ def _sync_runtime(record, client, runtime, alive, wanted, test, cleaning=False):
     return changes, line
 
 
+def _grain(path):
+    """This host's value of grain ``path`` (``a:b`` for nested), or None."""
+    first, *nested = path.split(":")
+    # __grains__ is the loader's context object, not a dict.
+    value = __grains__.get(first)
+    for part in nested:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _endpoint_problem(entry, own):
+    """Why a mine entry of ``hub_mirror.endpoint`` is no mirror for this host, or None."""
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("registry"), str)
+        or not _REGISTRY_HOST_RE.match(entry["registry"])
+        or _mirror_url_problem(entry.get("url"))
+    ):
+        return "not a hub_mirror.endpoint entry"
+    if entry.get("loopback_only") and not own:
+        return "listens on loopback only: set advertise on that mirror"
+    if entry.get("serving") is not True:
+        return "not serving at the last mine update"
+    return None
+
+
+def _discover(client):
+    """(mirrors, comment line): ``client:mirrors`` where each registry the mine has a
+    mirror for gets the mine's mirrors instead, in preference order: ``prefer`` first,
+    then the ``same_grain`` matches, then by minion id."""
+    discover, static = client["discover"], client["mirrors"]
+    source = f"Mine ({discover['function']} of {discover['tgt']!r})"
+    try:
+        found = __salt__["mine.get"](discover["tgt"], discover["function"], tgt_type=discover["tgt_type"])
+        same = set()
+        value = _grain(discover["same_grain"]) if discover["same_grain"] else None
+        if value not in (None, "") and not isinstance(value, (dict, list)):
+            same = set(
+                __salt__["mine.get"](
+                    f"{discover['same_grain']}:{value}", discover["function"], tgt_type="grain"
+                )
+            )
+    except Exception as exc:  # pylint: disable=broad-except
+        # A masterless minion has no mine to ask, and a master that does not answer must
+        # not fail a build host's run.
+        return static, f"{source}: not read ({type(exc).__name__}: {exc}); using hub_mirror:client:mirrors"
+    own = __opts__.get("id")
+    prefer = discover["prefer"]
+    ranked, skipped = [], []
+    for minion, endpoints in (found if isinstance(found, dict) else {}).items():
+        for entry in endpoints if isinstance(endpoints, list) else [endpoints]:
+            problem = _endpoint_problem(entry, minion == own)
+            name = f"{minion}/{entry['mirror']}" if isinstance(entry, dict) and "mirror" in entry else minion
+            if problem:
+                skipped.append(f"{name} ({problem})")
+                continue
+            rank = (
+                prefer.index(minion) if minion in prefer else len(prefer),
+                minion not in same,
+                minion,
+                str(entry.get("mirror")),
+            )
+            ranked.append((rank, entry["registry"], entry["url"].rstrip("/")))
+    discovered = {}
+    for _, registry, url in sorted(ranked):
+        urls = discovered.setdefault(registry, [])
+        if url not in urls:
+            urls.append(url)
+    mirrors = {**static, **{registry: discovered[registry] for registry in sorted(discovered)}}
+    line = f"{source}: {_describe(discovered) if discovered else 'no mirror'}"
+    if skipped:
+        line += f"; skipped {', '.join(sorted(skipped))}"
+    kept = [upstream for upstream in static if upstream not in discovered]
+    if kept:
+        line += f"; from hub_mirror:client:mirrors: {', '.join(kept)}"
+    return mirrors, line
+
+
 def client_configure(test=False):
     """
     Point this host's container clients at the mirrors in ``hub_mirror:client:mirrors``,
     but only at those that answer ``GET /v2/`` within ``client:probe_timeout`` right now.
+
+    With ``client:discover``, the mirrors come from the Salt mine: the
+    ``hub_mirror.endpoint`` data of the minions ``discover:tgt`` matches, in preference
+    order (``prefer``, then the hosts whose ``same_grain`` value is this host's, then by
+    minion id), without mirrors that were not serving at the last mine update or that
+    listen on another host's loopback. Each registry the mine has no mirror for keeps its
+    ``client:mirrors`` list, e.g. on a masterless minion, which has no mine to read.
 
     Per runtime in ``client:runtimes`` (one that is not installed is skipped):
 
@@ -4337,6 +4506,10 @@ def client_configure(test=False):
         salt '*' hub_mirror.client_configure test=True
     """
     client = _client_conf(settings())
+    lines = []
+    if client["discover"]:
+        client["mirrors"], line = _discover(client)
+        lines.append(line)
     urls = list(dict.fromkeys(url for urls in client["mirrors"].values() for url in urls))
     probed = _probe_mirrors(urls, client["probe_timeout"])
     alive = {
@@ -4346,12 +4519,11 @@ def client_configure(test=False):
     alive = {upstream: urls for upstream, urls in alive.items() if urls}
 
     if urls:
-        lines = [
-            "Mirrors: "
-            + "; ".join(f"{url} {probed[url] or 'answers'}" for url in urls)
-        ]
+        lines.append("Mirrors: " + "; ".join(f"{url} {probed[url] or 'answers'}" for url in urls))
+    elif client["discover"]:
+        lines.append("Neither the mine nor hub_mirror:client:mirrors names a mirror to point clients at")
     else:
-        lines = ["hub_mirror:client:mirrors is empty: there is no mirror to point clients at"]
+        lines.append("hub_mirror:client:mirrors is empty: there is no mirror to point clients at")
     record = _ClientRecord(client["record_dir"])
     changes = {}
     for runtime in CLIENT_RUNTIMES:

@@ -15,6 +15,7 @@ exits, with a short backoff, like systemd's ``Restart=always``.
 """
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,35 @@ def http_answers(url, timeout):
         return True
     except (OSError, ValueError):
         return False
+
+
+def set_aside_broken_schedule(storage):
+    """
+    Move an unreadable ``scheduler-state.json`` out of the registry's way.
+
+    While the disk is full, registry 2.8 truncates the file and then fails to write it;
+    at its next start it panics on the empty file ("unexpected end of JSON input"), so a
+    full disk would keep the mirror down for good. Without the file the registry starts
+    with an empty expiry schedule: cached content then simply lives on. Returns the new
+    name, or None.
+    """
+    if not storage:
+        return None
+    path = os.path.join(storage, "scheduler-state.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+        return None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        aside = f"{path}.broken-{int(time.time())}"
+        try:
+            os.replace(path, aside)
+        except OSError:
+            return None
+        log(f"moved the unreadable expiry schedule aside: {aside}")
+        return aside
 
 
 class Supervisor:
@@ -72,6 +102,7 @@ class Supervisor:
 
     def serve_proxy(self):
         """Run in proxy mode; True if it served before it exited, False if it never came up."""
+        set_aside_broken_schedule(self.args.storage)
         child = self.spawn(self.args.config)
         local = f"http://{self.args.listen}/v2/"
         served = False
@@ -131,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--listen", required=True, help="HOST:PORT to probe locally")
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--credentials", default="", help="credential helper's file (3.x)")
+    parser.add_argument("--storage", default="", help="filesystem storage root, if any")
     parser.add_argument("--recheck", type=float, default=15)
     parser.add_argument("--probe-timeout", type=float, default=5)
     return Supervisor(parser.parse_args(argv)).run()
