@@ -1,0 +1,1 @@
+"""hub_mirror benchmarks: ``python -m bench.run`` (see docs/benchmarks.md)."""
