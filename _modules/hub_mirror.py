@@ -1257,8 +1257,7 @@ ReadWritePaths={storage}
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
-PrivateIPC=yes
-ProtectHostname=yes
+{private_ipc}ProtectHostname=yes
 ProtectClock=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
@@ -1376,6 +1375,9 @@ def _service_files(conf, spec):
             UNIT_TEMPLATE.format(
                 command=command,
                 capabilities=capabilities,
+                # qemu-user cannot set up an IPC namespace (226/NAMESPACE); nothing here
+                # uses SysV IPC and RemoveIPC= stays, so only emulated hosts go without.
+                private_ipc="" if _user_mode_emulated() else "PrivateIPC=yes\n",
                 **{k: spec[k] for k in ("name", "upstream", "storage")},
                 **{k: conf["lookup"][k] for k in ("user", "group")},
             ),
@@ -1393,6 +1395,16 @@ def _service_files(conf, spec):
             0o755,
         )
     return files
+
+
+def _user_mode_emulated():
+    """True when systemd here runs under qemu-user emulation (binfmt_misc), as in an arm64
+    root on an x86-64 machine: PID 1's executable is then the emulator. (qemu shows each
+    process the guest binary as its own /proc/self/exe, but not other processes'.)"""
+    try:
+        return os.path.basename(os.readlink("/proc/1/exe")).startswith("qemu-")
+    except OSError:
+        return False
 
 
 def _systemctl(*args, check=True):
@@ -2011,7 +2023,7 @@ _PROMETHEUS_RE = re.compile(
 )
 
 
-def human_size(num):
+def _human_size(num):
     """``1.5 MiB`` for 1572864: binary units, one decimal."""
     if num is None:
         return None
@@ -2024,10 +2036,10 @@ def human_size(num):
 
 
 def _size(num):
-    return {"bytes": num, "human": human_size(num)} if num is not None else None
+    return {"bytes": num, "human": _human_size(num)} if num is not None else None
 
 
-def parse_size(value):
+def _parse_size(value):
     """
     Bytes for a size: an integer, or a string such as ``500M``, ``20G`` or ``1.5TiB``
     (K, M, G, T, P are powers of 1024, with or without ``i``/``B``). Empty or 0: None.
@@ -2055,7 +2067,7 @@ def _iso(timestamp):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def parse_go_time(text):
+def _parse_go_time(text):
     """Seconds since the epoch for an RFC 3339 time as Go writes it (nanoseconds, Z or offset)."""
     match = _GO_TIME_RE.match(str(text or ""))
     if not match:
@@ -2093,7 +2105,7 @@ def _is_docker_hub(upstream):
     return (urllib.parse.urlparse(upstream).hostname or "") in DOCKER_HUB_HOSTS
 
 
-def parse_image(image, upstream="https://registry-1.docker.io"):
+def _parse_image(image, upstream="https://registry-1.docker.io"):
     """
     ``(repository, reference)`` for an image as users write it: ``alpine``,
     ``alpine:3.20``, ``docker.io/library/alpine``, ``ghcr.io/org/app@sha256:...``.
@@ -2136,11 +2148,11 @@ def _validate_cache_keys(errors, prefix, mirror):
     else:
         for index, image in enumerate(warm):
             try:
-                parse_image(image, mirror.get("upstream") or MIRROR_DEFAULTS["upstream"])
+                _parse_image(image, mirror.get("upstream") or MIRROR_DEFAULTS["upstream"])
             except ValueError as exc:
                 errors.add(f"{prefix}:warm:{index}", str(exc), "write NAME[:TAG] or NAME@sha256:DIGEST")
     try:
-        parse_size(mirror.get("max_size"))
+        _parse_size(mirror.get("max_size"))
     except ValueError:
         errors.add(
             f"{prefix}:max_size",
@@ -2149,7 +2161,7 @@ def _validate_cache_keys(errors, prefix, mirror):
         )
 
 
-def platform_name(platform):
+def _platform_name(platform):
     """``linux/arm/v7`` for an OCI platform object (or an image config)."""
     if not isinstance(platform, dict):
         return "unknown"
@@ -2177,7 +2189,7 @@ def _read_schedule(storage):
     for key, entry in (raw or {}).items():
         if isinstance(entry, dict):
             kind = "manifest" if entry.get("EntryType") == 1 else "blob"
-            schedule[key] = (parse_go_time(entry.get("ExpiryData")), kind)
+            schedule[key] = (_parse_go_time(entry.get("ExpiryData")), kind)
     return schedule
 
 
@@ -2341,14 +2353,14 @@ class _CacheView:
         }
         if children or isinstance(doc.get("manifests"), list):
             info["platforms"] = [
-                platform_name(child.get("platform"))
+                _platform_name(child.get("platform"))
                 for child in children
                 if self.complete(repo, child["digest"])
             ]
-            info["platforms_available"] = [platform_name(child.get("platform")) for child in children]
+            info["platforms_available"] = [_platform_name(child.get("platform")) for child in children]
         else:
             config = self.document(blobs[0]) if blobs and "config" in doc else None
-            info["platforms"] = [platform_name(config)] if config and self.complete(repo, digest) else []
+            info["platforms"] = [_platform_name(config)] if config and self.complete(repo, digest) else []
         info["size"] = _size(self.bytes_of(self.closure(repo, digest)))
         return info
 
@@ -2434,7 +2446,7 @@ def tags(repo, mirror="dockerhub"):
     """
     _, spec = _mirror(mirror)
     try:
-        name, _ = parse_image(repo, spec["upstream"])
+        name, _ = _parse_image(repo, spec["upstream"])
     except ValueError as exc:
         raise SaltInvocationError(f"repo: {exc}") from exc
     view = _storage_view(spec)
@@ -2482,7 +2494,7 @@ def _process_start(pid):
         return None
 
 
-def proxy_counters(expvar=None, metrics=None, dialect="3"):
+def _proxy_counters(expvar=None, metrics=None, dialect="3"):
     """
     Hit and miss counters of the proxy for blobs and manifests.
 
@@ -2546,7 +2558,7 @@ def _upstream_reachable(upstream, timeout=5):
 
 def _usage(view, spec):
     blobs = view.blob_files()
-    cap = parse_size(spec["max_size"])
+    cap = _parse_size(spec["max_size"])
     used = _tree_bytes(view.storage) if os.path.isdir(view.storage) else 0
     try:
         disk = shutil.disk_usage(view.storage)
@@ -2583,7 +2595,7 @@ def usage(mirror="dockerhub"):
     keep = view.marked()
     report["repositories"] = sum(1 for repo in view.repositories() if view.live_revisions(repo))
     report["reclaimable"] = _size(sum(size for digest, size in blobs.items() if digest not in keep))
-    cap = parse_size(spec["max_size"])
+    cap = _parse_size(spec["max_size"])
     report["over_by"] = _size(report["used"]["bytes"] - cap) if report["over_cap"] else None
     return {"mirror": mirror, **report}
 
@@ -2637,7 +2649,7 @@ def _mirror_status(conf, spec, installed, images):
             expvar = None
         metrics = metrics_response.text if metrics_response is not None else None
         if expvar or metrics:
-            counters = proxy_counters(expvar, metrics, _dialect(installed or conf["version"]))
+            counters = _proxy_counters(expvar, metrics, _dialect(installed or conf["version"]))
     view = _CacheView(spec["storage"])
     disk, _ = _usage(view, spec)
     repositories = [repo for repo in view.repositories() if view.live_revisions(repo)]
@@ -2684,7 +2696,7 @@ def _mirror_status(conf, spec, installed, images):
     return report
 
 
-def parse_ratelimit(headers):
+def _parse_ratelimit(headers):
     """(limit, remaining, window seconds, source) from Docker Hub's rate-limit headers."""
 
     def split(value):
@@ -2757,7 +2769,7 @@ def ratelimit(mirror="dockerhub", timeout=15):
         ) from exc
     except ValueError as exc:
         raise CommandExecutionError(f"the token service of {upstream} answered no JSON token") from exc
-    limit, remaining, window, source = parse_ratelimit(response.headers)
+    limit, remaining, window, source = _parse_ratelimit(response.headers)
     report = {
         "mirror": mirror,
         "upstream": upstream,
@@ -2827,14 +2839,14 @@ def _warm_one(spec, base, image, repo, reference, platforms, timeout):
                 chosen = [
                     entry
                     for entry in doc["manifests"]
-                    if isinstance(entry, dict) and _platform_wanted(platform_name(entry.get("platform")), platforms)
+                    if isinstance(entry, dict) and _platform_wanted(_platform_name(entry.get("platform")), platforms)
                 ]
                 if not chosen:
-                    available = [platform_name(e.get("platform")) for e in doc["manifests"] if isinstance(e, dict)]
+                    available = [_platform_name(e.get("platform")) for e in doc["manifests"] if isinstance(e, dict)]
                     raise CommandExecutionError(
                         f"{image}: the index has none of the platforms {platforms}; it has {available}"
                     )
-                report["platforms"] = [platform_name(entry.get("platform")) for entry in chosen]
+                report["platforms"] = [_platform_name(entry.get("platform")) for entry in chosen]
                 manifests = []
                 for entry in chosen:
                     child_cached = before.live(repo, entry["digest"])
@@ -2881,7 +2893,7 @@ def _cached_for(view, repo, reference, platforms):
     children, _ = view.references(digest)
     if not children:
         return view.complete(repo, digest)
-    wanted = [c for c in children if _platform_wanted(platform_name(c.get("platform")), platforms)]
+    wanted = [c for c in children if _platform_wanted(_platform_name(c.get("platform")), platforms)]
     return bool(wanted) and all(view.complete(repo, child["digest"]) for child in wanted)
 
 
@@ -2918,7 +2930,7 @@ def warm(images=None, mirror="dockerhub", platforms=None, parallel=4, timeout=30
     parsed, bad = [], []
     for image in images:
         try:
-            parsed.append((image, *parse_image(image, spec["upstream"])))
+            parsed.append((image, *_parse_image(image, spec["upstream"])))
         except ValueError as exc:
             bad.append(str(exc))
     if bad:
@@ -2958,7 +2970,7 @@ def warm(images=None, mirror="dockerhub", platforms=None, parallel=4, timeout=30
     failed = {image: r["error"] for image, r in results.items() if r["error"]}
     total = sum(r["fetched"]["bytes"] for r in results.values())
     comment = (
-        f"Mirror {mirror}: {len(changes)} image(s) fetched ({human_size(total)}), "
+        f"Mirror {mirror}: {len(changes)} image(s) fetched ({_human_size(total)}), "
         f"{sum(1 for r in results.values() if r['already_cached'])} already cached"
     )
     if failed:
@@ -3102,13 +3114,13 @@ def gc(mirror="dockerhub", dry_run=True, delete_untagged=False):
         report.update(window)
     verb = "would free" if dry_run else "freed"
     report["comment"] = (
-        f"garbage-collect {verb} {human_size(freed)} in {report['blobs']} blob(s)"
+        f"garbage-collect {verb} {_human_size(freed)} in {report['blobs']} blob(s)"
         + (f"; the mirror was stopped for {window['stopped']}s" if window and window["serving"] else "")
     )
     return report
 
 
-def plan_prune(units, used, unreferenced, cap):
+def _plan_prune(units, used, unreferenced, cap):
     """
     Which cached images to expire, oldest first, to bring ``used`` bytes to ``cap``.
 
@@ -3191,12 +3203,25 @@ def _expire_now(conf, spec, keys, timeout=120):
     The mirror's service must be stopped.
     """
     state_path = os.path.join(spec["storage"], "scheduler-state.json")
-    with open(state_path, encoding="utf-8") as handle:
-        state = json.load(handle)
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CommandExecutionError(
+            f"cannot read the expiry schedule {state_path} of mirror {spec['name']}: {exc}; "
+            "nothing was expired"
+        ) from exc
+    keys = [key for key in keys if key in state]
     for key in keys:
         state[key]["ExpiryData"] = EXPIRED
     info = os.stat(state_path)
-    _write_atomic(state_path, json.dumps(state), info.st_mode & 0o777, info.st_uid, info.st_gid)
+    try:
+        _write_atomic(state_path, json.dumps(state), info.st_mode & 0o777, info.st_uid, info.st_gid)
+    except OSError as exc:
+        raise CommandExecutionError(
+            f"cannot write the expiry schedule {state_path} of mirror {spec['name']}: {exc}; "
+            "nothing was expired"
+        ) from exc
 
     paths = _paths(conf, spec["name"])
     stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubUpstream)
@@ -3262,7 +3287,7 @@ def prune(mirror="dockerhub", max_size=None, test=False):
     """
     conf, spec = _mirror(mirror)
     try:
-        cap = parse_size(spec["max_size"] if max_size is None else max_size)
+        cap = _parse_size(spec["max_size"] if max_size is None else max_size)
     except ValueError as exc:
         raise SaltInvocationError(f"max_size: {max_size!r} is not a size; write e.g. 50G") from exc
     if not cap:
@@ -3272,7 +3297,7 @@ def prune(mirror="dockerhub", max_size=None, test=False):
     if used <= cap:
         return {
             "changes": {},
-            "comment": f"Mirror {mirror} uses {human_size(used)}, within max_size {human_size(cap)}",
+            "comment": f"Mirror {mirror} uses {_human_size(used)}, within max_size {_human_size(cap)}",
         }
     if _config_dialect(conf) != "2" and str(spec["ttl"]) == "0":
         raise CommandExecutionError(
@@ -3283,7 +3308,7 @@ def prune(mirror="dockerhub", max_size=None, test=False):
     keep = view.marked()
     unreferenced = sum(size for digest, size in blobs.items() if digest not in keep)
     units = _prune_units(view)
-    chosen, freed, projected = plan_prune(units, used, unreferenced, cap)
+    chosen, freed, projected = _plan_prune(units, used, unreferenced, cap)
     by_id = {unit["id"]: unit for unit in units}
     expire = [f"{by_id[i]['repo']}@{d}" for i in chosen for d in by_id[i]["manifests"]]
     surviving = set()
@@ -3300,11 +3325,11 @@ def prune(mirror="dockerhub", max_size=None, test=False):
     expire = sorted(set(expire))
     changes = {"expired": sorted(chosen), "freed": _size(freed), "used": {"old": _size(used), "new": _size(projected)}}
     if projected > cap:
-        changes["warning"] = f"everything expirable is expired and {human_size(projected)} remain"
+        changes["warning"] = f"everything expirable is expired and {_human_size(projected)} remain"
     if test:
         return {
             "changes": changes,
-            "comment": f"Mirror {mirror} would expire {len(chosen)} image(s) to free {human_size(freed)}",
+            "comment": f"Mirror {mirror} would expire {len(chosen)} image(s) to free {_human_size(freed)}",
         }
     paths = _paths(conf, mirror)
     if not os.path.exists(paths["config"]):
@@ -3323,11 +3348,11 @@ def prune(mirror="dockerhub", max_size=None, test=False):
     changes["used"]["new"] = _size(after)
     changes.pop("warning", None)
     if after > cap:
-        changes["warning"] = f"{human_size(after)} remain above max_size {human_size(cap)}"
+        changes["warning"] = f"{_human_size(after)} remain above max_size {_human_size(cap)}"
     return {
         "changes": changes,
         "comment": (
-            f"Mirror {mirror}: expired {len(chosen)} image(s), freed {human_size(used - after)}"
+            f"Mirror {mirror}: expired {len(chosen)} image(s), freed {_human_size(used - after)}"
             + (f"; it was stopped for {window['stopped']}s" if window["serving"] else "")
         ),
     }

@@ -76,10 +76,11 @@ class SaltCluster:
         top = {"base": {minion_id: [f"hub_mirror_{n}"] for n, minion_id in enumerate(self.minions)}}
         (self.pillar_dir / "top.sls").write_text(yaml.safe_dump(top))
 
-    def add_minion(self, hub_mirror):
+    def add_minion(self, hub_mirror, id_prefix="minion-", grains=None, extra_pillar=None):
         """A configured (not started) minion whose ``hub_mirror`` pillar is ``hub_mirror``
-        with ``lookup`` paths under its own directory."""
-        minion_id = unique_name("minion-")
+        with ``lookup`` paths under its own directory; ``extra_pillar`` adds other top-level
+        keys (e.g. ``mine_functions``), ``grains`` static grains to its config."""
+        minion_id = unique_name(id_prefix)
         home = self.root / minion_id
         lookup = {
             "prefix": str(home / "opt"),
@@ -92,18 +93,20 @@ class SaltCluster:
         daemon = self.master.salt_minion_daemon(
             minion_id,
             defaults={"root_dir": str(home / "salt")},
-            overrides={"log_level_logfile": "debug"},
+            overrides={"log_level_logfile": "debug", **({"grains": grains} if grains else {})},
         )
         sls = self.pillar_dir / f"hub_mirror_{len(self.minions)}.sls"
-        sls.write_text(yaml.safe_dump({"hub_mirror": pillar}, sort_keys=False))
+        sls.write_text(yaml.safe_dump({**(extra_pillar or {}), "hub_mirror": pillar}, sort_keys=False))
         minion = ClusterMinion(daemon, lookup, pillar)
         self.minions[minion_id] = minion
         self._write_top()
         return minion
 
     def salt(self, minion, *args, timeout=SALT_TIMEOUT):
-        """``salt <minion> <args>``; the result has ``.returncode``, ``.data``, ``.stdout``."""
-        result = self.salt_cli.run(*args, minion_tgt=minion.id, _timeout=timeout + 30)
+        """``salt <minion> <args>``; ``minion`` may be a glob instead. The result has
+        ``.returncode``, ``.data`` (``{minion id: return}`` for a glob), ``.stdout``."""
+        tgt = minion if isinstance(minion, str) else minion.id
+        result = self.salt_cli.run(*args, minion_tgt=tgt, _timeout=timeout + 30)
         self.outputs.append(result.stdout + result.stderr)
         return result
 
