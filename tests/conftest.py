@@ -45,7 +45,10 @@ def hub(tmp_path_factory, image_layout):
     """The Docker Hub stand-in (Bearer token flow), holding library/alpine, library/busybox
     and a multi-arch library/multi."""
     layout, _ = image_layout
-    with FakeDockerHub(tmp_path_factory.mktemp("hub"), username=HUB_USER, token=HUB_TOKEN) as hub:
+    # A quota no suite can use up: tests that watch the quota run their own stand-in.
+    with FakeDockerHub(
+        tmp_path_factory.mktemp("hub"), username=HUB_USER, token=HUB_TOKEN, ratelimit=(100000, 100000)
+    ) as hub:
         hub.push_image(layout, "latest", "library/alpine")
         hub.push_image(layout, "other", "library/busybox", dest_tag="latest")
         hub.push_image(layout, "multi", "library/multi", dest_tag="latest")

@@ -1,7 +1,7 @@
 """hub_mirror: Docker Hub pull-through caches as a Salt extension.
 
 Salt calls :func:`get_loader_dirs` through the ``salt.loader`` entry point. It returns the
-directories of the installed ``_modules`` and ``_states`` copies, which works for both
+directories of the installed ``_modules``, ``_states`` and ``_runners`` copies, which works for both
 ``pip install .`` and ``pip install -e .`` (a plain package entry point finds nothing under an
 editable install).
 """
@@ -19,4 +19,5 @@ def get_loader_dirs():
     return {
         "modules": [_package_dir("saltext.hub_mirror.modules")],
         "states": [_package_dir("saltext.hub_mirror.states")],
+        "runners": [_package_dir("saltext.hub_mirror.runners")],
     }

@@ -1,0 +1,96 @@
+"""The fleet view through a salt-master, as an operator runs it: ``salt-run hub_mirror.fleet``
+asks two real minions for their mirrors' status and cached images and adds them up:
+which images are cached where, total bytes, hit ratio per mirror, mirrors that are down.
+
+Needs the saltfactories plugin: run without ``-p no:saltfactories``.
+"""
+
+import shutil
+
+import pytest
+
+from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
+from tests.functional.inspect_support import start_hub
+from tests.support import oci
+from tests.support.netutil import free_port
+from tests.support.saltcall import unique_name, world_traversable_dir
+from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, strip_root_log_handlers
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def salt_factories_config():
+    root = world_traversable_dir(f"/tmp/hm-sf-{unique_name('')}")
+    yield {"root_dir": root}
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_hub(tmp_path_factory):
+    hub, images = start_hub(tmp_path_factory.mktemp("fleet-hub"))
+    hub.images = images
+    yield hub
+    hub.stop()
+
+
+def add_mirror_minion(cluster, hub, release_server):
+    name, port = unique_name("m"), free_port()
+    mirror = {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}
+    return cluster.add_minion(archive_pillar(release_server, {name: mirror}))
+
+
+@pytest.fixture(scope="module")
+def fleet(salt_factories, own_hub, release_server):
+    root = f"/tmp/hm-{unique_name('')}"
+    cluster = SaltCluster(salt_factories, root)
+    busy = add_mirror_minion(cluster, own_hub, release_server)
+    idle = add_mirror_minion(cluster, own_hub, release_server)
+    try:
+        with cluster.master.started(), busy.daemon.started(), idle.daemon.started():
+            try:
+                for minion in (busy, idle):
+                    synced = cluster.salt(minion, "saltutil.sync_all")
+                    assert synced.returncode == 0, synced
+                    applied = cluster.salt(minion, "state.apply", "hub_mirror")
+                    assert applied.returncode == 0, applied
+                yield cluster, busy, idle
+            finally:
+                for minion in (busy, idle):
+                    cluster.salt(minion, "hub_mirror.absent", f"mirror={minion.mirror_name}")
+    finally:
+        strip_root_log_handlers()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_fleet_shows_what_is_cached_where_bytes_ratios_and_the_mirror_that_is_down(fleet, own_hub, tmp_path):
+    cluster, busy, idle = fleet
+    for attempt in ("miss", "hit"):
+        oci.pull(busy.mirror_listen, "library/alpine", "latest", str(tmp_path / attempt))
+    stopped = cluster.salt(idle, "hub_mirror.stop", f"mirror={idle.mirror_name}")
+    assert stopped.returncode == 0 and stopped.data is True, stopped
+
+    salt_run = cluster.master.salt_run_cli(timeout=SALT_TIMEOUT)
+    synced = salt_run.run("saltutil.sync_runners")
+    assert synced.returncode == 0, synced
+    assert "runners.hub_mirror" in synced.data, synced.data
+    result = salt_run.run("hub_mirror.fleet", "timeout=120")
+    assert result.returncode == 0, result
+    assert HUB_TOKEN not in result.stdout + result.stderr
+    fleet = result.data
+
+    busy_mirror = f"{busy.id}/{busy.mirror_name}"
+    idle_mirror = f"{idle.id}/{idle.mirror_name}"
+    assert fleet["images"] == {"library/alpine:latest": [busy_mirror]}
+    assert set(fleet["mirrors"]) == {busy_mirror, idle_mirror}
+    assert fleet["mirrors"][busy_mirror]["hit_ratio"]["manifests"] == 0.5
+    assert fleet["mirrors"][busy_mirror]["repositories"] == 1
+    assert fleet["mirrors"][busy_mirror]["used"]["bytes"] > own_hub.images["single"]["total_size"]
+    assert fleet["total"]["bytes"] == sum(m["used"]["bytes"] for m in fleet["mirrors"].values())
+    assert set(fleet["down"]) == {idle_mirror}
+    assert "not running" in fleet["down"][idle_mirror]
+    assert fleet["no_answer"] == {}
+
+    nobody = salt_run.run("hub_mirror.fleet", "tgt=no-such-minion*")
+    assert nobody.returncode == 0, nobody
+    assert nobody.data["mirrors"] == {} and nobody.data["total"]["bytes"] == 0
