@@ -819,21 +819,54 @@ def install(test=False):
 def _install_package(conf, test):
     package = conf["lookup"]["package"]
     current = __salt__["pkg.version"](package)
-    if current:
-        return {"changes": {}, "comment": f"Package {package} {current} is installed"}
-    if test:
-        return {
-            "changes": {"package": {"old": "", "new": package}},
-            "comment": f"Package {package} would be installed",
-        }
-    result = __salt__["pkg.install"](package)
-    new = __salt__["pkg.version"](package)
-    if not new:
-        raise CommandExecutionError(f"installing package {package} failed: {result}")
-    return {
-        "changes": {"package": {"old": "", "new": f"{package} {new}"}},
-        "comment": f"Installed package {package} {new}",
-    }
+    changes = {}
+    if not current:
+        changes["package"] = {"old": "", "new": package}
+        if not test:
+            # refresh: a fresh host (or image) may have no package lists yet.
+            result = __salt__["pkg.install"](package, refresh=True)
+            current = __salt__["pkg.version"](package)
+            if not current:
+                raise CommandExecutionError(f"installing package {package} failed: {result}")
+            changes["package"]["new"] = f"{package} {current}"
+    # The package's own service serves its own config on :5000, on every interface.
+    service = conf["lookup"]["package_service"]
+    if _package_service_active(conf, service) or not current:
+        changes["package_service"] = {"old": "running or enabled", "new": "stopped and disabled"}
+        if not test:
+            _disable_package_service(conf, service)
+    if not changes:
+        return {"changes": {}, "comment": f"Package {package} {current} is installed, its service off"}
+    verb = "would be" if test else "was"
+    return {"changes": changes, "comment": f"Package {package} {verb} installed, its own service stopped"}
+
+
+def _package_service_active(conf, service):
+    """Whether the distribution's own registry service runs or would start at boot."""
+    if _supervisor(conf) == "systemd":
+        return any(
+            _systemctl(verb, "--quiet", f"{service}.service", check=False).returncode == 0
+            for verb in ("is-active", "is-enabled")
+        )
+    script = os.path.join(conf["lookup"]["init_dir"], service)
+    running = os.path.exists(script) and subprocess.run(
+        [script, "status"], capture_output=True, timeout=60, check=False
+    ).returncode == 0
+    return running or bool(_rc_links(service))
+
+
+def _disable_package_service(conf, service):
+    # Salt's service.dead would answer "OFFLINE mode" where systemd is not PID 1.
+    if _supervisor(conf) == "systemd":
+        _systemctl("disable", "--now", "--quiet", f"{service}.service", check=False)
+        return
+    script = os.path.join(conf["lookup"]["init_dir"], service)
+    if os.path.exists(script):
+        subprocess.run([script, "stop"], capture_output=True, timeout=60, check=False)
+    if shutil.which("update-rc.d"):
+        subprocess.run(
+            ["update-rc.d", service, "disable"], capture_output=True, timeout=60, check=False
+        )
 
 
 def _install_archive(conf, test):
@@ -1441,17 +1474,18 @@ def _is_running(conf, name):
 def _is_enabled(conf, name):
     if _supervisor(conf) == "systemd":
         return _systemctl("is-enabled", "--quiet", _service_name(name), check=False).returncode == 0
-    return bool(_rc_links(name))
+    return bool(_rc_links(_service_name(name)))
 
 
-def _rc_links(name):
+def _rc_links(service):
+    """The sysv start links of ``service`` (S<nn><service> in /etc/rc[2-5].d)."""
     return [
-        path
+        os.path.join(path, entry)
         for level in "2345"
         for path in [f"/etc/rc{level}.d"]
         if os.path.isdir(path)
         for entry in os.listdir(path)
-        if entry.startswith("S") and entry[3:] == _service_name(name)
+        if entry.startswith("S") and entry[3:] == service
     ]
 
 
