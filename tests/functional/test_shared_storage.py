@@ -2,6 +2,7 @@
 mirror A is served by mirror B with no blob fetched from the upstream again. The S3 API is
 a real moto server on loopback; the configs come from the exec module's renderer."""
 
+import socket
 import subprocess
 import sys
 import time
@@ -42,7 +43,39 @@ def s3_endpoint(tmp_path):
         proc.wait(timeout=10)
 
 
-def mirror_config(module, name, hub, s3_endpoint):
+@pytest.fixture
+def redis_addr(tmp_path):
+    """A real redis-server on loopback, with a password, persisting nothing."""
+    port = free_port()
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--requirepass", "REDISPASS", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def redis_keys(addr):
+    host, port = addr.split(":")
+    out = subprocess.run(
+        ["redis-cli", "-h", host, "-p", port, "-a", "REDISPASS", "--no-auth-warning", "dbsize"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    return int(out.strip())
+
+
+def mirror_config(module, name, hub, s3_endpoint, redis=None):
     module.__grains__ = {"ip4_interfaces": {}, "ip6_interfaces": {}}
     spec = module._merge(module.MIRROR_DEFAULTS, {
         "upstream": hub.url,
@@ -57,14 +90,28 @@ def mirror_config(module, name, hub, s3_endpoint):
             "secretkey": "SECRETTEST",
             "rootdirectory": "/pool",
         },
+        "redis": {"addr": redis, "password": "REDISPASS"} if redis else {},
     })
     return module.render_config(module._complete_mirror(name, spec, module.DEFAULTS["lookup"]), "2")
 
 
 def test_a_pull_through_one_mirror_is_a_cache_hit_on_the_other(clean_hub, s3_endpoint, tmp_path, image_layout):
+    pool_of_two(load("hub_mirror"), clean_hub, s3_endpoint, tmp_path, image_layout)
+
+
+def test_a_pool_with_a_redis_descriptor_cache_renders_a_config_the_registry_runs(
+    clean_hub, s3_endpoint, redis_addr, tmp_path, image_layout
+):
+    """Validation refuses redis while TTL expiry is on (always, in 2.8); the renderer's
+    redis section is still proven against a real redis-server with the 2.8 binary."""
     module = load("hub_mirror")
+    pool_of_two(module, clean_hub, s3_endpoint, tmp_path, image_layout, redis=redis_addr)
+    assert redis_keys(redis_addr) > 0  # the pool's blob descriptors live in redis
+
+
+def pool_of_two(module, hub, s3_endpoint, tmp_path, image_layout, redis=None):
     mirrors = [
-        RegistryProcess(tmp_path / name, config=mirror_config(module, name, clean_hub, s3_endpoint))
+        RegistryProcess(tmp_path / name, config=mirror_config(module, name, hub, s3_endpoint, redis))
         for name in ("a", "b")
     ]
     for mirror in mirrors:
@@ -72,13 +119,13 @@ def test_a_pull_through_one_mirror_is_a_cache_hit_on_the_other(clean_hub, s3_end
     try:
         expected = image_layout[1]["single"]["manifest_digest"]
         assert oci.pull(mirrors[0].hostport, "library/alpine", "latest", str(tmp_path / "via-a")) == expected
-        first = clean_hub.counts()
+        first = hub.counts()
         assert first["blob_get"] > 0
         time.sleep(1)  # the proxy stores blobs asynchronously after serving them
 
-        clean_hub.reset_counts()
+        hub.reset_counts()
         assert oci.pull(mirrors[1].hostport, "library/alpine", "latest", str(tmp_path / "via-b")) == expected
-        second = clean_hub.counts()
+        second = hub.counts()
         print(f"\nupstream requests: pull via A {first}, pull via B {second}")
         assert second["blob_get"] == 0
         assert second["manifest_get"] == 0
