@@ -476,6 +476,11 @@ def _validate_shared_storage(errors, prefix, mirror, version):
             )
 
 
+def _default_debug_port(port):
+    """The debug listener's port when pillar gives none: the listen port + 10000."""
+    return port + 10000 if port + 10000 < 65536 else port - 10000
+
+
 def _mirror_sockets(mirror, grains):
     """(key, ip, port) of the listen and debug sockets a valid mirror entry will bind."""
     sockets = []
@@ -486,7 +491,7 @@ def _mirror_sockets(mirror, grains):
             host, debug_port = _parse_hostport(mirror["debug_listen"])
             sockets.append(("debug_listen", _resolve_host(host, grains), debug_port))
         else:
-            sockets.append(("debug_listen", "127.0.0.1", port + 10000 if port + 10000 < 65536 else port - 10000))
+            sockets.append(("debug_listen", "127.0.0.1", _default_debug_port(port)))
     except (ValueError, TypeError):
         pass  # reported by _validate_mirror
     return [socket_ for socket_ in sockets if socket_[1]]
@@ -521,9 +526,7 @@ def _validate(raw, grains):
     if method not in ("archive", "package"):
         errors.add("install:method", f"{method!r} is not supported", "use archive or package")
     source = install.get("source", RELEASE_URL)
-    parsed = _check_url(errors, "install:source", source, ("http", "https", "file"))
-    if parsed and "{version}" not in source and "{arch}" not in source:
-        log.debug("hub_mirror: install:source has no {version}/{arch} placeholders")
+    _check_url(errors, "install:source", source, ("http", "https", "file"))
     source_hash = install.get("source_hash", "")
     if not isinstance(source_hash, str) or (
         source_hash
@@ -633,8 +636,7 @@ def _complete_mirror(name, mirror, lookup):
     mirror["listen_host"] = _resolve_host(host, __grains__)
     mirror["listen_port"] = port
     if not mirror["debug_listen"]:
-        debug_port = port + 10000 if port + 10000 < 65536 else port - 10000
-        mirror["debug_listen"] = f"127.0.0.1:{debug_port}"
+        mirror["debug_listen"] = f"127.0.0.1:{_default_debug_port(port)}"
     mirror["storage"] = os.path.normpath(
         mirror["storage"] or os.path.join(lookup["state_dir"], name)
     )
@@ -1045,13 +1047,6 @@ def render_offline_config(config):
 
 def _hostport(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _redact_config(config):
-    config = copy.deepcopy(config)
-    if config.get("proxy", {}).get("password"):
-        config["proxy"]["password"] = REDACTED
-    return config
 
 
 def _config_text(config):
