@@ -31,14 +31,17 @@ import logging
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 
 import requests
@@ -172,10 +175,31 @@ SECRET_KEYS = ("token",)
 # How long registry 3.x keeps a credential from the helper: a rotated token is in use
 # within this time, without a restart.
 CREDENTIAL_LIFETIME = "5m"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
-_DIGEST_RE = re.compile(r"^(?:sha256[:=])?([0-9a-fA-F]{64})$")
-_DURATION_RE = re.compile(r"^(0|(\d+(\.\d+)?(ns|us|ms|s|m|h))+)$")
+# Patterns are used with fullmatch: "$" would also match before a trailing newline.
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_VERSION_RE = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})")
+_DIGEST_RE = re.compile(r"(?:sha256[:=])?([0-9a-fA-F]{64})")
+_DURATION_RE = re.compile(r"0|([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|ms|s|m|h)){1,6}")
+# Paths reach unit files, init scripts and rm: letters, digits and . _ - + @ / only.
+_PATH_RE = re.compile(r"/[A-Za-z0-9._@+/-]{0,4095}")
+_HOST_RE = re.compile(r"[A-Za-z0-9_.@-]{1,253}")
+_ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_PACKAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9@+._-]{0,127}")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# Storage is owned by the service user and emptied by a purge: never one of these trees...
+_SYSTEM_TREES = (
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/lost+found", "/proc", "/root", "/run", "/sbin", "/snap", "/sys", "/usr",
+)
+# ...nor one of these directories itself (a directory of its own inside them is fine).
+_SHARED_DIRS = (
+    "/", "/data", "/media", "/mnt", "/opt", "/srv", "/tmp", "/var", "/var/cache",
+    "/var/lib", "/var/log", "/var/spool", "/var/tmp",
+)
+# Groups whose members are as good as root, or read what they must not.
+_PRIVILEGED_GROUPS = ("adm", "disk", "docker", "kvm", "libvirt", "lxd", "shadow", "staff", "sudo", "systemd-journal", "wheel")
+# The GECOS of the account config.sls creates (user.present fullname).
+SERVICE_GECOS = "hub_mirror registry"
 _LOG_LEVELS = ("error", "warn", "info", "debug")
 
 
@@ -253,20 +277,81 @@ def _check_keys(errors, prefix, value, known):
     for key in value:
         if key not in known:
             errors.add(
-                f"{prefix}:{key}" if prefix else str(key),
+                f"{prefix}:{_key_part(str(key))}" if prefix else _key_part(str(key)),
                 "unknown key",
                 f"remove it or use one of: {', '.join(sorted(known))}",
             )
 
 
+def _shown(value, limit=80):
+    """``value`` fit for an error message: quoted, a newline shown as \\n, and short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _key_part(name):
+    """A pillar key as it may appear in a message: control characters escaped."""
+    return repr(name)[1:-1] if _has_control(name) else name
+
+
+def _has_control(text):
+    """A control, format or line-separator character: in a unit file or script a newline is
+    a new directive, and invisible characters make a value differ from what it looks like."""
+    return any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs") for char in text)
+
+
+def _check_text(errors, key, value, secret=False, pattern=None, fix="see pillar.example"):
+    """``value`` if it is a string without control characters (and matches ``pattern``)."""
+    shown = "a secret" if secret else _shown(value)
+    if not isinstance(value, str):
+        errors.add(key, f"must be a string, got {type(value).__name__} ({shown})", "quote the value in YAML")
+        return None
+    if _has_control(value):
+        errors.add(key, "holds a newline or another control character", "write it on one line, without them")
+        return None
+    if pattern is not None and not pattern.fullmatch(value):
+        errors.add(key, f"{shown} is not allowed here", fix)
+        return None
+    return value
+
+
+def _check_path(errors, key, value, example="/var/lib/hub-mirror"):
+    """An absolute, normalized path of safe characters (it reaches unit files and scripts)."""
+    path = _check_text(errors, key, value)
+    if path is None:
+        return None
+    if not _PATH_RE.fullmatch(path):
+        errors.add(
+            key,
+            f"{_shown(path)} is not an absolute path of letters, digits and . _ - + @ /",
+            f"write e.g. {example} (no spaces, quotes, $, % or other shell characters)",
+        )
+        return None
+    if any(part in (".", "..") for part in path.split("/")):
+        errors.add(key, f"{path!r} has . or .. parts", "write the path without them")
+        return None
+    return os.path.normpath(path)
+
+
 def _parse_hostport(text):
-    """Split ``host:port``, ``[v6]:port`` or ``iface:port``; raise ValueError."""
+    """Split ``host:port``, ``[v6]:port`` or ``iface:port``; raise ValueError.
+
+    An IPv6 address must be bracketed: ``::1:5000`` is ambiguous, and the registry refuses it.
+    """
     text = str(text).strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
+        if sep:
+            ipaddress.IPv6Address(host)  # ValueError unless an IPv6 address
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if ":" in host:
+            raise ValueError(text)
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port):
+        raise ValueError(text)
+    if not text.startswith("[") and not _HOST_RE.fullmatch(host):
+        raise ValueError(text)
+    if not 0 < int(port) < 65536:
         raise ValueError(text)
     return host, int(port)
 
@@ -286,6 +371,14 @@ def _resolve_host(host, grains):
     return None
 
 
+def _is_ip(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_loopback(host):
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -293,34 +386,118 @@ def _is_loopback(host):
         return False
 
 
-def _shown_url(value):
-    """``value`` fit for an error message: what precedes an ``@`` may be a token."""
-    if not isinstance(value, str) or "@" not in value:
+def _redact_url(value):
+    """``value`` fit to show or store: userinfo and query (where tokens go) redacted.
+
+    Works on text that does not parse as a URL too: everything before the last ``@`` goes.
+    """
+    if not isinstance(value, str):
         return value
     scheme, sep, rest = value.partition("://")
-    return f"{scheme}{sep}{REDACTED}@{rest.rpartition('@')[2]}" if sep else REDACTED
+    if "@" in value:
+        if not sep:
+            return REDACTED
+        rest = f"{REDACTED}@{rest.rpartition('@')[2]}"
+    rest, query, _ = rest.partition("#")[0].partition("?")
+    return f"{scheme}{sep}{rest}" + (f"?{REDACTED}" if query else "")
 
 
-def _check_url(errors, key, value, schemes=("http", "https")):
-    parsed = urllib.parse.urlparse(value) if isinstance(value, str) else None
-    if not parsed or parsed.scheme not in schemes or not parsed.netloc:
+def _redact_text(text, *urls):
+    """``text`` (an error message) with every secret part of ``urls`` redacted."""
+    text = str(text)
+    for url in urls:
+        if not isinstance(url, str):
+            continue
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            continue
+        text = text.replace(url, _redact_url(url))
+        secrets = [parts.query, parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""]
+        secrets += [urllib.parse.quote(secret, safe="=&") for secret in secrets]
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, REDACTED)
+    return text
+
+
+def _check_url(errors, key, value, schemes=("http", "https"), credentials=False, placeholders=False):
+    """The parsed URL, or None after adding what is wrong with it."""
+    if _check_text(errors, key, value) is None:
+        return None
+    if " " in value:
+        errors.add(key, f"{_redact_url(value)!r} holds a space", "percent-encode it as %20")
+        return None
+    if placeholders:
+        problem = _placeholder_problem(value)
+        if problem:
+            errors.add(key, problem, "use only {version} and {arch}, e.g. .../v{version}/registry_{version}_linux_{arch}.tar.gz")
+            return None
+        value = value.format(version="0.0.0", arch="amd64")
+    try:
+        parsed = urllib.parse.urlsplit(value)
+        parsed.port  # pylint: disable=pointless-statement  # ValueError: port out of range
+        host = parsed.hostname
+    except ValueError:
+        errors.add(key, f"{_redact_url(value)!r} is not a valid URL (bad host or port)", "write it like https://registry-1.docker.io")
+        return None
+    if parsed.scheme not in schemes or (parsed.scheme != "file" and not host):
         errors.add(
             key,
-            f"{_shown_url(value)!r} is not an absolute {'/'.join(schemes)} URL",
+            f"{_redact_url(value)!r} is not an absolute {'/'.join(schemes)} URL",
             "write it like https://registry-1.docker.io",
         )
         return None
-    if parsed.username or parsed.password:
+    if host and not (_HOST_RE.fullmatch(host) or _is_ip(host)):
+        errors.add(key, f"{host!r} is not a host name or IP address", "write it like https://registry-1.docker.io")
+        return None
+    if (parsed.username or parsed.password) and not credentials:
         errors.add(key, "the URL holds credentials", "put them in username and token instead")
+        return None
     return parsed
 
 
+def _placeholder_problem(template):
+    """Why a URL template is unusable: only bare ``{version}`` and ``{arch}`` may appear
+    (``str.format`` would also follow ``{version.__class__}``)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"is not a valid URL template ({exc})"
+    for _, field, spec, conversion in parsed:
+        if field is not None and (field not in ("version", "arch") or spec or conversion):
+            return f"has the placeholder {{{_shown(field)}}}"
+    return None
+
+
+def _validate_upstream(errors, prefix, mirror, own):
+    """The upstream must be a registry's root URL that is not this mirror itself."""
+    key = f"{prefix}:upstream"
+    upstream = _check_url(errors, key, mirror["upstream"], credentials=True)
+    if not upstream:
+        return
+    if upstream.username or upstream.password:
+        errors.add(key, "the URL holds credentials", "put them in username and token instead")
+    if upstream.path not in ("", "/") or upstream.query or upstream.fragment:
+        errors.add(
+            key,
+            f"{_redact_url(mirror['upstream'])!r} has a path or query",
+            "give only scheme and host, e.g. https://ghcr.io",
+        )
+        return
+    port = upstream.port or (443 if upstream.scheme == "https" else 80)
+    host = _resolve_host(upstream.hostname, {})
+    for own_host, own_port in own:
+        if port == own_port and host and _hosts_overlap(host, own_host):
+            errors.add(key, f"{mirror['upstream']!r} is this mirror's own address", "point it at the registry to mirror")
+
+
 def _validate_mirror(errors, name, mirror, version, grains):
-    prefix = f"mirrors:{name}"
-    if not _NAME_RE.match(name):
+    prefix = f"mirrors:{_key_part(name)}"
+    if not _NAME_RE.fullmatch(name):
         errors.add(
             prefix,
-            f"{name!r} is not a valid mirror name",
+            f"{_shown(name)} is not a valid mirror name",
             "use 1-32 lowercase letters, digits, '-' or '_', starting with a letter or digit",
         )
     _check_keys(errors, prefix, mirror, MIRROR_DEFAULTS)
@@ -329,23 +506,12 @@ def _validate_mirror(errors, name, mirror, version, grains):
     for key in MIRROR_DEFAULTS:
         if key in ("warm", "max_size", "s3", "redis"):
             continue  # checked by _validate_cache_keys and _validate_shared_storage
-        if not isinstance(mirror.get(key), str):
-            shown = "a secret" if key in SECRET_KEYS else repr(mirror.get(key))
-            errors.add(
-                f"{prefix}:{key}",
-                f"must be a string, got {type(mirror.get(key)).__name__} ({shown})",
-                "quote the value in YAML",
-            )
+        value = mirror.get(key)
+        if key in ("username", "token") and isinstance(value, str):
+            value = value.strip()  # as _complete_mirror does: a block scalar's newline goes
+        _check_text(errors, f"{prefix}:{key}", value, secret=key in SECRET_KEYS)
     if len(errors.messages) > known_before:
         return
-
-    upstream = _check_url(errors, f"{prefix}:upstream", mirror["upstream"])
-    if upstream and upstream.path not in ("", "/"):
-        errors.add(
-            f"{prefix}:upstream",
-            f"{_shown_url(mirror['upstream'])!r} has a path",
-            "give only scheme and host, e.g. https://ghcr.io",
-        )
 
     bound = {}
     for key in ("listen", "debug_listen"):
@@ -356,7 +522,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
         except ValueError:
             errors.add(
                 f"{prefix}:{key}",
-                f"{mirror[key]!r} is not HOST:PORT with a port from 1 to 65535",
+                f"{_shown(mirror[key])} is not HOST:PORT with a port from 1 to 65535",
                 "write e.g. 127.0.0.1:5000, [::1]:5000 or eth0:5000",
             )
             continue
@@ -378,45 +544,43 @@ def _validate_mirror(errors, name, mirror, version, grains):
             bound[key] = (resolved, port)
     # Two listeners on one socket: the registry exits at start, so nothing would serve.
     if len(bound) == 2 and bound["listen"][1] == bound["debug_listen"][1] and (
-        bound["listen"][0] == bound["debug_listen"][0]
-        or {bound["listen"][0], bound["debug_listen"][0]} & {"0.0.0.0", "::"}
+        _hosts_overlap(bound["listen"][0], bound["debug_listen"][0])
     ):
         errors.add(
             f"{prefix}:debug_listen",
             f"{mirror['debug_listen']!r} is the listen address too",
             "give the debug listener its own port, or remove it for listen port + 10000",
         )
+    _validate_upstream(errors, prefix, mirror, bound.values())
 
-    if mirror["token"] and not mirror["username"]:
+    username, token = mirror["username"].strip(), mirror["token"].strip()
+    if token and not username:
         errors.add(
             f"{prefix}:token",
             "a token is set without a username",
             f"set hub_mirror:{prefix}:username to the account the token belongs to",
         )
-    if mirror["username"] and not mirror["token"]:
+    if username and not token:
         errors.add(
             f"{prefix}:username",
             "a username is set without a token",
             f"set hub_mirror:{prefix}:token (an access token) or remove the username",
         )
+    if ":" in username or " " in username:
+        errors.add(f"{prefix}:username", f"{username!r} holds ':' or a space", "give the account name alone")
 
-    storage = mirror["storage"]
-    if storage and (not os.path.isabs(storage) or os.path.normpath(storage) in ("/", "//")):
-        errors.add(
-            f"{prefix}:storage",
-            f"{storage!r} is not an absolute directory path below /",
-            "write e.g. /var/lib/hub-mirror/" + name,
-        )
+    if mirror["storage"]:
+        _check_path(errors, f"{prefix}:storage", mirror["storage"], f"/var/lib/hub-mirror/{name}")
 
     if mirror["advertise"]:
         problem = _mirror_url_problem(mirror["advertise"])
         if problem:
             errors.add(f"{prefix}:advertise", problem, "write it like http://mirror1.example.net:5000")
 
-    if not _DURATION_RE.match(mirror["ttl"]):
+    if not _DURATION_RE.fullmatch(mirror["ttl"]):
         errors.add(
             f"{prefix}:ttl",
-            f"{mirror['ttl']!r} is not a duration",
+            f"{_shown(mirror['ttl'])} is not a duration",
             "write e.g. 168h, 30m or 0 (never expire)",
         )
     elif _dialect(version) == "2" and mirror["ttl"] != MIRROR_DEFAULTS["ttl"]:
@@ -429,7 +593,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
     if mirror["log_level"] not in _LOG_LEVELS:
         errors.add(
             f"{prefix}:log_level",
-            f"{mirror['log_level']!r} is not a log level",
+            f"{_shown(mirror['log_level'])} is not a log level",
             f"use one of {', '.join(_LOG_LEVELS)}",
         )
     _validate_cache_keys(errors, prefix, mirror)
@@ -444,16 +608,22 @@ def _validate_shared_storage(errors, prefix, mirror, version):
             return
         _check_keys(errors, f"{prefix}:{section}", value, defaults)
         for key, default in defaults.items():
-            if key in value and not isinstance(value[key], type(default)):
+            if key not in value:
+                continue
+            if not isinstance(value[key], type(default)) or isinstance(value[key], bool) != isinstance(default, bool):
                 errors.add(
                     f"{prefix}:{section}:{key}",
                     f"must be a {type(default).__name__}",
                     "see pillar.example",
                 )
+            elif isinstance(default, str):
+                _check_text(errors, f"{prefix}:{section}:{key}", value[key], secret=key in ("secretkey", "password"))
     s3, redis = mirror["s3"], mirror["redis"]
     if s3:
         if not s3.get("bucket"):
             errors.add(f"{prefix}:s3:bucket", "is required with s3", "name the bucket")
+        elif isinstance(s3["bucket"], str) and not _BUCKET_RE.fullmatch(s3["bucket"]):
+            errors.add(f"{prefix}:s3:bucket", f"{_shown(s3['bucket'])} is not a bucket name", "use 3-63 lowercase letters, digits, '.' or '-'")
         if bool(s3.get("accesskey")) != bool(s3.get("secretkey")):
             errors.add(
                 f"{prefix}:s3:secretkey",
@@ -462,11 +632,17 @@ def _validate_shared_storage(errors, prefix, mirror, version):
             )
         if s3.get("endpoint"):
             _check_url(errors, f"{prefix}:s3:endpoint", s3["endpoint"])
+        if isinstance(s3.get("region", ""), str) and not re.fullmatch(r"[a-z0-9-]{0,64}", s3.get("region", "")):
+            errors.add(f"{prefix}:s3:region", f"{_shown(s3['region'])} is not a region", "write e.g. us-east-1")
+        if isinstance(s3.get("rootdirectory", "/"), str) and not _PATH_RE.fullmatch(s3.get("rootdirectory", "/")):
+            errors.add(f"{prefix}:s3:rootdirectory", "is not a key prefix like /mirror", "start it with / and use letters, digits and . _ - /")
     if redis:
         try:
             _parse_hostport(redis.get("addr", ""))
         except ValueError:
             errors.add(f"{prefix}:redis:addr", "is not HOST:PORT", "write e.g. 127.0.0.1:6379")
+        if not isinstance(redis.get("db", 0), int) or isinstance(redis.get("db", 0), bool) or not 0 <= redis.get("db", 0) < 1 << 16:
+            errors.add(f"{prefix}:redis:db", "is not a database number", "use e.g. 0")
         if _dialect(version) == "2" or mirror["ttl"] != "0":
             errors.add(
                 f"{prefix}:redis",
@@ -501,6 +677,92 @@ def _hosts_overlap(one, other):
     return one == other or {one, other} & {"0.0.0.0", "::"}
 
 
+def _validate_storage(errors, key, path, lookup, example):
+    """Storage is deleted by a purge and owned by the service user: never a system
+    directory or anything inside one, judged after resolving ``..`` and symlinks."""
+    real = os.path.realpath(path)
+    shown = path if real == path else f"{path} (which resolves to {real})"
+    for system in _SYSTEM_TREES:
+        if real == system or real.startswith(system.rstrip("/") + "/"):
+            errors.add(
+                key,
+                f"{shown} is {'a system directory' if real == system else f'inside the system directory {system}'}",
+                example,
+            )
+            return
+    if real in _SHARED_DIRS:
+        errors.add(key, f"{shown} is a shared system directory", example)
+        return
+    for name in ("prefix", "config_dir", "state_dir", "log_dir", "run_dir", "unit_dir", "init_dir"):
+        other = os.path.realpath(lookup[name])
+        # The default storage is <state_dir>/<mirror>: inside state_dir is fine, the rest not.
+        clash = _nested(other, real) if name == "state_dir" else _nested(real, other)
+        if clash:
+            errors.add(key, f"{shown} overlaps lookup:{name} ({lookup[name]})", "give the cache a directory of its own")
+            return
+
+
+def _nested(inner, outer):
+    """Whether ``inner`` is ``outer`` or inside it (absolute, resolved paths)."""
+    return (inner.rstrip("/") + "/").startswith(outer.rstrip("/") + "/")
+
+
+def _validate_lookup(errors, lookup):
+    _check_keys(errors, "lookup", lookup, DEFAULTS["lookup"])
+    for name in ("prefix", "config_dir", "state_dir", "log_dir", "run_dir", "unit_dir", "init_dir", "package_binary"):
+        if name in lookup and _check_path(errors, f"lookup:{name}", lookup[name]) == "/":
+            errors.add(f"lookup:{name}", "is /", "give a directory of its own")
+    for name in ("package", "package_service"):
+        if name in lookup:
+            _check_text(errors, f"lookup:{name}", lookup[name], pattern=_PACKAGE_RE, fix="give a package or service name")
+    if lookup.get("supervisor", "") not in ("", "systemd", "sysv"):
+        errors.add("lookup:supervisor", "must be systemd, sysv or empty", "remove it to detect")
+    user = _check_text(errors, "lookup:user", lookup.get("user", DEFAULTS["lookup"]["user"]), pattern=_ACCOUNT_RE, fix="use a name like hub-mirror")
+    group = _check_text(errors, "lookup:group", lookup.get("group", DEFAULTS["lookup"]["group"]), pattern=_ACCOUNT_RE, fix="use a name like hub-mirror")
+    if user and group:
+        for key, problem in _account_problems(user, group):
+            errors.add(key, problem, "use a dedicated account hub_mirror creates, e.g. hub-mirror (the default)")
+
+
+def _account_problems(user, group):
+    """The service user and group own the cache and run the registry: hub_mirror creates
+    them, and takes over no account or group that already serves someone else."""
+    import grp  # pylint: disable=import-outside-toplevel
+    import pwd  # pylint: disable=import-outside-toplevel
+
+    problems = []
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        account = None
+    # 100-999: Debian's dynamically allocated system accounts (login.defs SYS_UID_MIN/MAX);
+    # below are the static ones (daemon, bin, www-data, ...), above are people.
+    if account:
+        login = os.path.basename(account.pw_shell or "") not in ("nologin", "false")
+        dedicated = 100 <= account.pw_uid < 1000 and account.pw_gecos in ("", SERVICE_GECOS)
+        if login or not dedicated:
+            kind = "login" if login or account.pw_uid >= 1000 else "system"
+            problems.append(("lookup:user", f"{user!r} is an existing {kind} account (uid {account.pw_uid})"))
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        entry = None
+    if entry:
+        others = set(entry.gr_mem) - {user}
+        others |= {p.pw_name for p in pwd.getpwall() if p.pw_gid == entry.gr_gid and p.pw_name != user}
+        if entry.gr_gid < 100 or entry.gr_gid >= 1000 or group in _PRIVILEGED_GROUPS or others:
+            problems.append(
+                ("lookup:group", f"{group!r} is an existing group (gid {entry.gr_gid})"
+                 + (f" of {', '.join(sorted(others)[:3])}" if others else ""))
+            )
+    return problems
+
+
+def _storage_path(mirror, lookup, name):
+    """The resolved storage directory of a mirror (pillar's, else ``<state_dir>/<name>``)."""
+    return os.path.realpath(mirror.get("storage") or os.path.join(lookup["state_dir"], name))
+
+
 def _validate(raw, grains):
     errors = _Errors()
     if not isinstance(raw, dict):
@@ -509,10 +771,10 @@ def _validate(raw, grains):
     _check_keys(errors, "", raw, list(DEFAULTS) + ["client"])
 
     version = raw.get("version", DEFAULT_VERSION)
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
         errors.add(
             "version",
-            f"{version!r} is not a release version like '3.0.0'",
+            f"{_shown(version)} is not a release version like '3.0.0'",
             "quote it in YAML (3.0 unquoted is a number) and give all three parts",
         )
         version = DEFAULT_VERSION
@@ -524,40 +786,40 @@ def _validate(raw, grains):
     _check_keys(errors, "install", install, DEFAULTS["install"])
     method = install.get("method", "archive")
     if method not in ("archive", "package"):
-        errors.add("install:method", f"{method!r} is not supported", "use archive or package")
+        errors.add("install:method", f"{_shown(method)} is not supported", "use archive or package")
     source = install.get("source", RELEASE_URL)
-    _check_url(errors, "install:source", source, ("http", "https", "file"))
+    _check_url(errors, "install:source", source, ("http", "https", "file"), credentials=True, placeholders=True)
     source_hash = install.get("source_hash", "")
-    if not isinstance(source_hash, str) or (
-        source_hash
-        and not _DIGEST_RE.match(source_hash)
-        and not re.match(r"^(https?|file)://", source_hash)
-    ):
+    if not isinstance(source_hash, str) or (source_hash and not _DIGEST_RE.fullmatch(source_hash) and not re.match(r"(https?|file)://", source_hash)):
         errors.add(
             "install:source_hash",
-            f"{source_hash!r} is neither a sha256 digest nor a URL",
+            f"{_shown(_redact_url(source_hash))} is neither a sha256 digest nor a URL",
             "give 64 hex digits (optionally 'sha256:' first) or the URL of a .sha256 file",
         )
+    elif source_hash and not _DIGEST_RE.fullmatch(source_hash):
+        _check_url(errors, "install:source_hash", source_hash, ("http", "https", "file"), credentials=True, placeholders=True)
 
     probe_timeout = raw.get("probe_timeout", DEFAULTS["probe_timeout"])
     if not isinstance(probe_timeout, (int, float)) or isinstance(probe_timeout, bool) or not (
         0 < probe_timeout <= 600
     ):
         errors.add(
-            "probe_timeout", f"{probe_timeout!r} is not a number of seconds", "use e.g. 30"
+            "probe_timeout", f"{_shown(probe_timeout)} is not a number of seconds", "use e.g. 30"
         )
 
     clean = raw.get("clean", {})
     if not isinstance(clean, dict) or not isinstance(clean.get("purge_storage", False), bool):
         errors.add("clean:purge_storage", "must be true or false", "see pillar.example")
+    elif clean:
+        _check_keys(errors, "clean", clean, DEFAULTS["clean"])
 
     lookup = raw.get("lookup", {})
     if not isinstance(lookup, dict):
         errors.add("lookup", "must be a mapping", "see pillar.example")
         lookup = {}
-    _check_keys(errors, "lookup", lookup, DEFAULTS["lookup"])
-    if lookup.get("supervisor", "") not in ("", "systemd", "sysv"):
-        errors.add("lookup:supervisor", "must be systemd, sysv or empty", "remove it to detect")
+    known_before = len(errors.messages)
+    _validate_lookup(errors, lookup)
+    lookup = _merge(DEFAULTS["lookup"], lookup) if len(errors.messages) == known_before else None
 
     mirrors = raw.get("mirrors", DEFAULTS["mirrors"])
     if not isinstance(mirrors, dict) or not mirrors:
@@ -565,12 +827,16 @@ def _validate(raw, grains):
         mirrors = {}
     sockets, storages = [], {}
     for name, mirror in mirrors.items():
+        if not isinstance(name, str):
+            errors.add(f"mirrors:{name!r}", f"the mirror name is a {type(name).__name__}", "quote it in YAML")
+            continue
         mirror = mirror if mirror is not None else {}
         if not isinstance(mirror, dict):
-            errors.add(f"mirrors:{name}", "must be a mapping", "see pillar.example")
+            errors.add(f"mirrors:{_key_part(str(name))}", "must be a mapping", "see pillar.example")
             continue
         mirror = _merge(MIRROR_DEFAULTS, mirror)
-        _validate_mirror(errors, str(name), mirror, version, grains)
+        known_before = len(errors.messages)
+        _validate_mirror(errors, name, mirror, version, grains)
         for key, host, port in _mirror_sockets(mirror, grains):
             for other, other_key, other_host, other_port in sockets:
                 if other != name and port == other_port and _hosts_overlap(host, other_host):
@@ -580,16 +846,18 @@ def _validate(raw, grains):
                         "give each mirror its own port (debug_listen defaults to listen + 10000)",
                     )
             sockets.append((name, key, host, port))
-        storage = mirror.get("storage")
-        if isinstance(storage, str):
-            storage = os.path.normpath(storage) if storage else f"<state_dir>/{name}"
-            if storage in storages:
+        if lookup is None or len(errors.messages) > known_before or mirror["s3"]:
+            continue
+        storage = _storage_path(mirror, lookup, name)
+        _validate_storage(errors, f"mirrors:{name}:storage", storage, lookup, f"write e.g. /var/lib/hub-mirror/{name}")
+        for other, other_storage in storages.items():
+            if _nested(storage, other_storage) or _nested(other_storage, storage):
                 errors.add(
                     f"mirrors:{name}:storage",
-                    f"{storage!r} is also used by mirror {storages[storage]!r}",
-                    "give each mirror its own storage",
+                    f"{storage!r} overlaps mirror {other!r}'s storage {other_storage!r}",
+                    "give each mirror its own storage, neither inside the other",
                 )
-            storages[storage] = name
+        storages[name] = storage
     _validate_client(errors, raw.get("client"))
     errors.raise_if_any()
 
@@ -621,6 +889,8 @@ def _settings(redact):
         merged["mirrors"][name] = _complete_mirror(name, mirror or {}, merged["lookup"])
     merged["arch"] = release_arch()
     if redact:
+        for key in ("source", "source_hash"):
+            merged["install"][key] = _redact_url(merged["install"][key])
         for mirror in merged["mirrors"].values():
             mirror["token"] = REDACTED if mirror["token"] else ""
             for section, key in (("s3", "secretkey"), ("redis", "password")):
@@ -632,14 +902,18 @@ def _settings(redact):
 def _complete_mirror(name, mirror, lookup):
     mirror = _merge(MIRROR_DEFAULTS, mirror)
     mirror["name"] = name
+    # A token pasted as a YAML block scalar (``token: |``) ends in a newline that every
+    # upstream login would then send.
+    mirror["username"], mirror["token"] = mirror["username"].strip(), mirror["token"].strip()
     host, port = _parse_hostport(mirror["listen"])
     mirror["listen_host"] = _resolve_host(host, __grains__)
     mirror["listen_port"] = port
-    if not mirror["debug_listen"]:
+    if mirror["debug_listen"]:
+        debug_host, debug_port = _parse_hostport(mirror["debug_listen"])
+        mirror["debug_listen"] = _hostport(_resolve_host(debug_host, __grains__), debug_port)
+    else:
         mirror["debug_listen"] = f"127.0.0.1:{_default_debug_port(port)}"
-    mirror["storage"] = os.path.normpath(
-        mirror["storage"] or os.path.join(lookup["state_dir"], name)
-    )
+    mirror["storage"] = _storage_path(mirror, lookup, name)
     if mirror["s3"]:
         mirror["s3"] = _merge(S3_DEFAULTS, mirror["s3"])
     if mirror["redis"]:
@@ -675,9 +949,10 @@ def _record_path(conf):
 def _read_record(conf):
     try:
         with open(_record_path(conf), encoding="utf-8") as handle:
-            return json.load(handle)
+            record = json.load(handle)
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _sha256_file(path):
@@ -732,22 +1007,24 @@ def _expected_digest(version, arch, source_hash):
             raise CommandExecutionError(
                 f"hub_mirror:install:source_hash: no digest is known for registry {version} "
                 f"({arch}); set install:source_hash to the release's sha256 or to the URL of "
-                f"its .sha256 file (e.g. {asset_url(version, arch)}.sha256)"
+                f"its .sha256 file (e.g. {asset_url(version, arch)}.sha256, or the published "
+                "digest from the release page)"
             )
         return digest
-    match = _DIGEST_RE.match(source_hash)
+    match = _DIGEST_RE.fullmatch(source_hash)
     if match:
         return match.group(1).lower()
+    url = source_hash.format(version=version, arch=arch)
     try:
-        text = _fetch_text(source_hash.format(version=version, arch=arch))
-    except (requests.RequestException, OSError) as exc:
+        text = _fetch_text(url)
+    except (requests.RequestException, OSError, UnicodeDecodeError) as exc:
         raise CommandExecutionError(
-            f"hub_mirror:install:source_hash: cannot fetch {source_hash}: {exc}"
+            f"hub_mirror:install:source_hash: cannot fetch {_redact_url(url)}: {_redact_text(exc, url)}"
         ) from exc
     match = re.search(r"\b([0-9a-fA-F]{64})\b", text)
     if not match:
         raise CommandExecutionError(
-            f"hub_mirror:install:source_hash: {source_hash} holds no sha256 digest"
+            f"hub_mirror:install:source_hash: {_redact_url(url)} holds no sha256 digest"
         )
     return match.group(1).lower()
 
@@ -879,7 +1156,8 @@ def _install_archive(conf, test):
     url = asset_url(version, arch, source)
     binary = _binary_path(conf)
     record = _read_record(conf)
-    wanted = {"version": version, "arch": arch, "source": url}
+    # The record keeps a digest of the URL, not the URL: it may hold a token.
+    wanted = {"version": version, "arch": arch, "source_sha256": hashlib.sha256(url.encode()).hexdigest()}
     installed = {k: record.get(k) for k in wanted}
     if installed == wanted and os.path.isfile(binary) and record.get("binary_sha256") == (
         _sha256_file(binary)
@@ -902,12 +1180,12 @@ def _install_archive(conf, test):
             actual = _download(url, tarball)
         except (requests.RequestException, OSError) as exc:
             raise CommandExecutionError(
-                f"hub_mirror:install:source: downloading {url} failed: {exc}; "
-                "the installed registry was left as it was"
+                f"hub_mirror:install:source: downloading {_redact_url(url)} failed: "
+                f"{_redact_text(exc, url)}; the installed registry was left as it was"
             ) from exc
         if actual != expected:
             raise CommandExecutionError(
-                f"hub_mirror:install:source_hash: sha256 mismatch for {url}: expected "
+                f"hub_mirror:install:source_hash: sha256 mismatch for {_redact_url(url)}: expected "
                 f"{expected}, got {actual}; the installed registry was left as it was. "
                 "Check install:source (a wrong or truncated download) or, if upstream really "
                 "republished the release, set install:source_hash to its published digest"
@@ -922,9 +1200,9 @@ def _install_archive(conf, test):
                 "left as it was"
             )
         os.replace(staged, binary)
-    record = dict(wanted, tarball_sha256=actual, binary_sha256=_sha256_file(binary))
-    _write_atomic(_record_path(conf), json.dumps(record, indent=2) + "\n", 0o644)
-    return {"changes": changes, "comment": f"Installed registry {version} ({arch}) from {url}"}
+    record = dict(wanted, source=_redact_url(url), tarball_sha256=actual, binary_sha256=_sha256_file(binary))
+    _write_atomic(_record_path(conf), json.dumps(record, indent=2) + "\n", 0o600)
+    return {"changes": changes, "comment": f"Installed registry {version} ({arch}) from {_redact_url(url)}"}
 
 
 def version():
@@ -1049,10 +1327,17 @@ def _hostport(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _config_text(config):
-    return "# Managed by Salt (hub_mirror). Local changes are overwritten.\n" + yaml.safe_dump(
-        config, default_flow_style=False, sort_keys=False
-    )
+def _config_header(name):
+    """The first line of every registry config hub_mirror writes: what marks it as ours."""
+    return f"# Managed by Salt (hub_mirror mirror {name}). Local changes are overwritten.\n"
+
+
+# What hub_mirror before 2026-12 wrote: still ours when it finds an orphan.
+_LEGACY_CONFIG_HEADER = "# Managed by Salt (hub_mirror). Local changes are overwritten.\n"
+
+
+def _config_text(name, config):
+    return _config_header(name) + yaml.safe_dump(config, default_flow_style=False, sort_keys=False)
 
 
 def _paths(conf, name):
@@ -1067,6 +1352,7 @@ def _paths(conf, name):
         "unit": os.path.join(lookup["unit_dir"], f"hub-mirror-{name}.service"),
         "init": os.path.join(lookup["init_dir"], f"hub-mirror-{name}"),
         "supervise": os.path.join(lookup["prefix"], "bin", "hub-mirror-supervise"),
+        "supervise_settings": os.path.join(lookup["config_dir"], f"{name}.supervise.json"),
         "pidfile": os.path.join(lookup["run_dir"], f"{name}.pid"),
         "log": os.path.join(lookup["log_dir"], f"{name}.log"),
     }
@@ -1108,15 +1394,16 @@ def _write_atomic(path, text, mode, uid=-1, gid=-1):
 
 
 def _read(path):
+    # surrogateescape: a file edited into something that is not UTF-8 just differs.
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             return handle.read()
     except FileNotFoundError:
         return None
 
 
-def _ids(conf):
-    """uid and gid of the service user; a clear error when the user is missing."""
+def _ids(conf, required=True):
+    """uid and gid of the service user; a clear error (or None) when the user is missing."""
     import grp  # pylint: disable=import-outside-toplevel
     import pwd  # pylint: disable=import-outside-toplevel
 
@@ -1124,6 +1411,8 @@ def _ids(conf):
     try:
         return pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
     except KeyError as exc:
+        if not required:
+            return None
         raise CommandExecutionError(
             f"hub_mirror:lookup:user: the service user {user!r} or group {group!r} does not "
             "exist; apply hub_mirror.config (it creates them) or create them first"
@@ -1132,7 +1421,13 @@ def _ids(conf):
 
 def _config_changes(old_text, new_text):
     """Dotted keys that differ between two config texts, with secrets redacted."""
-    old = yaml.safe_load(old_text) if old_text else {}
+    try:
+        old = yaml.safe_load(old_text) if old_text else {}
+    except yaml.YAMLError:
+        old = None
+    if not isinstance(old, dict):
+        # A local edit that is not a mapping (a list, broken YAML): all of it goes.
+        return {"config": {"old": "not a registry config (edited by hand)", "new": "rendered from pillar"}}
     new = yaml.safe_load(new_text)
 
     def flatten(value, prefix=""):
@@ -1160,8 +1455,9 @@ def _config_files(conf, spec):
     paths = _paths(conf, spec["name"])
     rendered = render_config(spec, _config_dialect(conf), paths["credential_helper"])
     texts = {
-        "config": _config_text(rendered),
-        "offline_config": _config_text(render_offline_config(rendered)),
+        "config": _config_text(spec["name"], rendered),
+        "offline_config": _config_text(spec["name"], render_offline_config(rendered)),
+        "supervise_settings": json.dumps(_supervise_settings(conf, spec), indent=2, sort_keys=True) + "\n",
     }
     if "exec" in rendered["proxy"]:
         texts["credential_helper"] = _program_text("hub_mirror_credential_helper.py")
@@ -1190,8 +1486,7 @@ def configure(mirror="dockerhub", test=False):
     conf, spec = _mirror(mirror, redact=False)
     paths = _paths(conf, mirror)
     texts = _config_files(conf, spec)
-    old_text = _read(paths["config"])
-    _check_listen_free(conf, spec, old_text)
+    _check_listen_free(conf, spec)
 
     changes = {}
     for key, text in texts.items():
@@ -1204,56 +1499,296 @@ def configure(mirror="dockerhub", test=False):
             changes[key] = {"old": REDACTED, "new": REDACTED}
         elif old != text:
             changes[key] = "updated"
-    if not os.path.isdir(spec["storage"]):
-        changes["storage"] = {"old": "", "new": spec["storage"]}
+    ids = _ids(conf, required=False)
+    storage = _storage_plan(spec, ids)
+    if storage:
+        changes["storage"] = storage
+    warnings = []
+    if {"config", "credentials"} & set(changes):
+        # Before anything is written: a refused credential changes nothing.
+        warnings = _check_upstream(spec)
     if not changes:
-        return {"changes": {}, "comment": f"Mirror {mirror} config is up to date"}
+        return {"changes": {}, "comment": f"Mirror {mirror} config is up to date", "warnings": warnings}
     if test:
-        return {"changes": changes, "comment": f"Mirror {mirror} config would be updated"}
+        return {"changes": changes, "comment": f"Mirror {mirror} config would be updated", "warnings": warnings}
 
     uid, gid = _ids(conf)
-    if "storage" in changes:
-        os.makedirs(spec["storage"], mode=0o750, exist_ok=True)
-        os.chown(spec["storage"], uid, gid)
+    if storage:
+        _own_storage(spec["storage"], uid, gid)
     for key, text in texts.items():
         if key == "credential_helper" and key in changes:
             _write_atomic(paths[key], text, 0o755)
         elif key in changes:
             _write_atomic(paths[key], text, 0o600, uid, gid)
-    return {"changes": changes, "comment": f"Mirror {mirror} config updated"}
+    return {"changes": changes, "comment": f"Mirror {mirror} config updated", "warnings": warnings}
 
 
-def _listen_addresses(config_text):
-    if not config_text:
-        return set()
-    http = (yaml.safe_load(config_text) or {}).get("http", {})
-    return {http.get("addr"), (http.get("debug") or {}).get("addr")} - {None}
-
-
-def _check_listen_free(conf, spec, old_text):
-    """Refuse an address another process holds; our own running mirror may keep its own."""
-    ours = _listen_addresses(old_text) if _is_running(conf, spec["name"]) else set()
+def _check_listen_free(conf, spec):
+    """Refuse an address another process holds. The mirror's own processes may hold it
+    (they are told apart by what they serve, not by the address in an old config, which
+    a local edit may have changed), so a restart can move or widen the address."""
+    ours = None
     for key, host, port in (
         ("listen", spec["listen_host"], spec["listen_port"]),
         ("debug_listen", *_parse_hostport(spec["debug_listen"])),
     ):
-        if _hostport(host, port) in ours:
-            continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
+                continue
             except OSError as exc:
-                reason = (
-                    "is already in use by another process"
-                    if exc.errno == errno.EADDRINUSE
-                    else f"cannot be bound here ({exc.strerror})"
-                )
-                raise CommandExecutionError(
-                    f"hub_mirror:mirrors:{spec['name']}:{key}: {_hostport(host, port)} {reason}; "
-                    "choose a free address and port (nothing was changed)"
-                ) from exc
+                error = exc
+        if error.errno == errno.EADDRINUSE:
+            if ours is None:
+                ours = set(_mirror_processes(_paths(conf, spec["name"])))
+            holders = _listeners(port)
+            if holders and holders <= ours:
+                continue
+        reason = (
+            "is already in use by another process"
+            if error.errno == errno.EADDRINUSE
+            else f"cannot be bound here ({error.strerror})"
+        )
+        raise CommandExecutionError(
+            f"hub_mirror:mirrors:{spec['name']}:{key}: {_hostport(host, port)} {reason}; "
+            "choose a free address and port (nothing was changed)"
+        )
+
+
+def _processes():
+    """(pid, argv) of every process, from /proc."""
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                args = [arg.decode(errors="replace") for arg in handle.read().split(b"\0") if arg]
+        except OSError:
+            continue
+        yield int(pid), args
+
+
+def _mirror_processes(paths):
+    """PIDs of every process that serves a mirror: its registry (proxy or offline mode,
+    supervised or orphaned) and its supervisor, recognised by the files they serve."""
+    served = {paths["config"], paths["offline_config"]}
+    pids = []
+    for pid, args in _processes():
+        if len(args) >= 3 and args[-2] == "serve" and args[-1] in served:
+            pids.append(pid)
+        elif len(args) >= 2 and args[-2] == paths["supervise"] and args[-1] == paths["supervise_settings"]:
+            pids.append(pid)
+    return pids
+
+
+def _listeners(port):
+    """PIDs holding a listening TCP socket on ``port`` (any address), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split()
+                    # fields: sl local_address rem_address st ... inode; 0A is LISTEN.
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, ValueError):
+            continue
+    holders = set()
+    if not inodes:
+        return holders
+    for pid, _ in _processes():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    holders.add(pid)
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def _stop_leftovers(paths, timeout=15):
+    """Stop whatever still serves a mirror after its service stopped: a registry that a
+    killed supervisor left behind, or a supervisor its service manager lost track of."""
+    pids = _mirror_processes(paths)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _mirror_processes(paths):
+            time.sleep(0.1)
+        pids = _mirror_processes(paths)
+        if not pids:
+            break
+    return not pids
+
+
+def _port_closed(spec):
+    try:
+        host, port = _parse_hostport(_probe_url(spec)[len("http://") :])
+        with socket.create_connection((host.strip("[]"), port), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+# What marks a storage directory as a hub_mirror cache: a purge deletes nothing elsewhere.
+STORAGE_MARKER = ".hub-mirror-cache"
+# The directories the registry writes into, from the storage root down (what it creates
+# itself; a chown of these, not of the whole cache, gives a mirror its storage back).
+_REGISTRY_DIRS = ("docker", "docker/registry", "docker/registry/v2", "docker/registry/v2/blobs", "docker/registry/v2/repositories")
+
+
+def _storage_plan(spec, ids):
+    """What ``configure`` changes about a mirror's storage directory, or None.
+
+    It creates the directory, or adopts one that is empty or already the service user's,
+    and keeps it (and the registry's directories in it) owned by the service user. A
+    directory of someone else's with content in it is refused, by name.
+    """
+    if spec["s3"]:
+        return None
+    path = spec["storage"]
+    key = f"hub_mirror:mirrors:{spec['name']}:storage"
+    if not os.path.lexists(path):
+        return {"old": "", "new": path}
+    if not os.path.isdir(path):
+        raise CommandExecutionError(f"{key}: {path} exists and is not a directory; give a directory (nothing was changed)")
+    info = os.stat(path)
+    marked = os.path.exists(os.path.join(path, STORAGE_MARKER))
+    if not marked and os.listdir(path) and (ids is None or info.st_uid != ids[0]):
+        raise CommandExecutionError(
+            f"{key}: {path} is not empty, belongs to uid {info.st_uid} and is not a hub_mirror "
+            "cache: hub_mirror will not take over a directory it did not create. Give a new or "
+            "empty directory, or, if it is a cache you mean to hand over, chown it to the "
+            "service user (nothing was changed)"
+        )
+    stale = [
+        relative
+        for relative in ("", *_REGISTRY_DIRS)
+        for full in [os.path.join(path, relative) if relative else path]
+        if os.path.isdir(full) and (ids is None or (os.stat(full).st_uid, os.stat(full).st_gid) != ids)
+    ]
+    if not marked:
+        return {"old": f"{path} (not marked as a hub_mirror cache)", "new": "marked, owned by the service user"}
+    if stale or info.st_mode & 0o700 != 0o700:
+        return {"old": f"not owned by the service user: {', '.join(stale) or 'mode ' + oct(info.st_mode & 0o777)}", "new": "owned by the service user"}
+    return None
+
+
+def _own_storage(path, uid, gid):
+    """Create, mark and hand the storage to the service user (see ``_storage_plan``)."""
+    _makedirs(path, 0o750)
+    os.chown(path, uid, gid)
+    os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o750)
+    for relative in _REGISTRY_DIRS:
+        full = os.path.join(path, relative)
+        if os.path.isdir(full) and not os.path.islink(full):
+            os.chown(full, uid, gid)
+    marker = os.path.join(path, STORAGE_MARKER)
+    if not os.path.exists(marker):
+        _write_atomic(marker, "A hub_mirror registry cache: hub_mirror.remove purge_storage=True deletes it.\n", 0o640, uid, gid)
+
+
+def _makedirs(path, mode):
+    """``os.makedirs`` whose parents are traversable whatever the umask (a root umask of
+    077 would otherwise lock the service user out of its own storage)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for index, directory in enumerate(reversed(missing)):
+        os.mkdir(directory)
+        os.chmod(directory, mode if index == len(missing) - 1 else 0o755)
+
+
+def _storage_writable(conf, spec):
+    """Prove, as the service user, that the registry can write its storage."""
+    if spec["s3"] or not os.path.isdir(spec["storage"]) or os.geteuid() != 0:
+        return
+    dirs = [spec["storage"]] + [
+        os.path.join(spec["storage"], relative)
+        for relative in _REGISTRY_DIRS
+        if os.path.isdir(os.path.join(spec["storage"], relative))
+    ]
+    check = "import os, sys; bad = [d for d in sys.argv[1:] if not os.access(d, os.W_OK | os.X_OK)]; print(*bad); sys.exit(bool(bad))"
+    proc = subprocess.run(
+        [_python(), "-c", check, *dirs], capture_output=True, text=True, timeout=60, check=False, **_service_user_kwargs(conf)
+    )
+    if proc.returncode != 0:
+        raise CommandExecutionError(
+            f"hub_mirror:mirrors:{spec['name']}:storage: the service user {conf['lookup']['user']} cannot "
+            f"write {proc.stdout.strip() or spec['storage']} (a read-only mount, a parent it cannot "
+            "enter, or permissions changed by hand); every pull would fail. Fix the directory, "
+            "or give another storage path"
+        )
+
+
+def _check_upstream(spec, timeout=10):
+    """Warnings about the upstream; raises when it refuses the mirror's credential.
+
+    Asks only what a login asks: ``/v2/`` and, with a credential, the token service the
+    upstream names (or ``/v2/`` with Basic auth). No manifest is fetched, so nothing
+    counts as a pull. The credential goes only to a realm on the upstream's own site.
+    """
+    upstream = spec["upstream"].rstrip("/")
+    try:
+        response = requests.get(f"{upstream}/v2/", timeout=timeout)
+    except requests.RequestException as exc:
+        return [
+            f"mirror {spec['name']}: the upstream {upstream} does not answer ({type(exc).__name__}); "
+            "the mirror serves its cache read-only until it does. Check hub_mirror:mirrors:"
+            f"{spec['name']}:upstream if it should"
+        ]
+    if not spec["username"] or response.status_code != 401:
+        return []
+    scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate"))
+    auth = (spec["username"], spec["token"])
+    realm = params.get("realm", "")
+    try:
+        if scheme == "basic":
+            check = requests.get(f"{upstream}/v2/", auth=auth, timeout=timeout)
+        elif scheme == "bearer" and _same_site(realm, upstream):
+            query = {"service": params["service"]} if params.get("service") else {}
+            check = requests.get(realm, params=query, auth=auth, timeout=timeout)
+        else:
+            return [f"mirror {spec['name']}: the credential was not checked (the upstream asks for {scheme or 'no'} auth at {_redact_url(realm) or 'no realm'})"]
+    except requests.RequestException as exc:
+        return [f"mirror {spec['name']}: the upstream's token service does not answer ({type(exc).__name__}); the credential was not checked"]
+    if check.status_code in (401, 403):
+        raise CommandExecutionError(
+            f"hub_mirror:mirrors:{spec['name']}:token: the upstream {upstream} refuses the credential "
+            f"of {spec['username']!r} (HTTP {check.status_code}); check username and token "
+            "(nothing was changed)"
+        )
+    return []
+
+
+def _same_site(url, other):
+    """Whether two URLs' hosts share a registrable domain (the last two labels), or are
+    the same IP: 3.1 sends credentials to no other token realm, and neither do we."""
+    try:
+        one, two = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(other).hostname
+    except ValueError:
+        return False
+    if not one or not two:
+        return False
+    if _is_ip(one) or _is_ip(two):
+        return one == two
+    return one.split(".")[-2:] == two.split(".")[-2:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -1263,7 +1798,7 @@ def _check_listen_free(conf, spec, old_text):
 UNIT_TEMPLATE = """\
 # Managed by Salt (hub_mirror). Local changes are overwritten.
 [Unit]
-Description=hub_mirror pull-through cache {name} for {upstream}
+Description=hub_mirror pull-through cache {name}
 Documentation=https://distribution.github.io/distribution/about/configuration/
 After=network-online.target
 Wants=network-online.target
@@ -1281,7 +1816,7 @@ RestartSec=2
 UMask=0027
 NoNewPrivileges=yes
 ProtectSystem=strict
-ReadWritePaths={storage}
+ReadWritePaths={read_write}
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
@@ -1310,6 +1845,8 @@ DevicePolicy=closed
 WantedBy=multi-user.target
 """
 
+# Every value below is shell-quoted where it is filled in; none comes from pillar but the
+# lookup paths and the account, which validation limits to safe characters first.
 INIT_TEMPLATE = """\
 #!/bin/sh
 # Managed by Salt (hub_mirror). Local changes are overwritten.
@@ -1322,17 +1859,18 @@ INIT_TEMPLATE = """\
 # Short-Description: hub_mirror pull-through cache {name}
 ### END INIT INFO
 PIDFILE={pidfile}
+LOG={log}
 start() {{
     mkdir -p {run_dir} {log_dir}
-    touch {log}
-    chown {user}:{group} {log_dir} {log}
+    touch "$LOG"
+    chown {owner} {log_dir} "$LOG"
     chmod 0750 {log_dir}
-    chmod 0640 {log}
-    # A clean environment, as systemd gives: nothing leaks in from whoever ran this.
-    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \\
+    chmod 0640 "$LOG"
+    # A clean environment, as systemd gives: nothing leaks in from whoever ran this. The
+    # supervisor sends its output (and the registry's) to $LOG itself.
+    env -i PATH={path} LANG=C.UTF-8 \\
     start-stop-daemon --start --quiet --background --make-pidfile --pidfile "$PIDFILE" \\
-        --chuid {user}:{group} --startas /bin/sh -- \\
-        -c 'umask 027; exec "$0" "$@" >>{log} 2>&1' {command}
+        --chuid {owner} --umask 027 --startas {python} -- {supervise} {settings}
 }}
 stop() {{
     start-stop-daemon --stop --quiet --retry TERM/10/KILL/5 --pidfile "$PIDFILE" --remove-pidfile
@@ -1348,6 +1886,18 @@ case "$1" in
     *) echo "usage: $0 {{start|stop|restart|force-reload|status}}" >&2; exit 2 ;;
 esac
 """
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _systemd_quote(value, exec_line=False):
+    """One word of a unit file setting, quoted so systemd reads back exactly ``value``:
+    backslash and quote escaped, ``%`` specifiers doubled, and on Exec lines ``$`` too."""
+    if _has_control(value):
+        raise ValueError(f"a control character cannot go into a unit file: {value!r}")
+    value = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if exec_line:
+        value = value.replace("$", "$$")
+    return f'"{value}"'
 
 
 def _supervisor(conf):
@@ -1374,22 +1924,27 @@ def _python():
     return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
+def _supervise_settings(conf, spec):
+    """What the supervisor needs, as the settings file it reads: pillar values reach it
+    only as JSON, never through a unit file, a script or a command line."""
+    paths = _paths(conf, spec["name"])
+    return {
+        "binary": _binary_path(conf),
+        "config": paths["config"],
+        "offline_config": paths["offline_config"],
+        "listen": _probe_url(spec)[len("http://") :],
+        "upstream": spec["upstream"],
+        "credentials": paths["credentials"],
+        "storage": "" if spec["s3"] else spec["storage"],
+        "log": "" if _supervisor(conf) == "systemd" else paths["log"],
+    }
+
+
 def _service_files(conf, spec):
     """The files that define the service, as {path: (text, mode)}."""
     paths = _paths(conf, spec["name"])
-    command = " ".join(
-        [
-            _python(),
-            paths["supervise"],
-            f"--binary={_binary_path(conf)}",
-            f"--config={paths['config']}",
-            f"--offline-config={paths['offline_config']}",
-            f"--listen={_probe_url(spec)[len('http://'):]}",
-            f"--upstream={spec['upstream']}",
-            f"--credentials={paths['credentials']}",
-            *([] if spec["s3"] else [f"--storage={spec['storage']}"]),
-        ]
-    )
+    command = [_python(), paths["supervise"], paths["supervise_settings"]]
+    lookup = conf["lookup"]
     files = {paths["supervise"]: (_program_text("hub_mirror_supervise.py"), 0o755)}
     if _supervisor(conf) == "systemd":
         if spec["listen_port"] < 1024:
@@ -1401,24 +1956,32 @@ def _service_files(conf, spec):
             capabilities = "CapabilityBoundingSet=\nAmbientCapabilities=\n"
         files[paths["unit"]] = (
             UNIT_TEMPLATE.format(
-                command=command,
+                name=spec["name"],
+                command=" ".join(_systemd_quote(word, exec_line=True) for word in command),
+                read_write=_systemd_quote(spec["storage"]),
                 capabilities=capabilities,
                 # qemu-user cannot set up an IPC namespace (226/NAMESPACE); nothing here
                 # uses SysV IPC and RemoveIPC= stays, so only emulated hosts go without.
                 private_ipc="" if _user_mode_emulated() else "PrivateIPC=yes\n",
-                **{k: spec[k] for k in ("name", "upstream", "storage")},
-                **{k: conf["lookup"][k] for k in ("user", "group")},
+                user=lookup["user"],
+                group=lookup["group"],
             ),
             0o644,
         )
     else:
+        quote = shlex.quote
         files[paths["init"]] = (
             INIT_TEMPLATE.format(
                 name=spec["name"],
-                pidfile=paths["pidfile"],
-                log=paths["log"],
-                command=command,
-                **{k: conf["lookup"][k] for k in ("user", "group", "run_dir", "log_dir")},
+                pidfile=quote(paths["pidfile"]),
+                log=quote(paths["log"]),
+                run_dir=quote(lookup["run_dir"]),
+                log_dir=quote(lookup["log_dir"]),
+                owner=quote(f"{lookup['user']}:{lookup['group']}"),
+                path=quote(SYSTEM_PATH),
+                python=quote(command[0]),
+                supervise=quote(command[1]),
+                settings=quote(command[2]),
             ),
             0o755,
         )
@@ -1498,7 +2061,7 @@ def _fingerprint(conf, spec, files):
     elif os.path.exists(binary):
         digest.update(_sha256_file(binary).encode())
     texts = _config_files(conf, spec)
-    for key in ("config", "offline_config"):
+    for key in ("config", "offline_config", "supervise_settings"):
         digest.update(texts[key].encode())
     for path in sorted(files):
         digest.update(path.encode() + b"\0" + files[path][0].encode())
@@ -1610,12 +2173,17 @@ def running(mirror="dockerhub", test=False):
     is_running = _is_running(conf, mirror)
     fingerprint = _fingerprint(conf, spec, files)
     changed = fingerprint != (_read(paths["fingerprint"]) or "").strip()
+    # Serving without its service: what a supervisor killed by older versions left behind.
+    leftovers = [] if is_running else _mirror_processes(paths)
+    _storage_writable(conf, spec)
 
     changes = {}
     for path in stale:
         changes[path] = "updated" if os.path.exists(path) else "created"
     if not _is_enabled(conf, mirror):
         changes["enabled"] = True
+    if leftovers:
+        changes["unsupervised"] = {"old": f"pids {', '.join(map(str, leftovers))} serve without a supervisor", "new": "stopped"}
     if not is_running:
         changes["started"] = True
     elif changed:
@@ -1633,6 +2201,8 @@ def running(mirror="dockerhub", test=False):
         _systemctl("daemon-reload")
     if "enabled" in changes:
         _enable(conf, mirror)
+    if leftovers and not _stop_leftovers(paths):
+        raise CommandExecutionError(f"mirror {mirror}: processes {leftovers} serving it without a supervisor do not stop")
     if "started" in changes or "restarted" in changes:
         _start(conf, mirror, restart=is_running)
     if not _wait_serving(spec, conf["probe_timeout"]):
@@ -1647,7 +2217,7 @@ def _save_last_good(paths, service_files):
     """Keep every file the mirror just served with (configs and service files), with
     owner and mode, so that a later change that does not come up can be undone whole."""
     snapshot = {}
-    for path in [paths["config"], paths["offline_config"], *service_files]:
+    for path in [paths["config"], paths["offline_config"], paths["supervise_settings"], *service_files]:
         info = os.stat(path)
         snapshot[path] = {
             "text": _read(path),
@@ -1708,12 +2278,20 @@ def orphans():
         entries = os.listdir(conf["lookup"]["config_dir"])
     except FileNotFoundError:
         return []
-    configured = {
-        entry[: -len(".yml")]
-        for entry in entries
-        if entry.endswith(".yml") and not entry.endswith(".offline.yml")
-    }
-    return sorted(configured - set(conf["mirrors"]))
+    found = []
+    for entry in entries:
+        name = entry[: -len(".yml")]
+        if not entry.endswith(".yml") or name in conf["mirrors"] or not _NAME_RE.fullmatch(name):
+            continue
+        try:
+            with open(os.path.join(conf["lookup"]["config_dir"], entry), encoding="utf-8") as handle:
+                first = handle.readline()
+        except (OSError, UnicodeDecodeError):
+            continue
+        # Only configs hub_mirror wrote: notes.yml, a backup or a package's config.yml stay.
+        if first in (_config_header(name), _LEGACY_CONFIG_HEADER):
+            found.append(name)
+    return sorted(found)
 
 
 def _mirror_or_orphan(name):
@@ -1726,8 +2304,12 @@ def _mirror_or_orphan(name):
         _paths(conf, name)["unit"]
     ):
         return _mirror(name)  # raises: neither in pillar nor on this host
-    storage = ((yaml.safe_load(text or "") or {}).get("storage") or {}).get("filesystem") or {}
-    return conf, {"name": name, "storage": storage.get("rootdirectory", "")}
+    try:
+        storage = ((yaml.safe_load(text or "") or {}).get("storage") or {}).get("filesystem") or {}
+        storage = storage.get("rootdirectory", "") if isinstance(storage, dict) else ""
+    except (yaml.YAMLError, AttributeError):
+        storage = ""  # an edited config: the cache stays where it is
+    return conf, {"name": name, "storage": storage if isinstance(storage, str) else "", "s3": {}}
 
 
 def _registry_host(upstream):
@@ -1778,9 +2360,24 @@ def endpoint():
     return endpoints
 
 
+def _stop(conf, spec):
+    """Stop the service and anything else serving the mirror; True once its port is closed."""
+    name = spec["name"]
+    paths = _paths(conf, name)
+    if _supervisor(conf) == "systemd":
+        _systemctl("stop", _service_name(name), check=False)
+    elif os.path.exists(paths["init"]):
+        _init(conf, name, "stop", check=False)
+    _stop_leftovers(paths)
+    return not _is_running(conf, name) and not _mirror_processes(paths) and (
+        "listen_port" not in spec or _port_closed(spec)
+    )
+
+
 def stop(mirror="dockerhub"):
     """
-    Stop ``mirror``'s registry (its supervisor too).
+    Stop ``mirror``'s registry and its supervisor, and anything else still serving its
+    config. True once nothing serves it and its port is closed.
 
     CLI Example:
 
@@ -1788,12 +2385,8 @@ def stop(mirror="dockerhub"):
 
         salt '*' hub_mirror.stop
     """
-    conf, _ = _mirror(mirror)
-    if _supervisor(conf) == "systemd":
-        _systemctl("stop", _service_name(mirror), check=False)
-    elif os.path.exists(_paths(conf, mirror)["init"]):
-        _init(conf, mirror, "stop", check=False)
-    return not _is_running(conf, mirror)
+    conf, spec = _mirror(mirror)
+    return _stop(conf, spec)
 
 
 def start(mirror="dockerhub"):
@@ -1808,14 +2401,24 @@ def start(mirror="dockerhub"):
     """
     conf, spec = _mirror(mirror)
     if not _is_running(conf, mirror):
+        _stop_leftovers(_paths(conf, mirror))
         _start(conf, mirror, restart=False)
     return _wait_serving(spec, conf["probe_timeout"])
+
+
+def _purge_targets(storage):
+    """What a purge deletes: only what the registry wrote, in a directory marked as ours."""
+    if not storage or not os.path.isfile(os.path.join(storage, STORAGE_MARKER)):
+        return []
+    names = ["docker"] + [entry for entry in os.listdir(storage) if entry.startswith("scheduler-state.json")]
+    return [os.path.join(storage, entry) for entry in names + [STORAGE_MARKER] if os.path.lexists(os.path.join(storage, entry))]
 
 
 def absent(mirror="dockerhub", purge_storage=False, test=False):
     """
     Stop ``mirror`` and remove its service files, config and fingerprint. The cache in
-    its storage directory stays unless ``purge_storage=True``.
+    its storage directory stays unless ``purge_storage=True``; a purge deletes only what
+    the registry wrote, in a directory hub_mirror marked as its cache.
 
     CLI Example:
 
@@ -1833,41 +2436,54 @@ def absent(mirror="dockerhub", purge_storage=False, test=False):
             "init",
             "config",
             "offline_config",
+            "supervise_settings",
             "credentials",
             "last_good",
             "fingerprint",
         )
     ]
     candidates += [paths["config"] + ".failed"]
-    if purge_storage:
-        candidates.append(spec["storage"])
     present = [path for path in candidates if os.path.exists(path)]
-    is_running = _is_running(conf, mirror)
+    purge = _purge_targets(spec["storage"]) if purge_storage else []
+    is_running = _is_running(conf, mirror) or bool(_mirror_processes(paths))
     changes = {path: "removed" for path in present}
+    comment = ""
+    if purge:
+        changes[spec["storage"]] = "purged"
+    elif purge_storage and spec["storage"] and os.path.isdir(spec["storage"]):
+        comment = f"; {spec['storage']} is not marked as a hub_mirror cache, so it was left as it is"
     if is_running:
         changes["stopped"] = True
     if not changes or test:
-        comment = f"Mirror {mirror} would be removed" if changes else f"Mirror {mirror} is absent"
+        comment = (f"Mirror {mirror} would be removed" if changes else f"Mirror {mirror} is absent") + comment
         return {"changes": changes, "comment": comment}
+    stopped = _stop(conf, spec)
     if _supervisor(conf) == "systemd":
-        _systemctl("disable", "--now", "--quiet", _service_name(mirror), check=False)
-    elif os.path.exists(paths["init"]):
-        _init(conf, mirror, "stop", check=False)
-        if shutil.which("update-rc.d"):
-            subprocess.run(
-                ["update-rc.d", "-f", _service_name(mirror), "remove"],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+        _systemctl("disable", "--quiet", _service_name(mirror), check=False)
+    elif shutil.which("update-rc.d") and os.path.exists(paths["init"]):
+        subprocess.run(
+            ["update-rc.d", "-f", _service_name(mirror), "remove"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    if not stopped:
+        raise CommandExecutionError(f"mirror {mirror} still serves after its service was stopped: nothing was removed")
     for path in present:
-        if os.path.isdir(path):
+        os.unlink(path)
+    for path in purge:
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
             os.unlink(path)
+    if purge:
+        try:
+            os.rmdir(spec["storage"])
+        except OSError:
+            pass  # something of the user's is in it: it stays
     if paths["unit"] in present:
         _systemctl("daemon-reload", check=False)
-    return {"changes": changes, "comment": f"Mirror {mirror} removed"}
+    return {"changes": changes, "comment": f"Mirror {mirror} removed" + comment}
 
 
 def uninstall(test=False):
@@ -2043,7 +2659,7 @@ EXPIRED = "1970-01-01T00:00:00Z"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
 _GO_TIME_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^\w[\w.-]{0,127}$")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _GC_ELIGIBLE_RE = re.compile(r"^(blob|manifest) eligible for deletion: (sha256:[0-9a-f]{64})", re.MULTILINE)
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
 _PROMETHEUS_RE = re.compile(
@@ -2079,7 +2695,7 @@ def _parse_size(value):
     if value in (None, "", 0):
         return None
     if isinstance(value, (int, float)):
-        if value < 0:
+        if value < 0 or value != value or value in (float("inf"), float("-inf")):
             raise ValueError(value)
         return int(value) or None
     match = _SIZE_RE.match(str(value))
@@ -2150,17 +2766,17 @@ def _parse_image(image, upstream="https://registry-1.docker.io"):
         name, reference = text.split("@", 1)
         if ":" in name.rsplit("/", 1)[-1]:
             name = name.rsplit(":", 1)[0]
-        if not _DIGEST_RE.match(reference) or not reference.startswith("sha256:"):
+        if not _DIGEST_RE.fullmatch(reference) or not reference.startswith("sha256:"):
             raise ValueError(f"{image!r}: {reference!r} is not a sha256:<64 hex> digest")
     else:
         name, reference = text, "latest"
         if ":" in text.rsplit("/", 1)[-1]:
             name, reference = text.rsplit(":", 1)
-        if not _TAG_RE.match(reference):
+        if not _TAG_RE.fullmatch(reference):
             raise ValueError(f"{image!r}: {reference!r} is not a valid tag")
     if "/" not in name and _is_docker_hub(upstream):
         name = f"library/{name}"
-    if not _REPO_RE.match(name):
+    if not _REPO_RE.fullmatch(name):
         raise ValueError(f"{image!r}: {name!r} is not a valid repository name")
     return name, reference
 
@@ -2497,18 +3113,9 @@ def tags(repo, mirror="dockerhub"):
 def _registry_process(paths):
     """{"pid", "mode", "started"} of the registry serving a mirror's config, from /proc."""
     wanted = {paths["config"]: "proxy", paths["offline_config"]: "offline"}
-    try:
-        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
-    except OSError:
-        return None
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                args = [arg.decode(errors="replace") for arg in handle.read().split(b"\0") if arg]
-        except OSError:
-            continue
+    for pid, args in _processes():
         if len(args) >= 3 and args[-2] == "serve" and args[-1] in wanted:
-            return {"pid": int(pid), "mode": wanted[args[-1]], "started": _iso(_process_start(pid))}
+            return {"pid": pid, "mode": wanted[args[-1]], "started": _iso(_process_start(pid))}
     return None
 
 
@@ -2708,7 +3315,12 @@ def _mirror_status(conf, spec, installed, images):
             }
             for repo in repositories
         }
-    if not running and not serving:
+    if not running and process:
+        comment = (
+            f"a registry (pid {process['pid']}) serves without its supervisor: apply hub_mirror "
+            f"or run hub_mirror.stop mirror={name} to heal it"
+        )
+    elif not running and not serving:
         comment = f"not running (start it: hub_mirror.start mirror={name})"
     elif not serving:
         comment = f"the service runs but {report['listen']} does not answer /v2/"
@@ -3041,11 +3653,8 @@ def _while_stopped(conf, spec, action):
     paths = _paths(conf, name)
     was_running = _is_running(conf, name)
     began = time.monotonic()
-    if was_running:
-        if _supervisor(conf) == "systemd":
-            _systemctl("stop", _service_name(name), check=False)
-        else:
-            _init(conf, name, "stop", check=False)
+    if was_running or _mirror_processes(paths):
+        _stop(conf, spec)
     serving = None
     try:
         if not _wait_stopped(paths):

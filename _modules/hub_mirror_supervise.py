@@ -12,9 +12,16 @@ the same storage as a plain read-only registry ("offline mode": every cached tag
 no pulls from upstream, no push), checks the upstream every ``--recheck`` seconds, and goes
 back to proxy mode as soon as the upstream answers. It also restarts the registry when it
 exits, with a short backoff, like systemd's ``Restart=always``.
+
+Its only argument is the path of the mirror's supervisor settings, a JSON file that
+``hub_mirror.configure`` writes (0600, the service user's): no pillar value ever reaches a
+unit file, an init script or a command line.
+
+The registry runs as the supervisor's child and dies with it (``PR_SET_PDEATHSIG``): a
+supervisor killed with SIGKILL cannot leave a registry serving unsupervised.
 """
 
-import argparse
+import ctypes
 import json
 import os
 import signal
@@ -73,6 +80,47 @@ def set_aside_broken_schedule(storage):
         return aside
 
 
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent):
+    """Runs in the child between fork and exec: ask the kernel for SIGTERM when the
+    supervisor dies, and give up at once if it already has (the race before prctl)."""
+
+    def preexec():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(70)  # pylint: disable=protected-access
+
+    return preexec
+
+
+class Settings:
+    """The supervisor's settings file, with defaults for what it may leave out."""
+
+    DEFAULTS = {"storage": "", "credentials": "", "log": "", "recheck": 15, "probe_timeout": 5}
+    REQUIRED = ("binary", "config", "offline_config", "listen", "upstream")
+
+    def __init__(self, path):
+        with open(path, encoding="utf-8") as handle:
+            values = {**self.DEFAULTS, **json.load(handle)}
+        missing = [key for key in self.REQUIRED if not values.get(key)]
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)}")
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+def log_to(path):
+    """Send our output, and the registry's, to ``path`` (the init-script path; under
+    systemd the journal takes stdout)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 class Supervisor:
     def __init__(self, args):
         self.args = args
@@ -93,7 +141,7 @@ class Supervisor:
             HUB_MIRROR_CREDENTIALS=self.args.credentials,
         )
         self.child = subprocess.Popen(  # pylint: disable=consider-using-with
-            [self.args.binary, "serve", config], env=env
+            [self.args.binary, "serve", config], env=env, preexec_fn=die_with_parent(os.getpid())
         )
         return self.child
 
@@ -155,17 +203,18 @@ class Supervisor:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--binary", required=True)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--offline-config", required=True)
-    parser.add_argument("--listen", required=True, help="HOST:PORT to probe locally")
-    parser.add_argument("--upstream", required=True)
-    parser.add_argument("--credentials", default="", help="credential helper's file (3.x)")
-    parser.add_argument("--storage", default="", help="filesystem storage root, if any")
-    parser.add_argument("--recheck", type=float, default=15)
-    parser.add_argument("--probe-timeout", type=float, default=5)
-    return Supervisor(parser.parse_args(argv)).run()
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: hub-mirror-supervise SETTINGS.json", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings(argv[0])
+    except (OSError, ValueError) as exc:
+        log(f"cannot read the settings: {exc}")
+        return 78  # EX_CONFIG: systemd and the init script show it; retrying will not help
+    if settings.log:
+        log_to(settings.log)
+    return Supervisor(settings).run()
 
 
 if __name__ == "__main__":

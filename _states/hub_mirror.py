@@ -42,6 +42,8 @@ def _apply(name, function, **kwargs):
         return ret
     ret["changes"] = outcome["changes"]
     ret["comment"] = outcome["comment"]
+    if outcome.get("warnings"):
+        ret["warnings"] = outcome["warnings"]
     if test and ret["changes"]:
         ret["result"] = None
     return ret

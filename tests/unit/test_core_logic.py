@@ -129,10 +129,10 @@ def test_offline_config_serves_the_same_storage_read_only_without_proxy(hub_mirr
 
 def test_config_changes_never_show_the_token(hub_mirror):
     spec = _mirror(hub_mirror)
-    old = hub_mirror._config_text(hub_mirror.render_config(spec, "2"))
+    old = hub_mirror._config_text("dockerhub", hub_mirror.render_config(spec, "2"))
     spec["token"] = "n3wt0k3n"
     spec["listen_port"] = 5050
-    new = hub_mirror._config_text(hub_mirror.render_config(spec, "2"))
+    new = hub_mirror._config_text("dockerhub", hub_mirror.render_config(spec, "2"))
     changes = hub_mirror._config_changes(old, new)
     assert changes["proxy.password"] == {"old": "<redacted>", "new": "<redacted>"}
     assert changes["http.addr"] == {"old": "127.0.0.1:5000", "new": "127.0.0.1:5050"}
@@ -140,7 +140,7 @@ def test_config_changes_never_show_the_token(hub_mirror):
 
 
 def test_config_text_is_yaml_the_registry_reads(hub_mirror):
-    text = hub_mirror._config_text(hub_mirror.render_config(_mirror(hub_mirror), "2"))
+    text = hub_mirror._config_text("dockerhub", hub_mirror.render_config(_mirror(hub_mirror), "2"))
     assert text.startswith("# Managed by Salt")
     assert yaml.safe_load(text)["version"] == 0.1
 
@@ -172,7 +172,7 @@ def test_unprivileged_ports_drop_every_capability(hub_mirror):
     unit = files["/etc/systemd/system/hub-mirror-dockerhub.service"][0]
     assert "CapabilityBoundingSet=\n" in unit
     assert "User=hub-mirror" in unit
-    assert "ReadWritePaths=/var/lib/hub-mirror/dockerhub" in unit
+    assert 'ReadWritePaths="/var/lib/hub-mirror/dockerhub"' in unit
     assert "Restart=always" in unit
     assert "t0k3n" not in unit
 
@@ -208,9 +208,9 @@ def test_s3_storage_replaces_the_filesystem_and_keeps_its_secret_redacted(hub_mi
         "secure": False,
     }
     assert hub_mirror.render_config(spec, "3")["storage"]["s3"]["forcepathstyle"] is True
-    old = hub_mirror._config_text(config)
+    old = hub_mirror._config_text("dockerhub", config)
     spec["s3"]["secretkey"] = "SK2"
-    changes = hub_mirror._config_changes(old, hub_mirror._config_text(hub_mirror.render_config(spec, "2")))
+    changes = hub_mirror._config_changes(old, hub_mirror._config_text("dockerhub", hub_mirror.render_config(spec, "2")))
     assert changes == {"storage.s3.secretkey": {"old": "<redacted>", "new": "<redacted>"}}
 
 

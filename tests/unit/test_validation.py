@@ -221,7 +221,7 @@ def test_settings_redact_the_token_unless_asked(hub_mirror):
     ],
 )
 def test_urls_in_messages_never_show_credentials(hub_mirror, url, shown):
-    assert hub_mirror._shown_url(url) == shown
+    assert hub_mirror._redact_url(url) == shown
 
 
 @pytest.mark.parametrize(
