@@ -848,8 +848,14 @@ def _validate(raw, grains):
             sockets.append((name, key, host, port))
         if lookup is None or len(errors.messages) > known_before or mirror["s3"]:
             continue
+        _validate_storage(
+            errors,
+            f"mirrors:{name}:storage",
+            mirror["storage"] or os.path.join(lookup["state_dir"], name),
+            lookup,
+            f"write e.g. /var/lib/hub-mirror/{name}",
+        )
         storage = _storage_path(mirror, lookup, name)
-        _validate_storage(errors, f"mirrors:{name}:storage", storage, lookup, f"write e.g. /var/lib/hub-mirror/{name}")
         for other, other_storage in storages.items():
             if _nested(storage, other_storage) or _nested(other_storage, storage):
                 errors.add(

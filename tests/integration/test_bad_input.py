@@ -4,6 +4,7 @@ serving what it cached, on its old address, from the same config, binary and pro
 A config that validates but does not serve is rolled back to the last one that served."""
 
 import copy
+import json
 import hashlib
 import pwd
 import shutil
@@ -142,6 +143,24 @@ def second_mirror_on_the_same_listen(ctx):
     return pillar
 
 
+def symlink_to(ctx, target):
+    link = ctx.serving["minion"].root / f"link-{unique_name('')}"
+    link.symlink_to(target)
+    ctx.cleanup.append(link.unlink)
+    return str(link)
+
+
+def second_mirror_inside_the_first(ctx):
+    pillar = copy.deepcopy(ctx.serving["good"])
+    storage = f"{ctx.serving['minion'].lookup['state_dir']}/{ctx.serving['name']}"
+    pillar["mirrors"][ctx.serving["name"] + "b"] = {
+        "upstream": ctx.hub.url,
+        "listen": f"127.0.0.1:{free_port()}",
+        "storage": storage + "/nested",
+    }
+    return pillar
+
+
 def mirrors_as_a_list(ctx):
     pillar = copy.deepcopy(ctx.serving["good"])
     pillar["mirrors"] = [{"name": ctx.serving["name"], **pillar["mirrors"][ctx.serving["name"]]}]
@@ -248,6 +267,33 @@ CASES = [
         "reports version '2.8.2",
     ),
     ("download-fails", missing_download, "hub_mirror:install:source: downloading", "404 Client Error"),
+    # Values that would reach a root shell, a unit file or rm: refused where they enter.
+    ("storage-shell-command", with_mirror(storage="/srv/c;touch /tmp/hm-pwned"), "{mirror}:storage", "no spaces, quotes, $"),
+    ("storage-newline-directive", with_mirror(storage="/srv/c\nUser=root"), "{mirror}:storage", "write it on one line"),
+    ("storage-with-a-space", with_mirror(storage="/srv/docker cache"), "{mirror}:storage", "no spaces"),
+    ("storage-etc", with_mirror(storage="/etc"), "{mirror}:storage", "is a system directory"),
+    ("storage-inside-home", with_mirror(storage="/home/cache"), "{mirror}:storage", "inside the system directory /home"),
+    ("storage-dotdot", with_mirror(storage="/var/lib/hub-mirror/../../../home"), "{mirror}:storage", "without them"),
+    ("storage-symlink-to-etc", with_mirror(storage=lambda ctx: symlink_to(ctx, "/etc")), "{mirror}:storage", "resolves to /etc"),
+    ("storage-inside-another-mirror", second_mirror_inside_the_first, "{mirror}b:storage", "neither inside the other"),
+    ("storage-is-the-state-dir", with_mirror(storage=lambda ctx: ctx.serving["minion"].lookup["state_dir"]), "{mirror}:storage", "overlaps lookup:state_dir"),
+    ("upstream-command-in-query", with_mirror(upstream=lambda ctx: ctx.hub.url + "/?x=$(id)"), "{mirror}:upstream", "give only scheme and host"),
+    ("upstream-newline-directive", with_mirror(upstream=lambda ctx: ctx.hub.url + "\nUser=root"), "{mirror}:upstream", "write it on one line"),
+    ("upstream-port-out-of-range", with_mirror(upstream="http://127.0.0.1:70000"), "{mirror}:upstream", "bad host or port"),
+    ("upstream-is-the-mirror-itself", with_mirror(upstream=lambda ctx: f"http://127.0.0.1:{ctx.serving['port']}"), "{mirror}:upstream", "this mirror's own address"),
+    ("upstream-bad-ipv6", with_mirror(upstream="http://[::1"), "{mirror}:upstream", "is not a valid URL"),
+    ("username-with-colon", with_mirror(username="hub:user"), "{mirror}:username", "give the account name alone"),
+    ("token-refused-upstream", with_mirror(token="dckr_pat_WRONG0000000000000000"), "{mirror}:token", "check username and token"),
+    ("user-is-root", with_top(lookup={"user": "root"}), "hub_mirror:lookup:user", "use a dedicated account"),
+    ("group-is-sudo", with_top(lookup={"group": "sudo"}), "hub_mirror:lookup:group", "use a dedicated account"),
+    # Values that used to end in a traceback.
+    ("mirror-named-by-a-number", with_top(mirrors=lambda ctx: {5850: {}}), "hub_mirror:mirrors:5850", "quote it in YAML"),
+    ("mirror-name-with-newline", with_top(mirrors=lambda ctx: {"m\n": {}}), "hub_mirror:mirrors:m\\n", "lowercase letters"),
+    ("version-with-newline", with_top(version="2.8.2\n"), "hub_mirror:version", "give all three parts"),
+    ("max-size-infinite", with_mirror(max_size=float("inf")), "{mirror}:max_size", "write e.g. 50G"),
+    ("source-unknown-placeholder", with_top(install={"source": "http://127.0.0.1:1/{ver}.tgz"}), "hub_mirror:install:source", "use only {{version}} and {{arch}}"),
+    ("config-dir-a-number", with_top(lookup={"config_dir": 5}), "hub_mirror:lookup:config_dir", "quote the value in YAML"),
+    ("debug-listen-bare-ipv6", with_mirror(debug_listen="::1:5805"), "{mirror}:debug_listen", "[::1]:5000"),
 ]
 
 
@@ -405,7 +451,7 @@ def test_config_that_does_not_serve_is_rolled_back(masterless, release_server, c
     assert "permission denied" in result.output
     assert "Restored the last setup that served (it serves again)" in result.output
     # The whole setup comes back, the init script's probe address included.
-    assert f"--listen=127.0.0.1:{port} " in Path(f"/etc/init.d/hub-mirror-{mirror_name}").read_text()
+    assert json.loads((Path(masterless.lookup["config_dir"]) / f"{mirror_name}.supervise.json").read_text())["listen"] == f"127.0.0.1:{port}"
     assert HUB_TOKEN not in result.output
     assert config.read_bytes() == good_config
     status = config.stat()

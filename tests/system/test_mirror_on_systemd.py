@@ -172,6 +172,29 @@ def test_kill_9_of_registry_and_of_supervisor_serves_again_with_the_cache(deploy
     assert site.hub.counts()["blob_get"] == 0
 
 
+def test_storage_taken_away_and_a_config_edited_by_hand_are_put_back(deployed, tmp_path):
+    """The init-script host's faults (tests/integration/test_hostile_pillar.py) under systemd:
+    an apply hands the storage back to the service user and overwrites a local edit."""
+    site, _ = deployed
+    host = site.host
+    config = host.path(CONFIG)
+    rendered = config.read_bytes()
+    host.run(["chown", "root:root", STORAGE])
+    host.run(["chmod", "0700", STORAGE])
+    config.write_text("- edited\n- by hand\n")
+
+    healed = site.apply()
+    assert healed.returncode == 0 and healed.all_true, healed
+    configured = healed.changes[f"hub_mirror-config-{MIRROR}-configured"]
+    assert "storage" in configured and "config" in configured, configured
+    assert config.read_bytes() == rendered
+    assert host.sh(f"stat -c '%U %a' {STORAGE}") == "hub-mirror 750"
+    # Writing new content proves the registry (in its sandbox) has its storage back.
+    assert site.pull("library/busybox", "latest", tmp_path)
+    again = site.apply()
+    assert again.returncode == 0 and again.changes == {}, again
+
+
 def _exposure(host, unit):
     out = host.run(["systemd-analyze", "security", "--no-pager", unit]).stdout
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)

@@ -2,8 +2,11 @@
 full disk leaves empty (registry 2.8 panics on it at every start)."""
 
 import json
+import subprocess
+import sys
+import time
 
-from tests.support.modules import load
+from tests.support.modules import REPO, load
 
 
 def test_an_empty_schedule_is_moved_aside(tmp_path):
@@ -22,3 +25,47 @@ def test_a_valid_or_missing_schedule_is_left_alone(tmp_path):
     assert supervise.set_aside_broken_schedule(str(tmp_path)) is None
     assert json.loads((tmp_path / "scheduler-state.json").read_text()) == state
     assert supervise.set_aside_broken_schedule("") is None
+
+
+def test_settings_come_from_one_file_and_a_bad_one_is_a_config_error(tmp_path, capsys):
+    supervise = load("hub_mirror_supervise")
+    good = {"binary": "/opt/r", "config": "/etc/m.yml", "offline_config": "/etc/m.offline.yml",
+            "listen": "127.0.0.1:5000", "upstream": "https://registry-1.docker.io"}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    settings = supervise.Settings(str(tmp_path / "good.json"))
+    assert (settings.binary, settings.recheck, settings.log) == ("/opt/r", 15, "")
+    (tmp_path / "bad.json").write_text(json.dumps({**good, "binary": ""}))
+    assert supervise.main([str(tmp_path / "bad.json")]) == 78
+    assert supervise.main(["--binary=/opt/r"]) == 2
+    assert "missing binary" in capsys.readouterr().err
+
+
+def test_the_registry_dies_with_its_supervisor(tmp_path):
+    """A child started the supervisor's way gets SIGTERM when its parent is SIGKILLed."""
+    pidfile = tmp_path / "child.pid"
+    parent = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time\n"
+         f"sys.path.insert(0, {str(REPO / '_modules')!r})\n"
+         "import hub_mirror_supervise as s\n"
+         "child = subprocess.Popen(['sleep', '600'], preexec_fn=s.die_with_parent(os.getpid()))\n"
+         f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
+         "time.sleep(600)\n"])
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            state = open(f"/proc/{child}/stat", encoding="ascii").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the child {child} outlived its parent")
+
