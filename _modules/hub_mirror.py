@@ -3610,7 +3610,8 @@ def _host_problem(host):
     reference grammar accepts, or None."""
     if host.startswith("["):
         try:
-            ipaddress.IPv6Address(host[1:-1] if host.endswith("]") else "x")
+            # No zone (fe80::1%eth0): no runtime's config takes one.
+            ipaddress.IPv6Address(host[1:-1] if host.endswith("]") and "%" not in host else "x")
         except ValueError:
             return "is not a bracketed IPv6 address"
         return None
@@ -4279,8 +4280,11 @@ def plan_file(kind, entry, current, original, mirrors, **render_args):
     """
     render, strip = _CLIENT_KINDS[kind]
     if entry is None:
-        # A marked block is ours by its markers, even when its record was lost.
+        # A marked block is ours by its markers, even when its record was lost; a file
+        # that holds nothing else was created by hub_mirror.
         base = strip_block(current) if kind in _BLOCK_KINDS and current else current
+        if kind in _BLOCK_KINDS and current and not base:
+            base = None
     elif current is None:
         base = None
     elif entry.get("written") == _sha256_text(current) and (original is not None or not entry["existed"]):
