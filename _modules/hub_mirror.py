@@ -4297,13 +4297,35 @@ def plan_file(kind, entry, current, original, mirrors, **render_args):
         if conflict:
             mirrors, note = {}, conflict
     desired = render(base, mirrors, **render_args) if mirrors else base
-    return base, desired, mirrors, note
+    separated = bool(base)
+    if kind in _BLOCK_KINDS and entry is not None and current and desired and _block_span(current):
+        # Where the user wrote around hub_mirror's block, the block stays where it is.
+        desired = _splice_block(current, desired)
+        separated = entry.get("separated", True)
+    return base, desired, mirrors, note, separated
+
+
+def _block_span(text):
+    """(start, end) of hub_mirror's marked block in ``text``, or None."""
+    begin = (text or "").find(BLOCK_BEGIN + "\n")
+    if begin < 0 or (begin > 0 and text[begin - 1] != "\n"):
+        return None
+    end = text.find(BLOCK_END + "\n", begin)
+    return None if end < 0 else (begin, end + len(BLOCK_END) + 1)
+
+
+def _splice_block(current, rendered):
+    """``current`` with its marked block replaced by the one in ``rendered``."""
+    old, new = _block_span(current), _block_span(rendered)
+    if not old or not new:
+        return rendered
+    return current[: old[0]] + rendered[new[0] : new[1]] + current[old[1] :]
 
 
 def _apply_file(record, runtime, path, kind, plan, current, test):
     """Write one planned file; record it only once the write succeeded. Returns the
     change, or None when the file is already right."""
-    base, desired, mirrors = plan
+    base, desired, mirrors, separated = plan
     entry = record.files.get(path)
     if entry is None and not mirrors:
         return None, []
@@ -4340,7 +4362,7 @@ def _apply_file(record, runtime, path, kind, plan, current, test):
             new_entry.update(_remember_daemon_json(base))
         elif kind in _BLOCK_KINDS:
             # Whether add_block put a newline between the user's text and the block.
-            new_entry["separated"] = bool(base)
+            new_entry["separated"] = separated
         if new_entry != entry:
             record.files[path] = new_entry
             record.dirty = True
@@ -4713,6 +4735,13 @@ def _runtime_files(runtime, client, alive):
         return [(paths["docker_daemon_json"], "daemon_json", ours, {})], []
     if runtime == "containerd":
         files, notes = [], []
+        # containerd 1.6 does not use a [host."http://[::1]:port"] (measured: it pulls
+        # from the next host): an IPv6 mirror only costs it a detour.
+        v6 = [url for urls in alive.values() for url in urls if _is_ipv6_url(url)]
+        if v6:
+            notes.append(f"left out {', '.join(dict.fromkeys(v6))}: containerd does not use an IPv6 address as a mirror host, give it a host name")
+        alive = {up: [url for url in urls if url not in v6] for up, urls in alive.items()}
+        alive = {up: urls for up, urls in alive.items() if urls}
         for upstream in client["mirrors"]:
             directory = os.path.join(paths["containerd_certs_d"], upstream)
             certs = _docker_style_certs(directory)
@@ -4815,7 +4844,7 @@ def _plan_runtime(record, client, runtime, alive, wanted):
             if os.path.isdir(path):
                 raise ValueError("it is a directory")
             current = _read_exact(path)
-            base, desired, written, note = plan_file(
+            base, desired, written, note, separated = plan_file(
                 kind, entry, current, record.original(path) if entry else None, mirrors, **render_args
             )
         except json.JSONDecodeError as exc:
@@ -4829,7 +4858,7 @@ def _plan_runtime(record, client, runtime, alive, wanted):
             continue
         if note:
             plan["notes"].append(f"{path}: {note}")
-        plan["files"].append((path, kind, current, (base, desired, written)))
+        plan["files"].append((path, kind, current, (base, desired, written, separated)))
     return plan
 
 
