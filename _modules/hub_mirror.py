@@ -4340,7 +4340,10 @@ def _apply_file(record, runtime, path, kind, plan, current, test):
     if entry is None or base != kept or (base is None) == entry["existed"]:
         # The user's version changed (first touch, or they edited the file): keep it
         # before the file changes, so that no failure later can lose it.
-        record.keep_original(path, base)
+        try:
+            record.keep_original(path, base)
+        except OSError as exc:
+            raise OSError(exc.errno, f"its original could not be kept in {record.directory}: {exc.strerror}") from exc
     dirs = list((entry or {}).get("dirs", []))
     emptied = []
     if desired != current:
@@ -4879,8 +4882,7 @@ def _sync_runtime(record, client, runtime, plan, alive, wanted, test, cleaning=F
             failed = True
             continue
         finally:
-            if record.dirty and not test:
-                record.save()
+            notes += _save_record(record, test)
         if change:
             changes[path] = change
         emptied_dirs += emptied
@@ -4945,9 +4947,19 @@ def _sync_all(client, record, alive, test, cleaning=False):
         if runtime_changes:
             changes[runtime] = runtime_changes
         lines.append(line)
-    if not test and record.dirty:
-        record.save()
+    lines += [f"Record: {note}" for note in _save_record(record, test)]
     return changes, lines
+
+
+def _save_record(record, test):
+    """Save the record if it changed; [why it could not be saved]."""
+    if test or not record.dirty:
+        return []
+    try:
+        record.save()
+    except OSError as exc:
+        return [f"{record.index_path} could not be saved ({exc.strerror or exc}): fix that, then re-run"]
+    return []
 
 
 def _grain(path):

@@ -322,3 +322,17 @@ def test_an_https_mirror_with_a_private_ca_answers_with_ca_file(tmp_path):
     finally:
         front.stop()
         plain.shutdown()
+
+
+def test_a_record_that_cannot_be_saved_is_said_not_raised_and_nothing_is_written(host, tmp_path):
+    """Without a place to keep the user's original, no client file may change."""
+    (tmp_path / "state").write_text("a file where the state directory should be\n")
+    before = {path: snapshot(path) for path in files_of(host)}
+    changes, lines = configure(host)
+    assert changes == {}, lines
+    assert any("index.json could not be saved" in line for line in lines), lines
+    for runtime in ("docker", "containerd", "podman", "k3s"):
+        line = next(line for line in lines if line.startswith(f"{runtime}:"))
+        assert "could not be written (its original could not be kept in" in line, line
+        assert "Not a directory" in line
+    assert {path: snapshot(path) for path in files_of(host)} == before
