@@ -4,6 +4,7 @@ private network namespace of tests/integration/test_client.py (nothing leaves it
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -305,3 +306,84 @@ def test_a_mirror_that_trickles_holds_the_state_no_longer_than_probe_timeout(hos
     assert sent and sent[0] <= 5, sent
     with capsys.disabled():
         print(f"\nsalt-call hub_mirror.client_configure with a 1 byte/s mirror: {elapsed:.1f} s, {sent[0]} bytes sent")
+
+
+def test_one_broken_runtime_file_costs_that_runtime_only(host, world):
+    """Class 1: a k3s registries.yaml with `docker.io: [list]` and a containerd
+    config.toml that is not UTF-8 used to abort the run after other runtimes' files
+    were written and before they were recorded."""
+    mirror = world.mirrors[0]
+    k3s = host.paths["k3s_registries"]
+    k3s.parent.mkdir(parents=True)
+    broken_k3s = "mirrors:\n  docker.io:\n  - http://10.9.9.9:5000\n"
+    k3s.write_text(broken_k3s)
+    host.paths["containerd_config"].write_bytes(b"version = 2\n# caf\xe9 in latin-1\n")
+    host.set_pillar({"docker.io": mirror.url}, ["containerd", "podman", "k3s"])
+    ret = host.apply()
+    assert ret["result"] is True, ret
+    assert "left as it was: its mirrors.docker.io is not a mapping" in line_of(ret, "k3s"), ret
+    assert "could not check how containerd picks this up" in line_of(ret, "containerd")
+    assert set(ret["changes"]) == {"containerd", "podman"}
+    index = json.loads((host.root / "state" / ".client" / "index.json").read_text())
+    assert sorted(entry["runtime"] for entry in index["files"].values()) == ["containerd", "podman"]
+    served = gets(mirror)
+    host.skopeo_pull()
+    assert gets(mirror) > served
+    cleaned = host.apply("hub_mirror.client.clean")
+    assert set(cleaned["changes"]) == {"containerd", "podman"}, cleaned
+    assert not host.dropin.exists() and not host.hosts_toml.exists()
+    assert k3s.read_text() == broken_k3s
+
+
+def test_what_each_runtime_does_with_a_mirror_host_written_as_is(host, world, ipv6_mirror, capsys):
+    """The facts the validation and the per-runtime rules stand on, measured with the
+    config written by hand (not by hub_mirror): an IPv6 literal, a non-ASCII host and a
+    quote, each as the mirror of docker.io."""
+    port = ipv6_mirror.config["http"]["addr"].rsplit(":", 1)[1]
+    hosts = {"ipv6": f"[::1]:{port}", "unicode": f"bücher.example:{port}", "quote": f'a"b:{port}'}
+    dockerd = host.dockerd(user_daemon_json(host.root))
+    containerd = host.containerd()
+    base = json.loads(host.paths["docker_daemon_json"].read_text())
+    figures = {}
+    for kind, hostport in hosts.items():
+        url = f"http://{hostport}"
+        seen = {}
+        host.paths["docker_daemon_json"].write_text(json.dumps({**base, "registry-mirrors": [url]}))
+        os.kill(int(dockerd.pidfile.read_text()), signal.SIGHUP)
+        seen["dockerd_mirrors_after_reload"] = dockerd.wait_mirrors([url], timeout=5)
+
+        served = gets(ipv6_mirror, "manifests")
+        host.hosts_toml.parent.mkdir(parents=True, exist_ok=True)
+        host.hosts_toml.write_text(
+            'server = "https://registry-1.docker.io"\n\n'
+            f'[host.{json.dumps(url, ensure_ascii=False)}]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        result = containerd.pull(REF, host.paths["containerd_certs_d"], check=False)
+        seen["ctr"] = {"rc": result.returncode, "mirror_manifest_gets": gets(ipv6_mirror, "manifests") - served}
+
+        served = gets(ipv6_mirror, "manifests")
+        host.dropin.write_text(
+            f'[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n[[registry.mirror]]\n'
+            f"location = {json.dumps(hostport, ensure_ascii=False)}\ninsecure = true\n"
+        )
+        result = skopeo_copy(
+            host.world.netns, REF, host.root / f"oci-{kind}", host.env,
+            {"/etc/hosts": host.etc_hosts, "/etc/containers": host.containers}, check=False,
+        )
+        seen["skopeo"] = {
+            "rc": result.returncode,
+            "mirror_manifest_gets": gets(ipv6_mirror, "manifests") - served,
+            "error": result.stderr.strip().splitlines()[-1][-160:] if result.returncode else "",
+        }
+        figures[kind] = seen
+    host.dropin.unlink()
+    with capsys.disabled():
+        print("\nruntimes and mirror hosts written as-is:", json.dumps(figures, indent=2, ensure_ascii=False))
+    # What hub_mirror relies on: dockerd takes an IPv6 mirror; containerd 1.6 does not
+    # use one; containers/image cannot use one.
+    assert figures["ipv6"]["dockerd_mirrors_after_reload"] == [f"http://{hosts['ipv6']}"]
+    assert figures["ipv6"]["ctr"]["mirror_manifest_gets"] == 0
+    assert figures["ipv6"]["skopeo"]["mirror_manifest_gets"] == 0
+    # ... and every containers/image pull of docker.io fails outright (no fallback) with
+    # an IPv6, non-ASCII or quoted mirror host: why those are refused or left out.
+    assert all("invalid reference format" in figures[kind]["skopeo"]["error"] for kind in hosts), figures
