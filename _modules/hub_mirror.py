@@ -33,7 +33,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tarfile
@@ -4014,6 +4013,8 @@ def _probe_mirror(url, deadline, timeout, ca_file=""):
     that trickles bytes cannot stretch the probe (an HTTP library's timeout is per read).
     Salt's proxy environment is ignored: the probe goes where the clients go.
     """
+    import ssl  # pylint: disable=import-outside-toplevel  # only the probe needs it
+
     parsed = urllib.parse.urlparse(url)
     https = parsed.scheme == "https"
     port = parsed.port or (443 if https else 80)
