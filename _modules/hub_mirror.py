@@ -3415,7 +3415,7 @@ CLIENT_DEFAULTS = {
     # A mirror on the LAN answers in milliseconds; this bounds what a dead one costs.
     "probe_timeout": 2,
     # A CA bundle for https mirrors signed by a private CA: the probe verifies with it,
-    # and containerd, buildkit and k3s get it for those mirrors.
+    # and containerd and buildkit get it for those mirrors.
     "ca_file": "",
     "paths": {
         "docker_daemon_json": "/etc/docker/daemon.json",
@@ -5068,6 +5068,13 @@ def client_configure(test=False):
     answering, each client gets its own config back. A problem with one client is
     reported in the comment, never raised: a dead mirror must not fail a build host's
     run. Returns ``{"changes": {...}, "comment": "..."}``; ``test=True`` changes nothing.
+
+    The user's policy is kept and the comment says so: an upstream their own
+    registries.conf configures (``blocked = true``, their mirrors), dockerd started with
+    ``--registry-mirror`` (its unit, drop-ins or /etc/default/docker, running or not),
+    docker-style certs in ``certs.d/<upstream>/`` (named from the new hosts.toml). An
+    IPv6 mirror goes to docker, buildkit and k3s only: containerd 1.6 does not use one
+    and containers/image cannot parse one. Edits the user made since the last run stay.
 
     CLI Example:
 
