@@ -4268,7 +4268,7 @@ class _ClientRecord:
 _CONFLICTS = {"hosts_toml": _hosts_toml_conflict, "buildkitd_toml": _buildkitd_conflict}
 
 
-def plan_file(kind, entry, current, original, mirrors, **render_args):
+def _plan_file(kind, entry, current, original, mirrors, **render_args):
     """
     The user's own version of one client config file and the text it should hold:
     ``(base, desired, note)``; None for a file that should not exist. Pure.
@@ -4660,7 +4660,7 @@ def _podman_blocked(client):
     return None
 
 
-def registries_conf_registries(text):
+def _registries_conf_registries(text):
     """The ``[[registry]]`` tables of a registries.conf, read line by line (no TOML
     library needed on Salt's Python): ``[{"keys": {key: raw value}, "mirrors": n}]``.
     Anything it cannot read as a plain key counts as a key, so a registry it does not
@@ -4698,7 +4698,7 @@ def _podman_user_policy(client, upstreams):
     prefix replaces theirs, lifting a ``blocked = true`` or dropping their mirrors."""
     kept = {}
     for path, text in _user_registries_confs(client):
-        for registry in registries_conf_registries(text):
+        for registry in _registries_conf_registries(text):
             keys = registry["keys"]
             prefix = keys.get("prefix") or keys.get("location")
             if prefix not in upstreams or prefix in kept:
@@ -4848,7 +4848,7 @@ def _plan_runtime(record, client, runtime, alive, wanted):
             if os.path.isdir(path):
                 raise ValueError("it is a directory")
             current = _read_exact(path)
-            base, desired, written, note, separated = plan_file(
+            base, desired, written, note, separated = _plan_file(
                 kind, entry, current, record.original(path) if entry else None, mirrors, **render_args
             )
         except json.JSONDecodeError as exc:
