@@ -4028,6 +4028,9 @@ CLIENT_DEFAULTS = {
     "runtimes": list(CLIENT_RUNTIMES),
     # A mirror on the LAN answers in milliseconds; this bounds what a dead one costs.
     "probe_timeout": 2,
+    # A CA bundle for https mirrors signed by a private CA: the probe verifies with it,
+    # and containerd and buildkit get it for those mirrors.
+    "ca_file": "",
     "paths": {
         "docker_daemon_json": "/etc/docker/daemon.json",
         "docker_pidfile": "/var/run/docker.pid",
@@ -4039,6 +4042,9 @@ CLIENT_DEFAULTS = {
         "buildkitd_toml": "/etc/buildkit/buildkitd.toml",
         "k3s_registries": "/etc/rancher/k3s/registries.yaml",
         "rke2_registries": "/etc/rancher/rke2/registries.yaml",
+        # Where docker.service and its drop-ins may be (first match wins, as in systemd).
+        "systemd_units": "/etc/systemd/system:/run/systemd/system:/usr/local/lib/systemd/system:/usr/lib/systemd/system:/lib/systemd/system",
+        "docker_default": "/etc/default/docker",
     },
 }
 
@@ -4068,6 +4074,10 @@ BLOCK_END = "# END hub_mirror"
 _REGISTRY_HOST_RE = re.compile(
     r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?$"
 )
+# A DNS name (any case, as the reference grammars allow) or an IPv4 address.
+_MIRROR_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
+# Characters that end or escape a string in JSON, TOML or YAML, or no URL host has.
+_URL_FORBIDDEN = set('\\"\'<>`{}|^')
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
 _TOML_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\[\]#]+?)\s*\]\]?\s*(?:#.*)?$")
 _V1_REGISTRIES_RE = re.compile(r"^\s*\[\s*registries\s*\.\s*(search|insecure|block)\s*\]", re.M)
@@ -4094,7 +4104,7 @@ def _validate_client(errors, client):
         mirrors = {}
     for upstream, urls in mirrors.items():
         key = f"client:mirrors:{upstream}"
-        if not isinstance(upstream, str) or not _REGISTRY_HOST_RE.match(upstream):
+        if not isinstance(upstream, str) or not _REGISTRY_HOST_RE.fullmatch(upstream):
             errors.add(
                 key,
                 f"{upstream!r} is not a registry host",
@@ -4141,6 +4151,15 @@ def _validate_client(errors, client):
             "use e.g. 2: a mirror that answers at all answers in milliseconds",
         )
 
+    ca_file = client.get("ca_file") or ""
+    problem = _ca_file_problem(ca_file) if ca_file else None
+    if problem:
+        errors.add(
+            "client:ca_file",
+            problem,
+            "give the absolute path of the PEM bundle that signed the https mirrors, or leave it out",
+        )
+
     paths = client.get("paths") or {}
     if not isinstance(paths, dict):
         errors.add("client:paths", "must be a mapping", "see pillar.example")
@@ -4148,7 +4167,10 @@ def _validate_client(errors, client):
     _check_keys(errors, "client:paths", paths, CLIENT_DEFAULTS["paths"])
     for name, value in paths.items():
         if name in CLIENT_DEFAULTS["paths"] and (
-            not isinstance(value, str) or not os.path.isabs(value)
+            not isinstance(value, str)
+            or not all(os.path.isabs(part) for part in value.split(":"))
+            or any(unicodedata.category(c)[0] == "C" for c in value)
+            or (":" in value and name != "systemd_units")
         ):
             errors.add(
                 f"client:paths:{name}",
@@ -4196,14 +4218,47 @@ def _validate_discover(errors, discover):
         )
 
 
+def _host_problem(host):
+    """Why ``host`` (a URL's host, IPv6 in brackets) is no registry host every runtime's
+    reference grammar accepts, or None."""
+    if host.startswith("["):
+        try:
+            # No zone (fe80::1%eth0): no runtime's config takes one.
+            ipaddress.IPv6Address(host[1:-1] if host.endswith("]") and "%" not in host else "x")
+        except ValueError:
+            return "is not a bracketed IPv6 address"
+        return None
+    if not host.isascii():
+        try:
+            ascii_form = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "is not a host name"
+        # Docker's and containers/image's reference grammars take ASCII host names only.
+        return f"is not ASCII: write its IDNA form {ascii_form}"
+    if not _MIRROR_HOST_RE.fullmatch(host):
+        return "is not a host name or IP address"
+    return None
+
+
 def _mirror_url_problem(url):
-    """Why ``url`` cannot be a mirror for every runtime, or None."""
+    """Why ``url`` cannot be a mirror for every runtime, or None. Applied to every source
+    of a mirror URL (pillar, the mine, a mirror's ``advertise``): what passes here is
+    written into JSON, TOML and YAML and parsed by each runtime's reference grammar."""
     if not isinstance(url, str):
         return f"{url!r} is not a URL"
     if "@" in url:
         # Not echoed: the part before the @ may be a password.
         return "a mirror URL holds credentials (not shown here)"
-    parsed = urllib.parse.urlparse(url)
+    # urllib silently drops tab/CR/LF, so check the raw text: a newline in a mirror
+    # makes dockerd refuse daemon.json and TOML files invalid.
+    bad = [c for c in url if unicodedata.category(c)[0] in "CZ" or c in _URL_FORBIDDEN]
+    if bad:
+        return f"{url!r} holds {bad[0]!r}, which no runtime's config takes in a mirror URL"
+    try:
+        parsed = urllib.parse.urlparse(url)
+    except ValueError:
+        # e.g. brackets that hold no IPv6 address
+        return f"{url!r} is not a URL"
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return f"{url!r} is not an absolute http or https URL"
     try:
@@ -4213,6 +4268,20 @@ def _mirror_url_problem(url):
     # Docker's registry-mirrors and buildkit's mirrors take a host, nothing more.
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.params:
         return f"{url!r} has a path"
+    host = parsed.netloc.rsplit(":", 1)[0] if parsed.port is not None else parsed.netloc
+    problem = _host_problem(host)
+    if problem:
+        return f"{url!r}: its host {problem}"
+    return None
+
+
+def _ca_file_problem(path):
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return f"{path!r} is not an absolute path"
+    if any(unicodedata.category(c)[0] == "C" for c in path):
+        return f"{path!r} holds a control character"
+    if not os.path.isfile(path):
+        return f"{path} does not exist on this host"
     return None
 
 
@@ -4338,8 +4407,10 @@ def _remember_daemon_json(base):
 # -- pure rendering: marked blocks (TOML and registries.conf) ------------------------------
 
 
-def strip_block(text):
-    """``text`` without hub_mirror's marked block (and the newline that set it apart)."""
+def strip_block(text, separated=True):
+    """``text`` without hub_mirror's marked block, and without the newline add_block put
+    before it when it was ``separated`` from the user's text (the record says; a user who
+    later wrote lines above a block that began the file wrote that newline themselves)."""
     if text is None:
         return None
     begin = text.find(BLOCK_BEGIN + "\n")
@@ -4349,7 +4420,7 @@ def strip_block(text):
     if end < 0:
         return text
     end += len(BLOCK_END) + 1
-    return text[: max(begin - 1, 0)] + text[end:]
+    return text[: max(begin - 1, 0) if separated else begin] + text[end:]
 
 
 def add_block(base, body):
@@ -4360,7 +4431,7 @@ def add_block(base, body):
 
 
 def _strip_block_file(current, record):
-    text = strip_block(current)
+    text = strip_block(current, record.get("separated", True))
     if not text and not record.get("existed"):
         return None
     return text
@@ -4377,7 +4448,19 @@ def _toml_tables(text):
 
 
 def _mirror_host(url):
+    """``host:port`` of a mirror URL, IPv6 in brackets, as buildkit and registries.conf
+    take it."""
     return urllib.parse.urlparse(url).netloc
+
+
+def _is_ipv6_url(url):
+    return _mirror_host(url).startswith("[")
+
+
+def _toml_str(text):
+    """A TOML basic string: JSON's escaping is TOML's, except that TOML also escapes DEL
+    and takes non-ASCII as it is (JSON's surrogate-pair escapes are not TOML)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def upstream_server(upstream):
@@ -4385,16 +4468,25 @@ def upstream_server(upstream):
     return "https://registry-1.docker.io" if upstream == DOCKER_HUB else f"https://{upstream}"
 
 
-def render_hosts_toml(base, mirrors):
+def render_hosts_toml(base, mirrors, ca_file="", server_certs=None):
     """containerd ``certs.d/<upstream>/hosts.toml``: each mirror as a pull/resolve host, in
     order, then ``server`` (the upstream). In a user's own file the hosts are appended in a
-    marked block after the user's own."""
+    marked block after the user's own. ``server_certs`` ({"ca": [...], "client": [[cert,
+    key]]}) are the docker-style files found in that directory: containerd stops reading
+    them once a hosts.toml exists, so the file names them."""
     ((upstream, urls),) = mirrors.items()
     lines = []
     if not strip_block(base):
-        lines += [f'server = "{upstream_server(upstream)}"', ""]
+        lines += [f"server = {_toml_str(upstream_server(upstream))}"]
+        for key, value in (server_certs or {}).items():
+            if value:
+                lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+        lines.append("")
     for url in urls:
-        lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]', ""]
+        lines += [f"[host.{_toml_str(url)}]", '  capabilities = ["pull", "resolve"]']
+        if ca_file and url.startswith("https://"):
+            lines.append(f"  ca = {_toml_str(ca_file)}")
+        lines.append("")
     return add_block(base, "\n".join(lines[:-1]) + "\n")
 
 
@@ -4406,35 +4498,37 @@ def _hosts_toml_conflict(base, mirrors):
     return None
 
 
-def render_registries_conf(base, mirrors):
-    """A containers-registries.conf(5) drop-in: per upstream a ``[[registry]]`` with its
-    mirrors in order; http mirrors are marked insecure."""
+def render_registries_conf(base, mirrors, ca_file=""):  # pylint: disable=unused-argument
+    """A containers-registries.conf(5) v2 drop-in: per upstream a ``[[registry]]`` with its
+    mirrors in order; http mirrors are marked insecure. (containers/image takes a CA from
+    /etc/containers/certs.d/<host>/, not from this file.)"""
     lines = []
     for upstream, urls in mirrors.items():
-        lines += ["[[registry]]", f'prefix = "{upstream}"', f'location = "{upstream}"', ""]
+        lines += ["[[registry]]", f"prefix = {_toml_str(upstream)}", f"location = {_toml_str(upstream)}", ""]
         for url in urls:
-            lines += ["[[registry.mirror]]", f'location = "{_mirror_host(url)}"']
+            lines += ["[[registry.mirror]]", f"location = {_toml_str(_mirror_host(url))}"]
             if url.startswith("http://"):
                 lines.append("insecure = true")
             lines.append("")
     return add_block(base, "\n".join(lines[:-1]) + "\n")
 
 
-def render_buildkitd_toml(base, mirrors):
+def render_buildkitd_toml(base, mirrors, ca_file=""):
     """buildkitd.toml: ``[registry."<upstream>"] mirrors`` in order, and ``http = true``
-    for each plain-http mirror host, in a marked block after the user's settings."""
+    for each plain-http mirror host (``ca`` for https ones with ``client:ca_file``), in a
+    marked block after the user's settings."""
     lines = []
-    plain_http = []
+    hosts_settings = {}
     for upstream, urls in mirrors.items():
         hosts = [_mirror_host(url) for url in urls]
-        lines += [f'[registry."{upstream}"]', f"  mirrors = {json.dumps(hosts)}", ""]
-        plain_http += [
-            _mirror_host(url)
-            for url in urls
-            if url.startswith("http://") and _mirror_host(url) not in plain_http
-        ]
-    for host in plain_http:
-        lines += [f'[registry."{host}"]', "  http = true", ""]
+        lines += [f"[registry.{_toml_str(upstream)}]", f"  mirrors = {json.dumps(hosts)}", ""]
+        for url in urls:
+            if url.startswith("http://"):
+                hosts_settings.setdefault(_mirror_host(url), "  http = true")
+            elif ca_file:
+                hosts_settings.setdefault(_mirror_host(url), f"  ca = [{_toml_str(ca_file)}]")
+    for host, setting in hosts_settings.items():
+        lines += [f"[registry.{_toml_str(host)}]", setting, ""]
     return add_block(base, "\n".join(lines[:-1]) + "\n")
 
 
@@ -4442,9 +4536,7 @@ def _buildkitd_conflict(base, mirrors):
     tables = _toml_tables(strip_block(base))
     if "registry" in tables:
         return "it has a [registry] table of its own; add the mirrors there yourself"
-    ours = list(mirrors) + [
-        _mirror_host(url) for urls in mirrors.values() for url in urls if url.startswith("http://")
-    ]
+    ours = list(mirrors) + [_mirror_host(url) for urls in mirrors.values() for url in urls]
     for name in ours:
         if f'registry."{name}"' in tables:
             return f'it already configures [registry."{name}"]; add the mirrors there yourself'
@@ -4456,18 +4548,32 @@ def _buildkitd_conflict(base, mirrors):
 # -- pure rendering: k3s / rke2 registries.yaml -------------------------------------------
 
 
-def render_registries_yaml(base, mirrors):
-    """k3s/rke2 ``registries.yaml`` with our endpoints first under ``mirrors.<upstream>``."""
-    data = yaml.safe_load(base) if base else None
-    header = ""
+def _registries_yaml_data(text):
+    """The mapping of a registries.yaml, or ValueError saying what is wrong with it."""
+    data = yaml.safe_load(text) if text else None
     if data is None:
-        data = {}
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("mirrors") or {}, dict):
+        raise ValueError("it does not hold a mapping with a mirrors mapping: fix it")
+    for upstream, entry in (data.get("mirrors") or {}).items():
+        if entry is not None and (
+            not isinstance(entry, dict) or not isinstance(entry.get("endpoint") or [], list)
+        ):
+            raise ValueError(f"its mirrors.{upstream} is not a mapping with an endpoint list: fix it")
+    return data
+
+
+def render_registries_yaml(base, mirrors, ca_file=""):  # pylint: disable=unused-argument
+    """k3s/rke2 ``registries.yaml`` with our endpoints first under ``mirrors.<upstream>``."""
+    data = _registries_yaml_data(base)
+    header = ""
+    if not base or yaml.safe_load(base) is None:
         header = "# Managed by Salt (hub_mirror): `state.apply hub_mirror.client.clean` removes it.\n"
-    if not isinstance(data, dict) or not isinstance(data.get("mirrors", {}), dict):
-        raise ValueError("registries.yaml does not hold a mapping with a mirrors mapping")
-    section = data.setdefault("mirrors", {})
+    if data.get("mirrors") is None:
+        data["mirrors"] = {}
+    section = data["mirrors"]
     for upstream, urls in mirrors.items():
-        entry = section.setdefault(upstream, {}) or {}
+        entry = section.get(upstream) or {}
         section[upstream] = entry
         theirs = [url for url in entry.get("endpoint") or [] if url not in urls]
         entry["endpoint"] = list(urls) + theirs
@@ -4475,9 +4581,9 @@ def render_registries_yaml(base, mirrors):
 
 
 def _strip_registries_yaml(current, record):
-    data = yaml.safe_load(current) or {}
+    data = _registries_yaml_data(current)
     ours = record.get("mirrors", {})
-    section = data.get("mirrors") if isinstance(data, dict) else None
+    section = data.get("mirrors")
     if isinstance(section, dict):
         for upstream, urls in ours.items():
             entry = section.get(upstream)
@@ -4495,47 +4601,102 @@ def _strip_registries_yaml(current, record):
     return yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
 
 
+def _render_daemon_json(base, mirrors, ca_file=""):  # pylint: disable=unused-argument
+    return render_daemon_json(base, mirrors)
+
+
 _CLIENT_KINDS = {
-    "daemon_json": (render_daemon_json, _strip_daemon_json),
+    "daemon_json": (_render_daemon_json, _strip_daemon_json),
     "hosts_toml": (render_hosts_toml, _strip_block_file),
     "registries_conf": (render_registries_conf, _strip_block_file),
     "buildkitd_toml": (render_buildkitd_toml, _strip_block_file),
     "registries_yaml": (render_registries_yaml, _strip_registries_yaml),
 }
+# Kinds where hub_mirror's part is a marked block: found and taken out by its markers
+# even when the record of it is lost.
+_BLOCK_KINDS = ("hosts_toml", "registries_conf", "buildkitd_toml")
 
 
 # -- host side: probe, detect, record, write ------------------------------------------------
 
 
-def _probe_mirror(url, timeout):
-    """None when ``url`` answers ``/v2/`` like a registry within ``timeout``, else why not."""
-    session = requests.Session()
-    # An HTTP proxy in Salt's environment says nothing about what the clients reach.
-    session.trust_env = False
+def _probe_mirror(url, deadline, timeout, ca_file=""):
+    """None when ``url`` answers ``/v2/`` like a registry before ``deadline``, else why not.
+
+    A raw HTTP/1.1 exchange with every socket wait bounded by the time left, so a mirror
+    that trickles bytes cannot stretch the probe (an HTTP library's timeout is per read).
+    Salt's proxy environment is ignored: the probe goes where the clients go.
+    """
+    import ssl  # pylint: disable=import-outside-toplevel  # only the probe needs it
+
+    parsed = urllib.parse.urlparse(url)
+    https = parsed.scheme == "https"
+    port = parsed.port or (443 if https else 80)
+
+    def left():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("deadline")
+        return remaining
+
     try:
-        response = session.get(f"{url}/v2/", timeout=(timeout, timeout), allow_redirects=False)
-    except requests.Timeout:
+        sock = socket.create_connection((parsed.hostname, port), timeout=left())
+        try:
+            if https:
+                context = ssl.create_default_context(cafile=ca_file or None)
+                sock.settimeout(left())
+                sock = context.wrap_socket(sock, server_hostname=parsed.hostname)
+            request = (
+                f"GET /v2/ HTTP/1.1\r\nHost: {parsed.netloc}\r\nUser-Agent: hub_mirror-probe\r\n"
+                "Accept: */*\r\nConnection: close\r\n\r\n"
+            )
+            sock.settimeout(left())
+            sock.sendall(request.encode("ascii"))
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                sock.settimeout(left())
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        finally:
+            sock.close()
+    except (socket.timeout, TimeoutError):
         return f"no answer within {timeout}s"
-    except requests.ConnectionError as exc:
-        return "connection refused" if "refused" in str(exc).lower() else "unreachable"
-    except requests.RequestException as exc:
-        return f"failed: {type(exc).__name__}"
-    finally:
-        session.close()
-    if response.status_code not in (200, 401):
-        return f"answered HTTP {response.status_code}"
-    if not response.headers.get("Docker-Distribution-Api-Version", "").startswith("registry/2"):
+    except ssl.SSLCertVerificationError as exc:
+        return f"its TLS certificate is not trusted ({exc.verify_message}): set hub_mirror:client:ca_file"
+    except ssl.SSLError as exc:
+        return f"TLS failed ({exc.reason})"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError:
+        return "unreachable"
+    status_line, _, headers = head.decode("latin-1").partition("\r\n")
+    match = re.match(r"HTTP/1\.[01] (\d{3})", status_line)
+    if not match:
         return "answered, but not as a registry"
-    return None
+    if match.group(1) not in ("200", "401"):
+        return f"answered HTTP {match.group(1)}"
+    api = re.search(r"^docker-distribution-api-version:[ \t]*registry/2", headers, re.I | re.M)
+    return None if api else "answered, but not as a registry"
 
 
-def _probe_mirrors(urls, timeout):
-    """{url: None or why it does not answer}, probed in parallel so dead mirrors cost one
-    timeout in all."""
-    if not urls:
-        return {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
-        return dict(zip(urls, pool.map(lambda url: _probe_mirror(url, timeout), urls)))
+def _probe_mirrors(urls, timeout, ca_file=""):
+    """{url: None or why it does not answer}, probed in parallel and bounded by
+    ``timeout`` in total: a probe still running then (e.g. stuck in a name lookup) is
+    abandoned in a daemon thread and counts as no answer."""
+    deadline = time.monotonic() + timeout
+    results = {}
+
+    def probe(url):
+        results[url] = _probe_mirror(url, deadline, timeout, ca_file)
+
+    threads = [threading.Thread(target=probe, args=(url,), daemon=True) for url in urls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    return {url: results.get(url, f"no answer within {timeout}s") for url in urls}
 
 
 def _which(name):
@@ -4575,18 +4736,21 @@ def _sha256_text(text):
 
 
 def _makedirs_recorded(directory):
-    """Create ``directory`` and missing parents (0755); return the ones created, top first."""
+    """Create ``directory`` and missing parents, 0755 whatever the umask (a 0700
+    directory breaks every non-root podman/skopeo); return the ones created, top first."""
     missing = []
     while directory and not os.path.isdir(directory):
         missing.append(directory)
         directory = os.path.dirname(directory)
     for path in reversed(missing):
-        os.mkdir(path, 0o755)
+        os.mkdir(path)
+        os.chmod(path, 0o755)
     return list(reversed(missing))
 
 
 def _write_exact(path, text, new_mode=0o644):
-    """Write ``text`` atomically, keeping an existing file's mode and owner."""
+    """Write ``text`` atomically through a symlink to its target (the link stays), keeping
+    an existing file's mode and owner; a new file gets ``new_mode`` whatever the umask."""
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
     try:
@@ -4610,100 +4774,221 @@ def _write_exact(path, text, new_mode=0o644):
         raise
 
 
+def _remove_exact(path):
+    """Remove the file ``path`` names; a symlink's target goes, the link stays as the
+    user made it (dangling, as it was before hub_mirror wrote through it)."""
+    os.unlink(os.path.realpath(path))
+
+
 class _ClientRecord:
-    """What hub_mirror did to client config files, kept under ``<state_dir>/.client`` (0700):
-    per file whether it existed, its original bytes (0600) and what hub_mirror last wrote."""
+    """What hub_mirror did to client config files, kept under ``<state_dir>/.client`` (0700).
+
+    Per file (the three ways of owning its bytes): ``existed`` and the user's own version
+    in ``originals/`` (0600), a digest of what hub_mirror ``written`` last, and the
+    ``mirrors`` in it; what is there now is read at each run. An entry is added only after
+    its file was written. A record that is unreadable or incomplete is repaired when
+    loaded (what is lost is said in ``repaired``), never fatal.
+    """
 
     def __init__(self, directory):
         self.directory = directory
         self.index_path = os.path.join(directory, "index.json")
+        self.repaired = []
+        self.dirty = False
+        self.corrupt = False
         try:
             with open(self.index_path, encoding="utf-8") as handle:
-                self.files = json.load(handle).get("files", {})
+                raw = json.load(handle)
         except FileNotFoundError:
-            self.files = {}
+            raw = {}
+        except (OSError, ValueError) as exc:
+            self.corrupt = True
+            self.repaired.append(
+                f"{self.index_path} was unreadable ({exc}): started afresh, the old one is kept "
+                "as index.json.corrupt; hub_mirror's marked blocks are still found by their markers"
+            )
+            self.dirty = True
+            raw = {}
+        files = raw.get("files") if isinstance(raw, dict) else None
+        self.files = {}
+        for path, entry in (files if isinstance(files, dict) else {}).items():
+            fixed = self._repair(path, entry)
+            if fixed is None:
+                self.repaired.append(f"dropped the unusable record of {path}")
+                self.dirty = True
+            else:
+                self.files[path] = fixed
+
+    def _repair(self, path, entry):
+        if not isinstance(path, str) or not os.path.isabs(path) or not isinstance(entry, dict):
+            return None
+        if entry.get("runtime") not in CLIENT_RUNTIMES:
+            return None
+        fixed = dict(entry)
+        if not isinstance(fixed.get("existed"), bool):
+            fixed["existed"] = os.path.exists(self._original_path(path))
+        if not isinstance(fixed.get("written"), str):
+            # E.g. an entry left by a write that failed: what is there now is not ours.
+            fixed["written"] = None
+        mirrors = fixed.get("mirrors")
+        if not isinstance(mirrors, dict) or not all(
+            isinstance(urls, list) and all(isinstance(url, str) for url in urls) for urls in mirrors.values()
+        ):
+            fixed["mirrors"] = {}
+        if not isinstance(fixed.get("dirs"), list) or not all(isinstance(d, str) for d in fixed["dirs"]):
+            fixed["dirs"] = []
+        if fixed != entry:
+            self.repaired.append(f"repaired the record of {path}")
+            self.dirty = True
+        return fixed
 
     def _original_path(self, path):
         return os.path.join(self.directory, "originals", hashlib.sha256(path.encode()).hexdigest())
 
     def original(self, path):
-        return _read_exact(self._original_path(path))
+        try:
+            return _read_exact(self._original_path(path))
+        except (OSError, ValueError):
+            return None
 
-    def remember(self, path, entry, original):
-        """Record the first touch of ``path``, with its original bytes if it existed."""
-        if original is not None:
-            saved = self._original_path(path)
-            os.makedirs(os.path.dirname(saved), mode=0o700, exist_ok=True)
-            os.chmod(self.directory, 0o700)
-            _write_exact(saved, original, new_mode=0o600)
-        self.files[path] = entry
+    def keep_original(self, path, text):
+        """Keep ``text`` as the user's own version of ``path`` (None: they have none)."""
+        saved = self._original_path(path)
+        if text is None:
+            try:
+                os.unlink(saved)
+            except FileNotFoundError:
+                pass
+            return
+        os.makedirs(os.path.dirname(saved), mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        _write_exact(saved, text, new_mode=0o600)
 
     def forget(self, path):
         self.files.pop(path, None)
-        try:
-            os.unlink(self._original_path(path))
-        except FileNotFoundError:
-            pass
+        self.keep_original(path, None)
+        self.dirty = True
 
     def save(self):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
+        if self.corrupt and os.path.isfile(self.index_path):
+            os.replace(self.index_path, self.index_path + ".corrupt")
+        self.corrupt = False
         _write_atomic(self.index_path, json.dumps({"files": self.files}, indent=2) + "\n", 0o600)
+        self.dirty = False
 
 
 _CONFLICTS = {"hosts_toml": _hosts_toml_conflict, "buildkitd_toml": _buildkitd_conflict}
 
 
-def _sync_file(record, runtime, path, kind, mirrors, blocked, test, emptied_dirs):
+def _plan_file(kind, entry, current, original, mirrors, **render_args):
     """
-    Bring one client config file to ``mirrors`` (empty: none of hub_mirror's in it).
+    The user's own version of one client config file and the text it should hold:
+    ``(base, desired, note)``; None for a file that should not exist. Pure.
 
-    Returns ``(change, mirrors written, note)``; ``change`` is None when the file is
-    already right. Directories hub_mirror created for a file it removes are added to
-    ``emptied_dirs``.
+    ``entry`` is the record of the file (None: hub_mirror never wrote it), ``current``
+    its text now, ``original`` the user's version kept in the record. Three-way: a file
+    still exactly as hub_mirror wrote it has the kept version as its base; one the user
+    changed since has what is there now minus hub_mirror's part, so the user's edits
+    stay, now and on clean.
     """
     render, strip = _CLIENT_KINDS[kind]
-    entry = record.files.get(path)
-    current = _read_exact(path)
-    if entry is not None and current is not None and _sha256_text(current) == entry["written"]:
-        base = record.original(path) if entry["existed"] else None
-    elif entry is not None and current is not None:
-        base = strip(current, entry)
+    if entry is None:
+        # A marked block is ours by its markers, even when its record was lost; a file
+        # that holds nothing else was created by hub_mirror.
+        base = strip_block(current) if kind in _BLOCK_KINDS and current else current
+        if kind in _BLOCK_KINDS and current and not base:
+            base = None
+    elif current is None:
+        base = None
+    elif entry.get("written") == _sha256_text(current) and (original is not None or not entry["existed"]):
+        base = original if entry["existed"] else None
     else:
-        base = current
+        base = strip(current, entry)
     note = None
-    if mirrors and blocked:
-        mirrors, note = {}, blocked
     if mirrors and kind in _CONFLICTS and strip_block(base):
         conflict = _CONFLICTS[kind](strip_block(base), mirrors)
         if conflict:
-            mirrors, note = {}, f"{path}: {conflict}"
-    desired = render(base, mirrors) if mirrors else base
-    if desired == current:
-        if not test and entry is not None and not mirrors:
-            record.forget(path)
-        return None, mirrors, note
+            mirrors, note = {}, conflict
+    desired = render(base, mirrors, **render_args) if mirrors else base
+    separated = bool(base)
+    if kind in _BLOCK_KINDS and entry is not None and current and desired and _block_span(current):
+        # Where the user wrote around hub_mirror's block, the block stays where it is.
+        desired = _splice_block(current, desired)
+        separated = entry.get("separated", True)
+    return base, desired, mirrors, note, separated
 
-    change = {"old": (entry or {}).get("mirrors", {}) if current is not None else {}, "new": mirrors}
+
+def _block_span(text):
+    """(start, end) of hub_mirror's marked block in ``text``, or None."""
+    begin = (text or "").find(BLOCK_BEGIN + "\n")
+    if begin < 0 or (begin > 0 and text[begin - 1] != "\n"):
+        return None
+    end = text.find(BLOCK_END + "\n", begin)
+    return None if end < 0 else (begin, end + len(BLOCK_END) + 1)
+
+
+def _splice_block(current, rendered):
+    """``current`` with its marked block replaced by the one in ``rendered``."""
+    old, new = _block_span(current), _block_span(rendered)
+    if not old or not new:
+        return rendered
+    return current[: old[0]] + rendered[new[0] : new[1]] + current[old[1] :]
+
+
+def _apply_file(record, runtime, path, kind, plan, current, test):
+    """Write one planned file; record it only once the write succeeded. Returns the
+    change, or None when the file is already right."""
+    base, desired, mirrors, separated = plan
+    entry = record.files.get(path)
+    if entry is None and not mirrors:
+        return None, []
+    change = (
+        None
+        if desired == current
+        else {"old": (entry or {}).get("mirrors", {}) if current is not None else {}, "new": mirrors}
+    )
     if test:
-        return change, mirrors, note
-    if entry is None:
-        entry = {"runtime": runtime, "existed": current is not None, "dirs": []}
+        return change, []
+    kept = record.original(path) if entry is not None and entry["existed"] else None
+    if entry is None or base != kept or (base is None) == entry["existed"]:
+        # The user's version changed (first touch, or they edited the file): keep it
+        # before the file changes, so that no failure later can lose it.
+        try:
+            record.keep_original(path, base)
+        except OSError as exc:
+            raise OSError(exc.errno, f"its original could not be kept in {record.directory}: {exc.strerror}") from exc
+    dirs = list((entry or {}).get("dirs", []))
+    emptied = []
+    if desired != current:
+        if desired is None:
+            _remove_exact(path)
+            emptied = dirs
+        else:
+            dirs += _makedirs_recorded(os.path.dirname(os.path.realpath(path)))
+            _write_exact(path, desired)
+    if mirrors and desired is not None:
+        new_entry = {
+            "runtime": runtime,
+            "existed": base is not None,
+            "dirs": dirs,
+            "mirrors": mirrors,
+            "written": _sha256_text(desired),
+        }
         if kind == "daemon_json":
-            entry.update(_remember_daemon_json(current))
-        record.remember(path, entry, current)
-    if desired is None:
-        os.unlink(path)
-        emptied_dirs.extend(entry["dirs"])
-    else:
-        entry["dirs"] = entry["dirs"] + _makedirs_recorded(os.path.dirname(path))
-        _write_exact(path, desired)
-    if mirrors:
-        entry.update(written=_sha256_text(desired), mirrors=mirrors)
-        record.files[path] = entry
-    else:
+            new_entry.update(_remember_daemon_json(base))
+        elif kind in _BLOCK_KINDS:
+            # Whether add_block put a newline between the user's text and the block.
+            new_entry["separated"] = separated
+        if new_entry != entry:
+            record.files[path] = new_entry
+            record.dirty = True
+    elif entry is not None:
         record.forget(path)
-    return change, mirrors, note
+        if desired is not None:
+            emptied = []
+    return change, emptied
 
 
 def _dockerd_pid(client):
@@ -4718,27 +5003,80 @@ def _dockerd_pid(client):
     return int(pid_text) if (comm or "").strip() == "dockerd" else None
 
 
-def _docker_blocked(client):
-    """Why merging registry-mirrors into daemon.json would break the running dockerd."""
-    pid = _dockerd_pid(client)
-    if pid is None:
-        return None
+def _docker_unit_args(client):
+    """[(file, dockerd arguments)] from the docker.service unit in force and its drop-ins
+    (systemd's precedence, ``ExecStart=`` resetting the list) and ``DOCKER_OPTS`` in
+    /etc/default/docker: how dockerd starts next time, whether it runs now or not."""
+    paths = client["paths"]
+    unit_dirs = paths["systemd_units"].split(":")
+    found = []
+    unit = next(
+        (os.path.join(d, "docker.service") for d in unit_dirs if os.path.isfile(os.path.join(d, "docker.service"))),
+        None,
+    )
+    dropins = {}
+    for directory in reversed(unit_dirs):
+        dropin_dir = os.path.join(directory, "docker.service.d")
+        if os.path.isdir(dropin_dir):
+            for name in os.listdir(dropin_dir):
+                if name.endswith(".conf"):
+                    dropins[name] = os.path.join(dropin_dir, name)
+    exec_starts = []
+    for path in ([unit] if unit else []) + [dropins[name] for name in sorted(dropins)]:
+        try:
+            text = _read_exact(path) or ""
+        except (OSError, ValueError):
+            continue
+        for line in text.replace("\\\n", " ").splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key.strip() == "ExecStart":
+                exec_starts = exec_starts + [(path, value.split())] if value.strip() else []
+    found += exec_starts
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            args = handle.read().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return None
+        default = _read_exact(paths["docker_default"]) or ""
+    except (OSError, ValueError):
+        default = ""
+    for line in default.splitlines():
+        if re.match(r"^\s*(export\s+)?DOCKER_OPTS\s*=", line):
+            found.append((paths["docker_default"], line.split("=", 1)[1].strip("\"' ").split()))
+    return found
+
+
+def _docker_args_blocked(client, where, args):
     if any(arg.startswith("--registry-mirror") for arg in args):
         # dockerd refuses a key set both as a flag and in daemon.json, at reload and start.
-        return "dockerd runs with --registry-mirror: move its mirrors into daemon.json first"
+        return (
+            f"dockerd {where} with --registry-mirror: kept it, daemon.json was left alone "
+            "(dockerd refuses registry-mirrors set in both); move its mirrors into daemon.json"
+        )
     config_files = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config-file=")]
     if config_files and os.path.realpath(config_files[-1]) != os.path.realpath(
         client["paths"]["docker_daemon_json"]
     ):
         return (
-            f"dockerd reads {config_files[-1]}, not {client['paths']['docker_daemon_json']}: "
+            f"dockerd {where} reads {config_files[-1]}, not {client['paths']['docker_daemon_json']}: "
             "set hub_mirror:client:paths:docker_daemon_json to it"
         )
+    return None
+
+
+def _docker_blocked(client):
+    """Why merging registry-mirrors into daemon.json would break dockerd, now or at its
+    next start, or None."""
+    pid = _dockerd_pid(client)
+    if pid is not None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                args = handle.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            args = []
+        blocked = _docker_args_blocked(client, "runs", args)
+        if blocked:
+            return blocked
+    for path, args in _docker_unit_args(client):
+        blocked = _docker_args_blocked(client, f"is started ({path})", args)
+        if blocked:
+            return blocked
     return None
 
 
@@ -4836,7 +5174,7 @@ def _docker_apply(client, old_ours, test):
             _wait_dockerd_mirrors(socket_path, [])
         finally:
             if final is None:
-                os.unlink(path)
+                _remove_exact(path)
                 for directory in reversed(created):
                     os.rmdir(directory)
             else:
@@ -4904,8 +5242,8 @@ def _containerd_note(client):
     )
 
 
-def _podman_blocked(client):
-    """Why a v2 drop-in would break containers/image here, or None."""
+def _user_registries_confs(client):
+    """The registries.conf files other than hub_mirror's drop-in, in load order."""
     paths = client["paths"]
     candidates = [paths["registries_conf"]]
     if os.path.isdir(paths["registries_conf_d"]):
@@ -4914,12 +5252,21 @@ def _podman_blocked(client):
             for name in sorted(os.listdir(paths["registries_conf_d"]))
             if name.endswith(".conf") and name != REGISTRIES_DROPIN
         ]
+    texts = []
     for path in candidates:
         try:
             text = _read_exact(path)
         except (OSError, ValueError):
             continue
-        if text and _V1_REGISTRIES_RE.search(text):
+        if text:
+            texts.append((path, text))
+    return texts
+
+
+def _podman_blocked(client):
+    """Why a v2 drop-in would break containers/image here, or None."""
+    for path, text in _user_registries_confs(client):
+        if _V1_REGISTRIES_RE.search(text):
             return (
                 f"{path} uses the old v1 format ([registries.search]); containers/image "
                 "refuses to mix it with a v2 drop-in: convert it to v2 first"
@@ -4927,28 +5274,123 @@ def _podman_blocked(client):
     return None
 
 
+def _registries_conf_registries(text):
+    """The ``[[registry]]`` tables of a registries.conf, read line by line (no TOML
+    library needed on Salt's Python): ``[{"keys": {key: raw value}, "mirrors": n}]``.
+    Anything it cannot read as a plain key counts as a key, so a registry it does not
+    understand is taken as the user's own policy."""
+    registries, current, in_mirror = [], None, False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        header = _TOML_HEADER_RE.match(line)
+        if header:
+            name = re.sub(r"\s*\.\s*", ".", header.group(1))
+            in_mirror = False
+            if name == "registry" and stripped.startswith("[["):
+                current = {"keys": {}, "mirrors": 0}
+                registries.append(current)
+            elif name == "registry.mirror" and current is not None:
+                current["mirrors"] += 1
+                in_mirror = True
+            else:
+                current = None
+            continue
+        if current is None or in_mirror:
+            continue
+        match = re.match(r"""^\s*([A-Za-z0-9_-]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|(\S+))""", line)
+        key = match.group(1) if match else stripped
+        value = next((g for g in match.groups()[1:] if g is not None), "") if match else ""
+        current["keys"][key] = value
+    return registries
+
+
+def _podman_user_policy(client, upstreams):
+    """{upstream: why hub_mirror leaves it to the user} for each upstream that the user's
+    own registries.conf files configure: a later drop-in's [[registry]] of the same
+    prefix replaces theirs, lifting a ``blocked = true`` or dropping their mirrors."""
+    kept = {}
+    for path, text in _user_registries_confs(client):
+        for registry in _registries_conf_registries(text):
+            keys = registry["keys"]
+            prefix = keys.get("prefix") or keys.get("location")
+            if prefix not in upstreams or prefix in kept:
+                continue
+            if keys.get("blocked") == "true":
+                kept[prefix] = f"{prefix} is blocked in {path} (blocked = true): kept it blocked, no mirror added"
+            elif registry["mirrors"] or set(keys) - {"prefix", "location"} or keys.get("location", prefix) != prefix:
+                kept[prefix] = (
+                    f"{path} has a [[registry]] of its own for {prefix}: kept it (a drop-in would "
+                    "replace it); add the mirror to it yourself"
+                )
+    return kept
+
+
+def _docker_style_certs(directory):
+    """containerd's docker-style files in a certs.d host directory: ``*.crt`` CAs and
+    ``*.cert``/``*.key`` client pairs, which it reads only while there is no hosts.toml."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    ca = [os.path.join(directory, name) for name in names if name.endswith(".crt")]
+    client = [
+        [os.path.join(directory, name), os.path.join(directory, name[: -len(".cert")] + ".key")]
+        for name in names
+        if name.endswith(".cert") and name[: -len(".cert")] + ".key" in names
+    ]
+    return {key: value for key, value in (("ca", ca), ("client", client)) if value}
+
+
 def _runtime_files(runtime, client, alive):
-    """[(path, kind, mirrors)] that ``runtime`` should have, given the answering mirrors."""
+    """([(path, kind, mirrors, render args)] that ``runtime`` should have given the
+    answering mirrors, [notes])."""
     paths = client["paths"]
+    ca_file = client.get("ca_file") or ""
     if runtime == "docker":
         ours = {DOCKER_HUB: alive[DOCKER_HUB]} if DOCKER_HUB in alive else {}
-        return [(paths["docker_daemon_json"], "daemon_json", ours)]
+        return [(paths["docker_daemon_json"], "daemon_json", ours, {})], []
     if runtime == "containerd":
-        return [
-            (
-                os.path.join(paths["containerd_certs_d"], upstream, "hosts.toml"),
-                "hosts_toml",
-                {upstream: alive[upstream]} if upstream in alive else {},
+        files, notes = [], []
+        # containerd 1.6 does not use a [host."http://[::1]:port"] (measured: it pulls
+        # from the next host): an IPv6 mirror only costs it a detour.
+        v6 = [url for urls in alive.values() for url in urls if _is_ipv6_url(url)]
+        if v6:
+            notes.append(f"left out {', '.join(dict.fromkeys(v6))}: containerd does not use an IPv6 address as a mirror host, give it a host name")
+        alive = {up: [url for url in urls if url not in v6] for up, urls in alive.items()}
+        alive = {up: urls for up, urls in alive.items() if urls}
+        for upstream in client["mirrors"]:
+            directory = os.path.join(paths["containerd_certs_d"], upstream)
+            certs = _docker_style_certs(directory)
+            if certs and upstream in alive:
+                names = ", ".join(os.path.basename(p) for p in certs.get("ca", []) + [c[0] for c in certs.get("client", [])])
+                notes.append(f"kept containerd using {names} in {directory}: hosts.toml names it for {upstream}")
+            mirrors = {upstream: alive[upstream]} if upstream in alive else {}
+            files.append(
+                (os.path.join(directory, "hosts.toml"), "hosts_toml", mirrors, {"ca_file": ca_file, "server_certs": certs})
             )
-            for upstream in client["mirrors"]
-        ]
+        return files, notes
     if runtime == "podman":
-        return [(os.path.join(paths["registries_conf_d"], REGISTRIES_DROPIN), "registries_conf", alive)]
+        notes = []
+        kept = _podman_user_policy(client, set(alive))
+        mirrors = {}
+        for upstream, urls in alive.items():
+            if upstream in kept:
+                notes.append(kept[upstream])
+                continue
+            # containers/image's reference grammar has no IPv6 literal: such a location
+            # fails every pull of the upstream ("invalid reference format").
+            v6 = [url for url in urls if _is_ipv6_url(url)]
+            if v6:
+                notes.append(f"left out {', '.join(v6)}: podman/skopeo cannot use an IPv6 address as a mirror, give it a host name")
+            if len(v6) < len(urls):
+                mirrors[upstream] = [url for url in urls if url not in v6]
+        path = os.path.join(paths["registries_conf_d"], REGISTRIES_DROPIN)
+        return [(path, "registries_conf", mirrors, {})], notes
     if runtime == "buildkit":
-        return [(paths["buildkitd_toml"], "buildkitd_toml", alive)]
-    return [(paths[f"{runtime}_registries"], "registries_yaml", alive)]
-
-
+        return [(paths["buildkitd_toml"], "buildkitd_toml", alive, {"ca_file": ca_file})], []
+    return [(paths[f"{runtime}_registries"], "registries_yaml", alive, {})], []
 
 
 def _kind_of(runtime):
@@ -4995,46 +5437,84 @@ def _runtime_notes(runtime, client, alive, changes, configured, test):
     return notes
 
 
-def _sync_runtime(record, client, runtime, alive, wanted, test, cleaning=False):
-    """Sync every config file of one runtime; return (changes, one comment line)."""
+def _plan_runtime(record, client, runtime, alive, wanted):
+    """Everything one runtime's files should become, decided from their bytes now,
+    before anything is written: ``{"files": [(path, kind, current, plan | None)],
+    "notes": [...], "absent": why not installed, "blocked": why left alone}``. A file
+    that cannot be read or rendered gets plan None and a note; nothing is raised."""
     absent = _runtime_present(runtime, client["paths"]) if wanted else None
     recorded = [path for path, entry in record.files.items() if entry["runtime"] == runtime]
+    plan = {"files": [], "notes": [], "absent": absent, "blocked": None}
     if absent and not recorded:
-        return {}, f"{runtime}: skipped: {absent}"
-    files = _runtime_files(runtime, client, alive) if wanted and not absent else []
-    files += [
-        (path, _kind_of(runtime), {}) for path in recorded if path not in {f[0] for f in files}
-    ]
-    blocked = None
+        return plan
+    files, notes = _runtime_files(runtime, client, alive) if wanted and not absent else ([], [])
+    plan["notes"] += notes
+    files += [(path, _kind_of(runtime), {}, {}) for path in recorded if path not in {f[0] for f in files}]
     if wanted and runtime == "podman":
-        blocked = _podman_blocked(client)
+        plan["blocked"] = _podman_blocked(client)
     elif wanted and runtime == "docker":
-        blocked = _docker_blocked(client)
-
-    changes, notes, configured, emptied_dirs = {}, [], {}, []
-    for path, kind, mirrors in files:
+        plan["blocked"] = _docker_blocked(client)
+    for path, kind, mirrors, render_args in files:
+        if plan["blocked"]:
+            mirrors = {}
+        entry = record.files.get(path)
         try:
-            change, written, note = _sync_file(
-                record, runtime, path, kind, mirrors, blocked, test, emptied_dirs
+            if os.path.isdir(path):
+                raise ValueError("it is a directory")
+            current = _read_exact(path)
+            base, desired, written, note, separated = _plan_file(
+                kind, entry, current, record.original(path) if entry else None, mirrors, **render_args
             )
         except json.JSONDecodeError as exc:
-            notes.append(f"{path} is not valid JSON ({exc}): fix it; it was left as it was")
+            plan["notes"].append(f"{path} is not valid JSON ({exc}): fix it; it was left as it was")
+            plan["files"].append((path, kind, None, None))
             continue
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            notes.append(f"{path} was left as it was: {exc}")
+        except Exception as exc:  # pylint: disable=broad-except
+            # Whatever a user's file holds, it costs this file only, never the run.
+            plan["notes"].append(f"{path} was left as it was: {exc}")
+            plan["files"].append((path, kind, None, None))
             continue
+        if note:
+            plan["notes"].append(f"{path}: {note}")
+        plan["files"].append((path, kind, current, (base, desired, written, separated)))
+    return plan
+
+
+def _sync_runtime(record, client, runtime, plan, alive, wanted, test, cleaning=False):
+    """Write one runtime's planned files, each recorded once written; return (changes,
+    one comment line). A file that cannot be written is reported on the line and left
+    unrecorded (or recorded as it was); the other files go on."""
+    changes, notes, configured, emptied_dirs = {}, list(plan["notes"]), {}, []
+    failed = False
+    for path, kind, current, file_plan in plan["files"]:
+        if file_plan is None:
+            failed = True
+            continue
+        try:
+            change, emptied = _apply_file(record, runtime, path, kind, file_plan, current, test)
+        except OSError as exc:
+            notes.append(f"{path} could not be written ({exc.strerror or exc}); it is as it was")
+            failed = True
+            continue
+        finally:
+            notes += _save_record(record, test)
         if change:
             changes[path] = change
-        if note and note not in notes:
-            notes.append(note)
-        configured.update(written)
+        emptied_dirs += emptied
+        for upstream, urls in file_plan[2].items():
+            configured.setdefault(upstream, urls)
     # Deepest first; a directory that holds something else stays.
     for directory in sorted(set(emptied_dirs), key=len, reverse=True):
         try:
             os.rmdir(directory)
         except OSError:
             pass
-    notes = _runtime_notes(runtime, client, alive if wanted else {}, changes, configured, test) + notes
+    try:
+        notes = _runtime_notes(runtime, client, alive if wanted else {}, changes, configured, test) + notes
+    except Exception as exc:  # pylint: disable=broad-except
+        notes.insert(0, f"could not check how {runtime} picks this up: {exc}")
+    if plan["blocked"]:
+        notes.insert(0, plan["blocked"])
 
     has_mirror = DOCKER_HUB in client["mirrors"] if runtime == "docker" else bool(client["mirrors"])
     restored = "would restore its own config" if test else "restored its own config"
@@ -5046,9 +5526,9 @@ def _sync_runtime(record, client, runtime, alive, wanted, test, cleaning=False):
     else:
         if not wanted:
             line = f"{runtime}: not in hub_mirror:client:runtimes"
-        elif absent:
-            line = f"{runtime}: skipped: {absent}"
-        elif any(note.startswith(path) for path, _, _ in files for note in notes) or blocked:
+        elif plan["absent"]:
+            line = f"{runtime}: skipped: {plan['absent']}"
+        elif failed or plan["blocked"] or plan["notes"]:
             line = f"{runtime}: left alone"
         elif not has_mirror:
             line = f"{runtime}: no mirror for it in hub_mirror:client:mirrors"
@@ -5059,6 +5539,42 @@ def _sync_runtime(record, client, runtime, alive, wanted, test, cleaning=False):
     if notes:
         line += " (" + "; ".join(notes) + ")"
     return changes, line
+
+
+def _sync_all(client, record, alive, test, cleaning=False):
+    """Plan every runtime, then write them one by one; (changes, comment lines)."""
+    plans = {}
+    lines = [f"Record: {note}" for note in record.repaired]
+    for runtime in CLIENT_RUNTIMES:
+        wanted = runtime in client["runtimes"] and not cleaning
+        if not wanted and not any(e["runtime"] == runtime for e in record.files.values()):
+            continue
+        try:
+            plans[runtime] = (_plan_runtime(record, client, runtime, alive, wanted), wanted)
+        except Exception as exc:  # pylint: disable=broad-except
+            lines.append(f"{runtime}: left alone: {type(exc).__name__}: {exc}")
+    changes = {}
+    for runtime, (plan, wanted) in plans.items():
+        try:
+            runtime_changes, line = _sync_runtime(record, client, runtime, plan, alive, wanted, test, cleaning)
+        except Exception as exc:  # pylint: disable=broad-except
+            runtime_changes, line = {}, f"{runtime}: failed: {type(exc).__name__}: {exc}"
+        if runtime_changes:
+            changes[runtime] = runtime_changes
+        lines.append(line)
+    lines += [f"Record: {note}" for note in _save_record(record, test)]
+    return changes, lines
+
+
+def _save_record(record, test):
+    """Save the record if it changed; [why it could not be saved]."""
+    if test or not record.dirty:
+        return []
+    try:
+        record.save()
+    except OSError as exc:
+        return [f"{record.index_path} could not be saved ({exc.strerror or exc}): fix that, then re-run"]
+    return []
 
 
 def _grain(path):
@@ -5076,7 +5592,7 @@ def _endpoint_problem(entry, own):
     if (
         not isinstance(entry, dict)
         or not isinstance(entry.get("registry"), str)
-        or not _REGISTRY_HOST_RE.match(entry["registry"])
+        or not _REGISTRY_HOST_RE.fullmatch(entry["registry"])
         or _mirror_url_problem(entry.get("url"))
     ):
         return "not a hub_mirror.endpoint entry"
@@ -5167,6 +5683,13 @@ def client_configure(test=False):
     reported in the comment, never raised: a dead mirror must not fail a build host's
     run. Returns ``{"changes": {...}, "comment": "..."}``; ``test=True`` changes nothing.
 
+    The user's policy is kept and the comment says so: an upstream their own
+    registries.conf configures (``blocked = true``, their mirrors), dockerd started with
+    ``--registry-mirror`` (its unit, drop-ins or /etc/default/docker, running or not),
+    docker-style certs in ``certs.d/<upstream>/`` (named from the new hosts.toml). An
+    IPv6 mirror goes to docker, buildkit and k3s only: containerd 1.6 does not use one
+    and containers/image cannot parse one. Edits the user made since the last run stay.
+
     CLI Example:
 
     .. code-block:: bash
@@ -5180,7 +5703,7 @@ def client_configure(test=False):
         client["mirrors"], line = _discover(client)
         lines.append(line)
     urls = list(dict.fromkeys(url for urls in client["mirrors"].values() for url in urls))
-    probed = _probe_mirrors(urls, client["probe_timeout"])
+    probed = _probe_mirrors(urls, client["probe_timeout"], client.get("ca_file") or "")
     alive = {
         upstream: [url for url in urls if probed[url] is None]
         for upstream, urls in client["mirrors"].items()
@@ -5194,18 +5717,8 @@ def client_configure(test=False):
     else:
         lines.append("hub_mirror:client:mirrors is empty: there is no mirror to point clients at")
     record = _ClientRecord(client["record_dir"])
-    changes = {}
-    for runtime in CLIENT_RUNTIMES:
-        wanted = runtime in client["runtimes"]
-        if not wanted and not any(e["runtime"] == runtime for e in record.files.values()):
-            continue
-        runtime_changes, line = _sync_runtime(record, client, runtime, alive, wanted, test)
-        if runtime_changes:
-            changes[runtime] = runtime_changes
-        lines.append(line)
-    if not test and (changes or os.path.exists(record.index_path)):
-        record.save()
-    return {"changes": changes, "comment": "\n".join(lines)}
+    changes, runtime_lines = _sync_all(client, record, alive, test)
+    return {"changes": changes, "comment": "\n".join(lines + runtime_lines)}
 
 
 def client_clean(test=False):
@@ -5224,16 +5737,7 @@ def client_clean(test=False):
     """
     client = _client_conf(settings())
     record = _ClientRecord(client["record_dir"])
-    changes, lines = {}, []
-    for runtime in CLIENT_RUNTIMES:
-        if not any(entry["runtime"] == runtime for entry in record.files.values()):
-            continue
-        runtime_changes, line = _sync_runtime(record, client, runtime, {}, False, test, cleaning=True)
-        if runtime_changes:
-            changes[runtime] = runtime_changes
-        lines.append(line)
-    if not test and os.path.exists(record.index_path):
-        record.save()
+    changes, lines = _sync_all(client, record, {}, test, cleaning=True)
     return {
         "changes": changes,
         "comment": "\n".join(lines) or "No client config of hub_mirror's is left to restore",

@@ -122,6 +122,9 @@ class ClientHost:
             "buildkitd_toml": root / "buildkit" / "buildkitd.toml",
             "k3s_registries": root / "rancher-k3s" / "registries.yaml",
             "rke2_registries": root / "rancher-rke2" / "registries.yaml",
+            # Not the host's docker.service: a test host has only what a test writes.
+            "systemd_units": root / "units",
+            "docker_default": root / "default-docker",
         }
         self.daemons = []
 
