@@ -2483,6 +2483,9 @@ def _mirror_or_orphan(name):
     conf = settings()
     if name in conf["mirrors"]:
         return conf, conf["mirrors"][name]
+    # The name becomes file names in config_dir, unit_dir, init_dir: "../x" would not.
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise SaltInvocationError(f"{_shown(name)} is not a mirror name: give one of pillar's or of hub_mirror.orphans")
     text = _read(_paths(conf, name)["config"])
     if text is None and not os.path.exists(_paths(conf, name)["init"]) and not os.path.exists(
         _paths(conf, name)["unit"]

@@ -292,3 +292,18 @@ def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(hub_mirror
         hub_mirror.absent("dockerhub", purge_storage=True)
     assert (victim / "docker" / "precious").exists()
     assert (victim / hub_mirror.STORAGE_MARKER).exists()
+
+
+def test_absent_takes_only_a_mirror_name(hub_mirror, tmp_path, monkeypatch):
+    # `hub_mirror.absent mirror=../../x` joined the name into config_dir and deleted
+    # ../../x.yml, x.offline.yml, x.credentials.json and x.last-good.json wherever they are.
+    lookup = lookup_in(tmp_path)
+    os.makedirs(lookup["config_dir"])
+    (tmp_path / "victim.yml").write_text("precious: true\n")
+    hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror()}}}
+    monkeypatch.setattr(hub_mirror, "_is_running", lambda conf, name: False)
+    monkeypatch.setattr(hub_mirror, "_mirror_processes", lambda paths: [])
+    monkeypatch.setattr(hub_mirror, "_stop", lambda conf, spec: True)
+    with pytest.raises(SaltInvocationError):
+        hub_mirror.absent("../victim")
+    assert (tmp_path / "victim.yml").exists()
