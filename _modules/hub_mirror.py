@@ -34,6 +34,7 @@ import shutil
 import shlex
 import signal
 import socket
+import stat
 import string
 import subprocess
 import sys
@@ -186,6 +187,10 @@ _HOST_RE = re.compile(r"[A-Za-z0-9_.@-]{1,253}")
 _ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _PACKAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9@+._-]{0,127}")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# HTTP Basic (requests encodes it as latin-1, raising on anything else) and every registry's
+# tokens: printable ASCII; a space is a folded YAML scalar, ':' ends a Basic username.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
+_USERNAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]{1,255}")
 # Storage is owned by the service user and emptied by a purge: never one of these trees...
 _SYSTEM_TREES = (
     "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
@@ -277,7 +282,7 @@ def _check_keys(errors, prefix, value, known):
     for key in value:
         if key not in known:
             errors.add(
-                f"{prefix}:{_key_part(str(key))}" if prefix else _key_part(str(key)),
+                f"{prefix}:{_key_part(_plain(key))}" if prefix else _key_part(_plain(key)),
                 "unknown key",
                 f"remove it or use one of: {', '.join(sorted(known))}",
             )
@@ -285,8 +290,20 @@ def _check_keys(errors, prefix, value, known):
 
 def _shown(value, limit=80):
     """``value`` fit for an error message: quoted, a newline shown as \\n, and short."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return _plain(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _plain(value):
+    """``str(value)``, or a stand-in where str() raises: YAML reads a 5000-digit literal as
+    an int that Python refuses to print (ValueError)."""
+    try:
+        return str(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__} too large to show>"
 
 
 def _key_part(name):
@@ -330,6 +347,10 @@ def _check_path(errors, key, value, example="/var/lib/hub-mirror"):
     if any(part in (".", "..") for part in path.split("/")):
         errors.add(key, f"{path!r} has . or .. parts", "write the path without them")
         return None
+    # NAME_MAX: mkdir would fail with ENAMETOOLONG at configure, after validation said yes.
+    if any(len(part) > 255 for part in path.split("/")):
+        errors.add(key, f"{_shown(path)} has a part longer than 255 characters", "shorten it")
+        return None
     return os.path.normpath(path)
 
 
@@ -343,6 +364,8 @@ def _parse_hostport(text):
         host, sep, port = text[1:].partition("]:")
         if sep:
             ipaddress.IPv6Address(host)  # ValueError unless an IPv6 address
+            if not _is_ip(host):
+                raise ValueError(text)
     else:
         host, sep, port = text.rpartition(":")
         if ":" in host:
@@ -376,7 +399,8 @@ def _is_ip(host):
         ipaddress.ip_address(host)
     except ValueError:
         return False
-    return True
+    # ipaddress takes any text after an IPv6 % as the zone: allow-list it like a host.
+    return "%" not in host or bool(_HOST_RE.fullmatch(host.partition("%")[2]))
 
 
 def _is_loopback(host):
@@ -489,7 +513,7 @@ def _validate_upstream(errors, prefix, mirror, own):
     host = _resolve_host(upstream.hostname, {})
     for own_host, own_port in own:
         if port == own_port and host and _hosts_overlap(host, own_host):
-            errors.add(key, f"{mirror['upstream']!r} is this mirror's own address", "point it at the registry to mirror")
+            errors.add(key, f"{_redact_url(mirror['upstream'])!r} is this mirror's own address", "point it at the registry to mirror")
 
 
 def _validate_mirror(errors, name, mirror, version, grains):
@@ -566,14 +590,29 @@ def _validate_mirror(errors, name, mirror, version, grains):
             "a username is set without a token",
             f"set hub_mirror:{prefix}:token (an access token) or remove the username",
         )
-    if ":" in username or " " in username:
-        errors.add(f"{prefix}:username", f"{username!r} holds ':' or a space", "give the account name alone")
+    # Not shown: what follows a ':' in a username is usually the token pasted with it.
+    if username and not _USERNAME_RE.fullmatch(username):
+        errors.add(
+            f"{prefix}:username",
+            "holds ':', a space or a character outside printable ASCII",
+            "give the account name alone",
+        )
+    if token and not _TOKEN_RE.fullmatch(token):
+        errors.add(
+            f"{prefix}:token",
+            "holds a space or a character outside printable ASCII",
+            "paste the token on one line, exactly as the registry issued it",
+        )
 
     if mirror["storage"]:
         _check_path(errors, f"{prefix}:storage", mirror["storage"], f"/var/lib/hub-mirror/{name}")
 
     if mirror["advertise"]:
         problem = _mirror_url_problem(mirror["advertise"])
+        host = None if problem else urllib.parse.urlsplit(mirror["advertise"]).hostname
+        if host and not (_HOST_RE.fullmatch(host) or _is_ip(host)):
+            # Published to the mine and written into every client's config.
+            problem = f"{host!r} is not a host name or IP address"
         if problem:
             errors.add(f"{prefix}:advertise", problem, "write it like http://mirror1.example.net:5000")
 
@@ -681,7 +720,11 @@ def _validate_storage(errors, key, path, lookup, example):
     """Storage is deleted by a purge and owned by the service user: never a system
     directory or anything inside one, judged after resolving ``..`` and symlinks."""
     real = os.path.realpath(path)
-    shown = path if real == path else f"{path} (which resolves to {real})"
+    shown = path if real == path else f"{path} (which resolves to {_shown(real)})"
+    # A symlink leads anywhere: what reaches the unit file and rm is where it leads.
+    if not _PATH_RE.fullmatch(real) or any(len(part) > 255 for part in real.split("/")):
+        errors.add(key, f"{shown} is not a path of letters, digits and . _ - + @ /", example)
+        return
     for system in _SYSTEM_TREES:
         if real == system or real.startswith(system.rstrip("/") + "/"):
             errors.add(
@@ -693,10 +736,17 @@ def _validate_storage(errors, key, path, lookup, example):
     if real in _SHARED_DIRS:
         errors.add(key, f"{shown} is a shared system directory", example)
         return
-    for name in ("prefix", "config_dir", "state_dir", "log_dir", "run_dir", "unit_dir", "init_dir"):
+    for name in ("prefix", "config_dir", "state_dir", "log_dir", "run_dir", "unit_dir", "init_dir", "package_binary"):
         other = os.path.realpath(lookup[name])
-        # The default storage is <state_dir>/<mirror>: inside state_dir is fine, the rest not.
-        clash = _nested(other, real) if name == "state_dir" else _nested(real, other)
+        # The default storage is <state_dir>/<mirror>: inside state_dir is fine, but not in
+        # its dot directories (fingerprints, client records). Nothing of hub_mirror's may be
+        # inside the storage either: the service user owns its root and could rename a
+        # root-owned directory there and put its own unit file or binary in its place.
+        if name == "state_dir":
+            below = os.path.relpath(real, other) if _nested(real, other) else ""
+            clash = _nested(other, real) or below.startswith(".")
+        else:
+            clash = _nested(real, other) or _nested(other, real)
         if clash:
             errors.add(key, f"{shown} overlaps lookup:{name} ({lookup[name]})", "give the cache a directory of its own")
             return
@@ -739,7 +789,9 @@ def _account_problems(user, group):
     # below are the static ones (daemon, bin, www-data, ...), above are people.
     if account:
         login = os.path.basename(account.pw_shell or "") not in ("nologin", "false")
-        dedicated = 100 <= account.pw_uid < 1000 and account.pw_gecos in ("", SERVICE_GECOS)
+        # The GECOS is the mark: messagebus, sshd and redis are nologin system accounts with
+        # an empty one, and user.present would rewrite their home and shell.
+        dedicated = 100 <= account.pw_uid < 1000 and account.pw_gecos == SERVICE_GECOS
         if login or not dedicated:
             kind = "login" if login or account.pw_uid >= 1000 else "system"
             problems.append(("lookup:user", f"{user!r} is an existing {kind} account (uid {account.pw_uid})"))
@@ -763,10 +815,41 @@ def _storage_path(mirror, lookup, name):
     return os.path.realpath(mirror.get("storage") or os.path.join(lookup["state_dir"], name))
 
 
+# Deeper than any value pillar.example has (5): copy.deepcopy and repr recurse, and a few
+# hundred levels (or a YAML alias that contains itself) are a RecursionError. Aliases also
+# multiply: nine levels of ten make a billion values.
+_MAX_DEPTH = 16
+_MAX_VALUES = 100000
+
+
+def _too_deep(value, limit=_MAX_DEPTH):
+    """The key path to the first value nested more than ``limit`` levels deep (or past
+    ``_MAX_VALUES`` values in all), or None."""
+    stack, seen = [(value, [])], 0
+    while stack:
+        item, path = stack.pop()
+        seen += 1
+        if len(path) > limit or seen > _MAX_VALUES:
+            return path
+        if isinstance(item, dict):
+            stack.extend((sub, path + [key]) for key, sub in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, path + [index]) for index, sub in enumerate(item))
+    return None
+
+
 def _validate(raw, grains):
     errors = _Errors()
     if not isinstance(raw, dict):
         errors.add("", f"must be a mapping, got {type(raw).__name__}", "see pillar.example")
+        errors.raise_if_any()
+    deep = _too_deep(raw)
+    if deep:
+        errors.add(
+            ":".join(_key_part(_plain(key)) for key in deep[:3]),
+            f"is nested more than {_MAX_DEPTH} levels deep, or holds more than {_MAX_VALUES} values",
+            "see pillar.example for the shape of each key",
+        )
         errors.raise_if_any()
     _check_keys(errors, "", raw, list(DEFAULTS) + ["client"])
 
@@ -828,11 +911,11 @@ def _validate(raw, grains):
     sockets, storages = [], {}
     for name, mirror in mirrors.items():
         if not isinstance(name, str):
-            errors.add(f"mirrors:{name!r}", f"the mirror name is a {type(name).__name__}", "quote it in YAML")
+            errors.add(f"mirrors:{_shown(name)}", f"the mirror name is a {type(name).__name__}", "quote it in YAML")
             continue
         mirror = mirror if mirror is not None else {}
         if not isinstance(mirror, dict):
-            errors.add(f"mirrors:{_key_part(str(name))}", "must be a mapping", "see pillar.example")
+            errors.add(f"mirrors:{_key_part(name)}", "must be a mapping", "see pillar.example")
             continue
         mirror = _merge(MIRROR_DEFAULTS, mirror)
         known_before = len(errors.messages)
@@ -1361,6 +1444,8 @@ def _paths(conf, name):
         "supervise_settings": os.path.join(lookup["config_dir"], f"{name}.supervise.json"),
         "pidfile": os.path.join(lookup["run_dir"], f"{name}.pid"),
         "log": os.path.join(lookup["log_dir"], f"{name}.log"),
+        # Not a path: whose processes serve the mirror (see _mirror_processes).
+        "user": lookup["user"],
     }
 
 
@@ -1431,20 +1516,12 @@ def _config_changes(old_text, new_text):
         old = yaml.safe_load(old_text) if old_text else {}
     except yaml.YAMLError:
         old = None
-    if not isinstance(old, dict):
-        # A local edit that is not a mapping (a list, broken YAML): all of it goes.
+    old_flat = _flatten(old) if isinstance(old, dict) else None
+    if old_flat is None:
+        # A local edit that is not a mapping (a list, broken YAML, an alias that contains
+        # itself, a billion laughs): all of it goes.
         return {"config": {"old": "not a registry config (edited by hand)", "new": "rendered from pillar"}}
-    new = yaml.safe_load(new_text)
-
-    def flatten(value, prefix=""):
-        if isinstance(value, dict):
-            out = {}
-            for key, sub in value.items():
-                out.update(flatten(sub, f"{prefix}{key}."))
-            return out
-        return {prefix[:-1]: value}
-
-    old_flat, new_flat = flatten(old or {}), flatten(new)
+    new_flat = _flatten(yaml.safe_load(new_text))
     changes = {}
     for key in sorted(set(old_flat) | set(new_flat)):
         if old_flat.get(key) != new_flat.get(key):
@@ -1454,6 +1531,23 @@ def _config_changes(old_text, new_text):
                 "new": REDACTED if secret and key in new_flat else new_flat.get(key),
             }
     return changes
+
+
+def _flatten(config, limit=10000):
+    """{dotted key: value} of a config's leaves; None when it is no config of ours: nested
+    too deep (a recursive alias) or too big (aliases multiply: a billion laughs)."""
+    out, stack = {}, [(config, "")]
+    while stack:
+        value, prefix = stack.pop()
+        if isinstance(value, dict):
+            if prefix.count(".") >= _MAX_DEPTH or len(out) + len(stack) > limit:
+                return None
+            stack.extend((sub, f"{prefix}{key}.") for key, sub in value.items())
+        elif _too_deep(value) is not None:
+            return None
+        else:
+            out[prefix[:-1]] = value
+    return out
 
 
 def _config_files(conf, spec):
@@ -1520,7 +1614,7 @@ def configure(mirror="dockerhub", test=False):
 
     uid, gid = _ids(conf)
     if storage:
-        _own_storage(spec["storage"], uid, gid)
+        _own_storage(spec["storage"], uid, gid, f"hub_mirror:mirrors:{mirror}:storage")
     for key, text in texts.items():
         if key == "credential_helper" and key in changes:
             _write_atomic(paths[key], text, 0o755)
@@ -1580,15 +1674,45 @@ def _processes():
 
 def _mirror_processes(paths):
     """PIDs of every process that serves a mirror: its registry (proxy or offline mode,
-    supervised or orphaned) and its supervisor, recognised by the files they serve."""
+    supervised or orphaned) and its supervisor, recognised by the files they serve and
+    by running as the service user. Anyone can put "serve <our config>" in an argv: such
+    a process would pass as the mirror's own listener, and root would kill it."""
+    uid = _service_uid(paths["user"])
+    if uid is None:
+        return []
     served = {paths["config"], paths["offline_config"]}
     pids = []
     for pid, args in _processes():
         if len(args) >= 3 and args[-2] == "serve" and args[-1] in served:
-            pids.append(pid)
+            pass
         elif len(args) >= 2 and args[-2] == paths["supervise"] and args[-1] == paths["supervise_settings"]:
+            pass
+        else:
+            continue
+        if _process_uid(pid) == uid:
             pids.append(pid)
     return pids
+
+
+def _service_uid(user):
+    import pwd  # pylint: disable=import-outside-toplevel
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def _process_uid(pid):
+    """The real uid of ``pid``, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _listeners(port):
@@ -1695,18 +1819,73 @@ def _storage_plan(spec, ids):
     return None
 
 
-def _own_storage(path, uid, gid):
-    """Create, mark and hand the storage to the service user (see ``_storage_plan``)."""
+def _own_storage(path, uid, gid, key="hub_mirror:mirrors:storage"):
+    """Create, mark and hand the storage to the service user (see ``_storage_plan``).
+
+    Everything goes through directory fds opened without following symlinks: whoever can
+    write a parent of the storage (or, inside it, the service user) could otherwise swap a
+    directory for a link between validation and the chown, and be handed /etc.
+    """
     _makedirs(path, 0o750)
-    os.chown(path, uid, gid)
-    os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o750)
-    for relative in _REGISTRY_DIRS:
-        full = os.path.join(path, relative)
-        if os.path.isdir(full) and not os.path.islink(full):
-            os.chown(full, uid, gid)
-    marker = os.path.join(path, STORAGE_MARKER)
-    if not os.path.exists(marker):
-        _write_atomic(marker, "A hub_mirror registry cache: hub_mirror.remove purge_storage=True deletes it.\n", 0o640, uid, gid)
+    fd = _open_dir(path, key)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, os.fstat(fd).st_mode & 0o7777 | 0o750)
+        for relative in _REGISTRY_DIRS:
+            sub = _open_below(fd, relative)
+            if sub is not None:
+                os.fchown(sub, uid, gid)
+                os.close(sub)
+        try:
+            marker = os.open(STORAGE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640, dir_fd=fd)
+        except FileExistsError:
+            return
+        with os.fdopen(marker, "w", encoding="utf-8") as handle:
+            os.fchmod(marker, 0o640)
+            os.fchown(marker, uid, gid)
+            handle.write("A hub_mirror registry cache: hub_mirror.remove purge_storage=True deletes it.\n")
+    finally:
+        os.close(fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(path, key):
+    """An fd of the directory at the resolved ``path``, proven to be that very directory:
+    a symlink swapped in anywhere on the way is refused, not followed."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        raise CommandExecutionError(f"{key}: {path} is no longer a directory ({exc.strerror}); nothing was changed in it") from exc
+    if os.readlink(f"/proc/self/fd/{fd}") != path:
+        os.close(fd)
+        raise CommandExecutionError(
+            f"{key}: {path} now leads somewhere else (a directory on the way was replaced by a "
+            "symlink); nothing was changed in it. Check who can write its parent directories"
+        )
+    return fd
+
+
+def _open_below(fd, relative):
+    """An fd of ``relative`` under the directory ``fd``, following no symlink; None if it
+    is not a directory."""
+    current = fd
+    try:
+        for part in relative.split("/"):
+            try:
+                following = os.open(part, _DIR_FLAGS, dir_fd=current)
+            except OSError:
+                return None
+            finally:
+                if current != fd:
+                    os.close(current)
+            current = following
+        return current
+    except BaseException:
+        if current != fd:
+            os.close(current)
+        raise
 
 
 def _makedirs(path, mode):
@@ -1718,7 +1897,12 @@ def _makedirs(path, mode):
         path = os.path.dirname(path)
     for index, directory in enumerate(reversed(missing)):
         os.mkdir(directory)
-        os.chmod(directory, mode if index == len(missing) - 1 else 0o755)
+        # Through an fd: a chmod by name would follow a symlink swapped in after mkdir.
+        fd = os.open(directory, _DIR_FLAGS)
+        try:
+            os.fchmod(fd, mode if index == len(missing) - 1 else 0o755)
+        finally:
+            os.close(fd)
 
 
 def _storage_writable(conf, spec):
@@ -2305,6 +2489,9 @@ def _mirror_or_orphan(name):
     conf = settings()
     if name in conf["mirrors"]:
         return conf, conf["mirrors"][name]
+    # The name becomes file names in config_dir, unit_dir, init_dir: "../x" would not.
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise SaltInvocationError(f"{_shown(name)} is not a mirror name: give one of pillar's or of hub_mirror.orphans")
     text = _read(_paths(conf, name)["config"])
     if text is None and not os.path.exists(_paths(conf, name)["init"]) and not os.path.exists(
         _paths(conf, name)["unit"]
@@ -2315,7 +2502,14 @@ def _mirror_or_orphan(name):
         storage = storage.get("rootdirectory", "") if isinstance(storage, dict) else ""
     except (yaml.YAMLError, AttributeError):
         storage = ""  # an edited config: the cache stays where it is
-    return conf, {"name": name, "storage": storage if isinstance(storage, str) else "", "s3": {}}
+    # The config is the service user's (0600, its own): what it names is checked like
+    # pillar storage before a purge may go there.
+    errors = _Errors()
+    storage = _check_path(errors, "", storage) if storage else None
+    if storage:
+        _validate_storage(errors, "", storage, conf["lookup"], "")
+    storage = os.path.realpath(storage) if storage and not errors.messages else ""
+    return conf, {"name": name, "storage": storage, "s3": {}}
 
 
 def _registry_host(upstream):
@@ -2475,13 +2669,21 @@ def absent(mirror="dockerhub", purge_storage=False, test=False):
         )
     if not stopped:
         raise CommandExecutionError(f"mirror {mirror} still serves after its service was stopped: nothing was removed")
-    for path in present:
-        os.unlink(path)
-    for path in purge:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
+    # Stopping takes seconds: the storage chosen before must still be that directory.
+    storage_fd = _open_dir(spec["storage"], f"hub_mirror:mirrors:{mirror}:storage") if purge else None
+    try:
+        for path in present:
             os.unlink(path)
+        for path in purge:
+            # By the fd's own /proc link, which stays on the opened directory.
+            pinned = os.path.join(f"/proc/self/fd/{storage_fd}", os.path.basename(path))
+            if stat.S_ISDIR(os.lstat(pinned).st_mode):
+                shutil.rmtree(pinned)
+            else:
+                os.unlink(pinned)
+    finally:
+        if storage_fd is not None:
+            os.close(storage_fd)
     if purge:
         try:
             os.rmdir(spec["storage"])
@@ -2803,11 +3005,13 @@ def _validate_cache_keys(errors, prefix, mirror):
             except ValueError as exc:
                 errors.add(f"{prefix}:warm:{index}", str(exc), "write NAME[:TAG] or NAME@sha256:DIGEST")
     try:
-        _parse_size(mirror.get("max_size"))
+        # A 64-bit count at most: Salt's msgpack cannot carry a larger int in a job return.
+        if (_parse_size(mirror.get("max_size")) or 0) >= 1 << 63:
+            raise ValueError(mirror.get("max_size"))
     except ValueError:
         errors.add(
             f"{prefix}:max_size",
-            f"{mirror.get('max_size')!r} is not a size",
+            f"{_shown(mirror.get('max_size'))} is not a size",
             "write e.g. 50G, 500M or a number of bytes; empty for no cap",
         )
 
