@@ -103,6 +103,11 @@ class Containerd2(Containerd):
             f"  address = '{self.socket}.debug'",
             "[plugins.'io.containerd.metadata.v1.bolt']",
             "  content_sharing_policy = 'isolated'",
+            # ctr 2.x pulls through the transfer service, which unpacks only for the
+            # platforms listed here (none when the default snapshotter is not there).
+            "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
+            "  platform = 'linux/amd64'",
+            "  snapshotter = 'native'",
         ]
         if self.cri_config_path is None:
             lines.insert(3, "disabled_plugins = ['io.containerd.grpc.v1.cri']")
@@ -137,13 +142,12 @@ class Containerd2(Containerd):
 
     def crictl(self, *args, check=True, timeout=300):
         endpoint = f"unix://{self.socket}"
+        # crictl insists on a config file (it looks beside itself when this one is missing).
+        config = self.workdir / "crictl.yaml"
+        config.write_text(f"runtime-endpoint: {endpoint}\nimage-endpoint: {endpoint}\ntimeout: {timeout}\n")
         return _run(
             self.netns.command(
-                [
-                    self.tools / "crictl", f"--config={self.workdir / 'crictl.yaml'}",
-                    f"--runtime-endpoint={endpoint}", f"--image-endpoint={endpoint}",
-                    f"--timeout={timeout}s", *args,
-                ],
+                [self.tools / "crictl", f"--config={config}", *args],
                 self.binds,
             ),
             self.env, check, timeout + 30,
