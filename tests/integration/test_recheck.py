@@ -7,7 +7,6 @@ every client's config drops it, with no state run; it starts again: it is back. 
 find nothing changed write nothing and reload nothing, and dockerd is never restarted.
 """
 
-import os
 import shutil
 import time
 
@@ -15,38 +14,15 @@ import pytest
 import yaml
 
 from tests.integration.test_client import ClientHost, user_daemon_json, world  # noqa: F401  (fixture)
-from tests.support.clients import _Daemon
-from tests.support.saltcall import SALT_CALL, Masterless, unique_name, world_traversable_dir
+from tests.support.runtimes import RECHECK_JOB as JOB
+from tests.support.runtimes import SaltMinionDaemon, masterless_daemon_config
+from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
 
 RECHECK = 10
-JOB = "hub_mirror-client-recheck"
 # Generous: a wait for something to happen, never a claim about how fast it happens.
 FOLLOW_TIMEOUT = 6 * RECHECK + 60
-
-
-class SaltMinionDaemon(_Daemon):
-    """``salt-minion`` in the namespace (its probes must see the namespace's mirrors)."""
-
-    def __init__(self, netns, minion):
-        super().__init__(netns, minion.root / "daemon", os.environ.copy(), {})
-        self.minion = minion
-
-    def start(self, timeout=60):
-        salt_minion = os.path.join(os.path.dirname(SALT_CALL), "salt-minion")
-        self._spawn([salt_minion, "-c", self.minion.conf_dir, "--log-level=quiet"])
-        self._wait(lambda: "Running scheduled job: " + JOB in self.log(), timeout, "salt-minion")
-        return self
-
-    def log(self):
-        try:
-            return self.minion.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def runs(self):
-        return self.log().count("Running scheduled job: " + JOB)
 
 
 @pytest.fixture
@@ -54,10 +30,7 @@ def minion():
     root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
     masterless = Masterless(root)
     # The scheduler needs a running daemon; without a master it must not look for one.
-    (masterless.conf_dir / "minion.d").mkdir()
-    (masterless.conf_dir / "minion.d" / "masterless.conf").write_text(
-        yaml.safe_dump({"master_type": "disable", "log_level_logfile": "debug"})
-    )
+    masterless_daemon_config(masterless)
     masterless.sync()
     yield masterless
     shutil.rmtree(root, ignore_errors=True)
@@ -66,7 +39,7 @@ def minion():
 def wait_for(what, condition, daemon, timeout=FOLLOW_TIMEOUT):
     start = time.monotonic()
     while not condition():
-        assert time.monotonic() - start < timeout, f"not within {timeout}s: {what}\n" + "\n".join(l for l in daemon.log().splitlines() if "Running scheduled" not in l and "dispatching" not in l and "Returning information" not in l)[-8000:]
+        assert time.monotonic() - start < timeout, f"not within {timeout}s: {what}\n{daemon.log()[-6000:]}"
         time.sleep(0.5)
     return time.monotonic() - start
 

@@ -10,11 +10,15 @@ Every program is called by absolute path: this machine may have other docker/con
 builds earlier on PATH.
 """
 
+import os
 import pathlib
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+
+import yaml
 
 from .clients import Containerd, _Daemon
 from .saltcall import REPO
@@ -203,3 +207,39 @@ class Buildkitd(_Daemon):
         )
         result.seconds = time.monotonic() - start
         return result
+
+
+RECHECK_JOB = "hub_mirror-client-recheck"
+
+
+def masterless_daemon_config(minion):
+    """Let ``minion`` (a :class:`~tests.support.saltcall.Masterless`) also run as a
+    salt-minion daemon: no master to look for, and job starts in its log."""
+    (minion.conf_dir / "minion.d").mkdir(exist_ok=True)
+    (minion.conf_dir / "minion.d" / "masterless.conf").write_text(
+        yaml.safe_dump({"master_type": "disable", "log_level_logfile": "info"})
+    )
+
+
+class SaltMinionDaemon(_Daemon):
+    """A masterless ``salt-minion`` in the namespace (the schedule's probes must see the
+    namespace's mirrors); it runs the recheck schedule entry."""
+
+    def __init__(self, netns, minion):
+        super().__init__(netns, minion.root / "daemon", os.environ.copy(), {})
+        self.minion = minion
+
+    def start(self, timeout=60):
+        self._spawn([pathlib.Path(sys.executable).parent / "salt-minion", "-c", self.minion.conf_dir, "--log-level=quiet"])
+        self._wait(lambda: self.runs() > 0, timeout, "salt-minion")
+        return self
+
+    def log(self):
+        try:
+            return self.minion.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def runs(self):
+        """How many times the recheck entry has started."""
+        return self.log().count("Running scheduled job: " + RECHECK_JOB)
