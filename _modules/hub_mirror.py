@@ -3465,6 +3465,9 @@ DOCKER_HUB = "docker.io"
 # The Salt schedule entry client_recheck manages, and its shortest interval: each run
 # probes every mirror, and one that hangs costs probe_timeout.
 RECHECK_JOB = "hub_mirror-client-recheck"
+# containerd >= 2.1 gives up connecting to a black-holed mirror host after this, instead
+# of the kernel's SYN retries (about 2 min); older containerd ignores the key.
+HOSTS_TOML_DIAL_TIMEOUT = "2s"
 RECHECK_MIN = 5
 # Loaded in name order after registries.conf; a user file sorting later can override it.
 REGISTRIES_DROPIN = "50-hub-mirror.conf"
@@ -3812,7 +3815,7 @@ def render_hosts_toml(base, mirrors):
     if not strip_block(base):
         lines += [f'server = "{upstream_server(upstream)}"', ""]
     for url in urls:
-        lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]', ""]
+        lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]', f'  dial_timeout = "{HOSTS_TOML_DIAL_TIMEOUT}"', ""]
     return add_block(base, "\n".join(lines[:-1]) + "\n")
 
 
