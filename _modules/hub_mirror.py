@@ -231,6 +231,19 @@ def _merge(base, override):
 
 def _raw_pillar():
     # __pillar__ gives the real values; pillar.get masks them in Salt 3008.
+    if "hub_mirror" not in __pillar__ and __opts__.get("master_type") == "disable":
+        # A masterless salt-minion daemon never compiles its pillar (Salt 3008 does that
+        # only on connecting to a master), and the client_recheck schedule runs there.
+        import salt.pillar  # pylint: disable=import-outside-toplevel
+
+        return (
+            salt.pillar.get_pillar(
+                __opts__, dict(__grains__), __opts__["id"], saltenv=__opts__.get("saltenv"),
+                pillarenv=__opts__.get("pillarenv"),
+            )
+            .compile_pillar()
+            .get("hub_mirror", {})
+        )
     return __pillar__.get("hub_mirror", {})
 
 
@@ -4235,6 +4248,10 @@ CLIENT_DEFAULTS = {
     # A CA bundle for https mirrors signed by a private CA: the probe verifies with it,
     # and containerd and buildkit get it for those mirrors.
     "ca_file": "",
+    # Seconds: re-probe the mirrors at most this far apart from a Salt schedule entry
+    # (client_recheck) and take a dead one out of every client without a state run.
+    # 0: no schedule.
+    "recheck": 0,
     "paths": {
         "docker_daemon_json": "/etc/docker/daemon.json",
         "docker_pidfile": "/var/run/docker.pid",
@@ -4270,6 +4287,13 @@ DISCOVER_TGT_TYPES = (
 )
 
 DOCKER_HUB = "docker.io"
+# The Salt schedule entry client_recheck manages, and its shortest interval: each run
+# probes every mirror, and one that hangs costs probe_timeout.
+RECHECK_JOB = "hub_mirror-client-recheck"
+# containerd >= 2.1 gives up connecting to a black-holed mirror host after this, instead
+# of the kernel's SYN retries (about 2 min); older containerd ignores the key.
+HOSTS_TOML_DIAL_TIMEOUT = "2s"
+RECHECK_MIN = 5
 # Loaded in name order after registries.conf; a user file sorting later can override it.
 REGISTRIES_DROPIN = "50-hub-mirror.conf"
 BLOCK_BEGIN = "# BEGIN hub_mirror: managed by Salt; `state.apply hub_mirror.client.clean` removes it"
@@ -4362,6 +4386,18 @@ def _validate_client(errors, client):
             "client:ca_file",
             problem,
             "give the absolute path of the PEM bundle that signed the https mirrors, or leave it out",
+        )
+
+    recheck = client.get("recheck", CLIENT_DEFAULTS["recheck"])
+    if (
+        not isinstance(recheck, int)
+        or isinstance(recheck, bool)
+        or not (recheck == 0 or RECHECK_MIN <= recheck <= 86400)
+    ):
+        errors.add(
+            "client:recheck",
+            f"{recheck!r} is not 0 or a whole number of seconds from {RECHECK_MIN} to 86400",
+            "use e.g. 60 (a dead mirror is out of every client within a minute), or 0 for no schedule",
         )
 
     paths = client.get("paths") or {}
@@ -4687,7 +4723,11 @@ def render_hosts_toml(base, mirrors, ca_file="", server_certs=None):
                 lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
         lines.append("")
     for url in urls:
-        lines += [f"[host.{_toml_str(url)}]", '  capabilities = ["pull", "resolve"]']
+        lines += [
+            f"[host.{_toml_str(url)}]",
+            '  capabilities = ["pull", "resolve"]',
+            f"  dial_timeout = {_toml_str(HOSTS_TOML_DIAL_TIMEOUT)}",
+        ]
         if ca_file and url.startswith("https://"):
             lines.append(f"  ca = {_toml_str(ca_file)}")
         lines.append("")
@@ -5946,3 +5986,81 @@ def client_clean(test=False):
         "changes": changes,
         "comment": "\n".join(lines) or "No client config of hub_mirror's is left to restore",
     }
+
+
+def _recheck_job(seconds, masterless=False):
+    """The schedule entry for ``client:recheck: seconds``: Salt adds a random 1..splay to
+    each interval, so ``seconds - splay`` keeps two runs at most ``seconds`` apart while a
+    fleet's probes spread over the last fifth of it. Without a master there is nobody to
+    return the job to (trying logs an error every run)."""
+    splay = max(1, seconds // 5)
+    return {
+        "function": "hub_mirror.client_configure",
+        "seconds": seconds - splay,
+        "splay": splay,
+        "maxrunning": 1,
+        "return_job": not masterless,
+    }
+
+
+def _minion_daemon_running():
+    """True inside the salt-minion daemon, or beside a running one (salt-call): then the
+    schedule is changed through the daemon's event bus, else in its file only."""
+    if __opts__.get("__cli") == "salt-minion":
+        return True
+    try:
+        with open(__opts__.get("pidfile") or "", encoding="utf-8") as handle:
+            os.kill(int(handle.read().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def client_recheck(test=False, remove=False):
+    """
+    Keep the Salt schedule entry ``hub_mirror-client-recheck`` as ``client:recheck``
+    asks: with ``recheck: N`` the minion runs ``hub_mirror.client_configure`` (the very
+    function ``hub_mirror.client`` runs) at most N seconds apart, with splay, so a mirror
+    that stops answering is out of every client within one interval and back in when it
+    answers again. A run that finds the same answering mirrors writes nothing and
+    reloads nothing; no run ever restarts a daemon. ``recheck: 0`` (or ``remove=True``,
+    as ``hub_mirror.client.clean`` does) removes the entry.
+
+    The schedule runs in the salt-minion daemon, under a master or masterless
+    (``file_client: local`` with ``master_type: disable``). From ``salt-call --local``
+    without a running daemon the entry is written to ``minion.d/_schedule.conf``, which
+    the daemon reads when it starts. Returns ``{"changes": {...}, "comment": "..."}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' hub_mirror.client_recheck
+        salt '*' hub_mirror.client_recheck remove=True
+    """
+    seconds = 0 if remove else _client_conf(settings())["recheck"]
+    live = _minion_daemon_running()
+    where = {} if live else {"offline": True}
+    jobs = __salt__["schedule.list"](show_all=True, return_yaml=False, **where)
+    current = jobs.get(RECHECK_JOB) if isinstance(jobs, dict) else None
+    wanted = _recheck_job(seconds, __opts__.get("master_type") == "disable") if seconds else None
+    have = {key: current.get(key) for key in _recheck_job(60)} if current else None
+    how = "" if live else " (no salt-minion runs now: it takes the entry when it starts)"
+    if have == wanted:
+        if not wanted:
+            return {"changes": {}, "comment": ""}
+        return {"changes": {}, "comment": f"Recheck: every {seconds} s at most, scheduled{how}"}
+    changes = {"recheck": {"old": have, "new": wanted}}
+    if test:
+        return {"changes": changes, "comment": f"Recheck: the schedule entry {RECHECK_JOB} would change{how}"}
+    if wanted is None:
+        outcome = __salt__["schedule.delete"](RECHECK_JOB, **where)
+    elif current:
+        outcome = __salt__["schedule.modify"](RECHECK_JOB, **wanted, **where)
+    else:
+        outcome = __salt__["schedule.add"](RECHECK_JOB, **wanted, **where)
+    if not outcome.get("result"):
+        raise CommandExecutionError(f"changing the schedule entry {RECHECK_JOB} failed: {outcome.get('comment')}")
+    if wanted is None:
+        return {"changes": changes, "comment": f"Recheck: schedule entry {RECHECK_JOB} removed{how}"}
+    return {"changes": changes, "comment": f"Recheck: every {seconds} s at most, scheduled{how}"}

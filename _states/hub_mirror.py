@@ -153,7 +153,24 @@ def client_configured(name):
     name
         A label for the state; what to configure comes from ``hub_mirror:client``.
     """
-    return _apply(name, "client_configure")
+    return _with_recheck(_apply(name, "client_configure"), remove=False)
+
+
+def _with_recheck(ret, remove):
+    """``ret`` with the recheck schedule entry brought in line (``client:recheck``), so
+    that the one state both configures the clients and keeps them healed."""
+    test = bool(__opts__.get("test"))
+    try:
+        outcome = __salt__["hub_mirror.client_recheck"](test=test, remove=remove)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret.update(result=False, comment="\n".join(filter(None, [ret["comment"], str(exc)])))
+        return ret
+    if outcome["changes"]:
+        ret["changes"].update(outcome["changes"])
+        if test and ret["result"] is True:
+            ret["result"] = None
+    ret["comment"] = "\n".join(filter(None, [ret["comment"], outcome["comment"]]))
+    return ret
 
 
 def client_absent(name):
@@ -165,4 +182,4 @@ def client_absent(name):
     name
         A label for the state.
     """
-    return _apply(name, "client_clean")
+    return _with_recheck(_apply(name, "client_clean"), remove=True)

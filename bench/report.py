@@ -146,13 +146,14 @@ def _fleet(result):
 def _fallback(result):
     rows = []
     for kind, data in result["kinds"].items():
-        for client in ("containerd", "skopeo"):
-            figures = data[client]
-            label = f"6 fallback {kind}"
-            rows.append((label, f"{client}: dead mirror configured / no mirror", _r(figures["dead_vs_none"]), _s(figures["no_mirror_s"]), _s(figures["dead_mirror_s"])))
-            rows.append((label, f"{client}: removed by the client state after probing / no mirror", _r(figures["removed_vs_none"]), _s(figures["no_mirror_s"]), _s(figures["removed_after_probe_s"])))
-        probe = data["client_state_apply_s"]
-        rows.append((f"6 fallback {kind}", "client state apply that probed and removed it", "", f"{probe['mirror_alive']:.2f} s (mirror alive)", f"{probe['mirror_dead_probe_and_remove']:.2f} s"))
+        for runtime, figures in data.items():
+            if not isinstance(figures, dict) or "dead_vs_none" not in figures:
+                continue
+            rows.append((f"6 fallback {kind}", f"{runtime}: dead mirror configured / no mirror", _r(figures["dead_vs_none"]), _s(figures["no_mirror_s"]), _s(figures["dead_mirror_s"])))
+    recheck = result.get("recheck_s")
+    for kind, data in result.get("time_to_drop", {}).items():
+        rows.append((f"6 fallback {kind}", f"every client dropped the dead mirror (recheck: {recheck}) / the interval", _r(data["dropped_vs_interval"]), f"{recheck} s", _s(data["dropped_s"])))
+        rows.append((f"6 fallback {kind}", "every client took it back once it answered again", "", "", _s(data["back_s"])))
     return rows
 
 

@@ -1,0 +1,94 @@
+"""``client:recheck`` under a salt-master: the state, run through the master, adds the
+schedule entry live in the minion daemon, which then follows a mirror that stops and
+starts with no further state run. The mirror and the Docker Hub stand-in listen on
+loopback; no client program runs here (tests/integration/test_recheck.py and
+test_runtimes.py run real clients in a private namespace), only their config files.
+
+Needs the saltfactories plugin: run without ``-p no:saltfactories``.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_client import proxy_config
+from tests.support.registry import RegistryProcess
+from tests.support.runtimes import RECHECK_JOB
+from tests.support.saltcall import unique_name
+from tests.support.saltmaster import SaltCluster, states_of, strip_root_log_handlers
+
+pytestmark = pytest.mark.integration
+
+RECHECK = 6
+FOLLOW_TIMEOUT = 10 * RECHECK + 60
+
+
+@pytest.fixture(scope="session")
+def salt_factories_config():
+    root = Path(f"/tmp/hm-sf-{unique_name('')}")
+    root.mkdir()
+    yield {"root_dir": root}
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_for(what, condition):
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < FOLLOW_TIMEOUT, f"not within {FOLLOW_TIMEOUT}s: {what}"
+        time.sleep(0.5)
+
+
+def test_recheck_through_a_master(salt_factories, clean_hub, tmp_path):
+    mirror = RegistryProcess(tmp_path / "mirror", config=proxy_config(tmp_path / "cache", clean_hub.url)).start()
+    files = tmp_path / "client"
+    certs_d, dropin_dir = files / "certs.d", files / "containers" / "registries.conf.d"
+    hosts_toml, dropin = certs_d / "docker.io" / "hosts.toml", dropin_dir / "50-hub-mirror.conf"
+    (files / "containers").mkdir(parents=True)
+    (files / "containers" / "registries.conf").write_text("# v2, nothing of its own\n")
+    cluster = SaltCluster(salt_factories, f"/tmp/hm-{unique_name('')}")
+    minion = cluster.add_minion(
+        {
+            "client": {
+                "mirrors": {"docker.io": mirror.url},
+                "runtimes": ["containerd", "podman"],
+                "probe_timeout": 1,
+                "recheck": RECHECK,
+                "paths": {
+                    "containerd_config": str(files / "config.toml"),
+                    "containerd_certs_d": str(certs_d),
+                    "registries_conf": str(files / "containers" / "registries.conf"),
+                    "registries_conf_d": str(dropin_dir),
+                },
+            }
+        }
+    )
+    try:
+        with cluster.master.started(), minion.daemon.started():
+            assert cluster.salt(minion, "saltutil.sync_all").returncode == 0
+            applied = cluster.salt(minion, "state.apply", "hub_mirror.client")
+            (ret,) = states_of(applied.data).values()
+            assert ret["result"] is True, ret
+            assert set(ret["changes"]) == {"containerd", "podman", "recheck"}
+            # Run inside the minion daemon: the entry went in live, not only to its file.
+            assert "no salt-minion runs now" not in ret["comment"]
+            job = cluster.salt(minion, "schedule.list", "return_yaml=False").data[RECHECK_JOB]
+            assert job["function"] == "hub_mirror.client_configure" and job["return_job"] is True
+            assert mirror.hostport in dropin.read_text()
+
+            mirror.stop()
+            wait_for("the minion's schedule drops the dead mirror", lambda: not hosts_toml.exists() and not dropin.exists())
+            mirror.start()
+            wait_for("the minion's schedule takes it back", lambda: hosts_toml.exists() and dropin.exists())
+            assert mirror.url in hosts_toml.read_text()
+
+            cleaned = cluster.salt(minion, "state.apply", "hub_mirror.client.clean")
+            (ret,) = states_of(cleaned.data).values()
+            assert ret["result"] is True and "recheck" in ret["changes"], ret
+            assert RECHECK_JOB not in cluster.salt(minion, "schedule.list", "return_yaml=False").data
+            assert not hosts_toml.exists() and not dropin.exists()
+    finally:
+        mirror.stop()
+        strip_root_log_handlers()
+        shutil.rmtree(cluster.root, ignore_errors=True)
