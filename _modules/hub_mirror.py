@@ -5164,6 +5164,14 @@ def _plan_file(kind, entry, current, original, mirrors, **render_args):
     return base, desired, mirrors, note, separated
 
 
+def _read_marked(path):
+    """A client file's text if it may hold a block of ours, else ""."""
+    try:
+        return _read_exact(path) or ""
+    except (OSError, ValueError):
+        return ""
+
+
 def _block_span(text):
     """(start, end) of hub_mirror's marked block in ``text``, or None."""
     begin = (text or "").find(BLOCK_BEGIN + "\n")
@@ -5187,7 +5195,16 @@ def _apply_file(record, runtime, path, kind, plan, current, test):
     base, desired, mirrors, separated = plan
     entry = record.files.get(path)
     if entry is None and not mirrors:
-        return None, []
+        if kind not in _BLOCK_KINDS or desired == current:
+            return None, []
+        # A block of ours whose record was lost: found by its markers, it comes out (a
+        # dead mirror must not stay); what is left is the user's and stays unrecorded.
+        if not test:
+            if desired is None:
+                _remove_exact(path)
+            else:
+                _write_exact(path, desired)
+        return {"old": "a hub_mirror block with no record", "new": {}}, []
     change = (
         None
         if desired == current
@@ -5681,7 +5698,7 @@ def _runtime_notes(runtime, client, alive, changes, configured, test):
     return notes
 
 
-def _plan_runtime(record, client, runtime, alive, wanted):
+def _plan_runtime(record, client, runtime, alive, wanted, cleaning=False):
     """Everything one runtime's files should become, decided from their bytes now,
     before anything is written: ``{"files": [(path, kind, current, plan | None)],
     "notes": [...], "absent": why not installed, "blocked": why left alone}``. A file
@@ -5692,6 +5709,14 @@ def _plan_runtime(record, client, runtime, alive, wanted):
     if absent and not recorded:
         return plan
     files, notes = _runtime_files(runtime, client, alive) if wanted and not absent else ([], [])
+    if cleaning and runtime in client["runtimes"]:
+        # Blocks of ours that a lost record no longer names: clean finds them by marker.
+        candidates, _ = _runtime_files(runtime, client, {})
+        files += [
+            (path, kind, {}, {})
+            for path, kind, _, _ in candidates
+            if kind in _BLOCK_KINDS and path not in record.files and _block_span(_read_marked(path))
+        ]
     plan["notes"] += notes
     files += [(path, _kind_of(runtime), {}, {}) for path in recorded if path not in {f[0] for f in files}]
     if wanted and runtime == "podman":
@@ -5791,10 +5816,11 @@ def _sync_all(client, record, alive, test, cleaning=False):
     lines = [f"Record: {note}" for note in record.repaired]
     for runtime in CLIENT_RUNTIMES:
         wanted = runtime in client["runtimes"] and not cleaning
-        if not wanted and not any(e["runtime"] == runtime for e in record.files.values()):
+        recorded = any(e["runtime"] == runtime for e in record.files.values())
+        if not wanted and not recorded and not (cleaning and runtime in client["runtimes"]):
             continue
         try:
-            plans[runtime] = (_plan_runtime(record, client, runtime, alive, wanted), wanted)
+            plans[runtime] = (_plan_runtime(record, client, runtime, alive, wanted, cleaning), wanted)
         except Exception as exc:  # pylint: disable=broad-except
             lines.append(f"{runtime}: left alone: {type(exc).__name__}: {exc}")
     changes = {}

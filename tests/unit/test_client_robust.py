@@ -112,6 +112,30 @@ def test_a_record_left_by_the_old_code_or_corrupted_is_repaired(host):
     assert not os.path.exists(f"{host['paths']['registries_conf_d']}/50-hub-mirror.conf")
 
 
+@pytest.mark.parametrize("way_out", ["configure", "clean"])
+def test_a_lost_record_does_not_keep_a_dead_mirror_in_marked_files(host, way_out):
+    """The record is gone (deleted, or corrupt and set aside) and then the mirror dies:
+    the blocks of ours are still found by their markers and taken out, by the next
+    configure (or recheck) as by clean; the user's lines around them stay."""
+    conf_d = host["paths"]["registries_conf_d"]
+    user_drop_in = f"{conf_d}/10-user.conf"
+    with open(user_drop_in, "w") as handle:
+        handle.write('unqualified-search-registries = ["docker.io"]\n')
+    configure(host)
+    hosts_toml = f"{host['paths']['containerd_certs_d']}/docker.io/hosts.toml"
+    ours = f"{conf_d}/50-hub-mirror.conf"
+    host_port = MIRROR.split("://")[1]
+    assert host_port in open(hosts_toml).read() and host_port in open(ours).read()
+    os.unlink(os.path.join(host["record_dir"], "index.json"))
+
+    changes, lines = configure(host, alive={}) if way_out == "configure" else clean(host)
+    assert {"containerd", "podman"} <= set(changes), lines
+    for path in (hosts_toml, ours):
+        assert not os.path.exists(path) or host_port not in open(path).read(), path
+    assert open(user_drop_in).read() == 'unqualified-search-registries = ["docker.io"]\n'
+    assert configure(host, alive={})[0] == {}
+
+
 @pytest.mark.parametrize(
     "breakage,runtime",
     [
