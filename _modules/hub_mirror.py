@@ -1275,7 +1275,7 @@ def _install_archive(conf, test):
         return {"changes": changes, "comment": f"registry {version} ({arch}) would be installed"}
 
     bin_dir = os.path.dirname(binary)
-    os.makedirs(bin_dir, mode=0o755, exist_ok=True)
+    _makedirs(bin_dir, 0o755)
     with tempfile.TemporaryDirectory(dir=bin_dir, prefix=".download-") as work:
         tarball = os.path.join(work, os.path.basename(urllib.parse.urlparse(url).path))
         try:
@@ -1480,7 +1480,8 @@ def config(mirror="dockerhub"):
 def _write_atomic(path, text, mode, uid=-1, gid=-1):
     """Write ``text`` to ``path`` through a same-directory temp file and rename."""
     directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    # Fixed modes whatever the umask: under 077 the service user could not reach its files.
+    _makedirs(directory, 0o755)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
     try:
         os.fchmod(fd, mode)
@@ -1909,7 +1910,12 @@ def _makedirs(path, mode):
         missing.append(path)
         path = os.path.dirname(path)
     for index, directory in enumerate(reversed(missing)):
-        os.mkdir(directory)
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # made meanwhile by someone else: theirs, its mode too
         # Through an fd: a chmod by name would follow a symlink swapped in after mkdir.
         fd = os.open(directory, _DIR_FLAGS)
         try:
@@ -2089,7 +2095,6 @@ case "$1" in
     *) echo "usage: $0 {{start|stop|restart|force-reload|status}}" >&2; exit 2 ;;
 esac
 """
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _systemd_quote(value, exec_line=False):
@@ -2181,7 +2186,7 @@ def _service_files(conf, spec):
                 run_dir=quote(lookup["run_dir"]),
                 log_dir=quote(lookup["log_dir"]),
                 owner=quote(f"{lookup['user']}:{lookup['group']}"),
-                path=quote(SYSTEM_PATH),
+                path=quote(_SYSTEM_PATH),
                 python=quote(command[0]),
                 supervise=quote(command[1]),
                 settings=quote(command[2]),
@@ -4703,6 +4708,19 @@ def _toml_str(text):
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _toml_array(value):
+    """A TOML array of strings (or of arrays of strings), each element TOML-escaped."""
+    return "[" + ", ".join(_toml_array(item) if isinstance(item, list) else _toml_str(item) for item in value) + "]"
+
+
 def upstream_server(upstream):
     """The URL a client pulls ``upstream`` from when no mirror is configured."""
     return "https://registry-1.docker.io" if upstream == DOCKER_HUB else f"https://{upstream}"
@@ -4720,7 +4738,7 @@ def render_hosts_toml(base, mirrors, ca_file="", server_certs=None):
         lines += [f"server = {_toml_str(upstream_server(upstream))}"]
         for key, value in (server_certs or {}).items():
             if value:
-                lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+                lines.append(f"{key} = {_toml_array(value)}")
         lines.append("")
     for url in urls:
         lines += [
@@ -4761,18 +4779,21 @@ def render_buildkitd_toml(base, mirrors, ca_file=""):
     """buildkitd.toml: ``[registry."<upstream>"] mirrors`` in order, and ``http = true``
     for each plain-http mirror host (``ca`` for https ones with ``client:ca_file``), in a
     marked block after the user's settings."""
-    lines = []
-    hosts_settings = {}
+    # One table per name: a mirror host that is also an upstream gets both its mirrors
+    # and its http/ca setting there (a TOML table defined twice stops buildkitd).
+    tables = {}
     for upstream, urls in mirrors.items():
         hosts = [_mirror_host(url) for url in urls]
-        lines += [f"[registry.{_toml_str(upstream)}]", f"  mirrors = {json.dumps(hosts)}", ""]
-        for url in urls:
-            if url.startswith("http://"):
-                hosts_settings.setdefault(_mirror_host(url), "  http = true")
-            elif ca_file:
-                hosts_settings.setdefault(_mirror_host(url), f"  ca = [{_toml_str(ca_file)}]")
-    for host, setting in hosts_settings.items():
-        lines += [f"[registry.{_toml_str(host)}]", setting, ""]
+        tables.setdefault(upstream, []).append(f"  mirrors = {_toml_array(hosts)}")
+    for url in (url for urls in mirrors.values() for url in urls):
+        setting = "  http = true" if url.startswith("http://") else f"  ca = [{_toml_str(ca_file)}]" if ca_file else None
+        table = tables.setdefault(_mirror_host(url), [])
+        if setting and not any(line.split("=")[0] == setting.split("=")[0] for line in table):
+            table.append(setting)
+    lines = []
+    for name, settings in tables.items():
+        if settings:
+            lines += [f"[registry.{_toml_str(name)}]", *settings, ""]
     return add_block(base, "\n".join(lines[:-1]) + "\n")
 
 
@@ -5343,17 +5364,21 @@ def _docker_blocked(client):
 
 def _docker_reload(client, test):
     """Make dockerd re-read daemon.json without a restart; say how, or None if not running."""
-    if os.path.isdir("/run/systemd/system") and _which("systemctl"):
-        active = subprocess.run(
-            ["systemctl", "is-active", "--quiet", "docker"], timeout=30, check=False
-        ).returncode == 0
-        if active:
-            if not test:
-                _systemctl("reload", "docker")
-            return "systemctl reload docker"
     pid = _dockerd_pid(client)
     if pid is None:
         return None
+    systemctl = _which("systemctl") if os.path.isdir("/run/systemd/system") else None
+    if systemctl:
+        # Only when docker.service is the dockerd of our pidfile: another one (a second
+        # daemon, or client:paths pointing elsewhere) gets its own SIGHUP.
+        main = subprocess.run(
+            [systemctl, "show", "--property=MainPID", "--value", "docker"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout.strip()
+        if main == str(pid):
+            if not test:
+                _systemctl("reload", "docker")
+            return "systemctl reload docker"
     if not test:
         os.kill(pid, signal.SIGHUP)
     return f"SIGHUP to dockerd (pid {pid})"
@@ -5592,7 +5617,8 @@ def _docker_style_certs(directory):
     """containerd's docker-style files in a certs.d host directory: ``*.crt`` CAs and
     ``*.cert``/``*.key`` client pairs, which it reads only while there is no hosts.toml."""
     try:
-        names = sorted(os.listdir(directory))
+        # A name that is not UTF-8 could not be written into hosts.toml: left to the user.
+        names = sorted(name for name in os.listdir(directory) if name.isprintable() and _utf8(name))
     except OSError:
         return {}
     ca = [os.path.join(directory, name) for name in names if name.endswith(".crt")]

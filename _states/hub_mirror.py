@@ -159,6 +159,8 @@ def client_configured(name):
 def _with_recheck(ret, remove):
     """``ret`` with the recheck schedule entry brought in line (``client:recheck``), so
     that the one state both configures the clients and keeps them healed."""
+    if ret["result"] is False and not remove:
+        return ret  # the same refusal would only be said twice
     test = bool(__opts__.get("test"))
     try:
         outcome = __salt__["hub_mirror.client_recheck"](test=test, remove=remove)

@@ -360,3 +360,22 @@ def test_a_record_that_cannot_be_saved_is_said_not_raised_and_nothing_is_written
         assert "could not be written (its original could not be kept in" in line, line
         assert "Not a directory" in line
     assert {path: snapshot(path) for path in files_of(host)} == before
+
+
+def test_a_mirror_host_that_is_also_an_upstream_gets_one_buildkit_table():
+    mirrors = {"docker.io": ["http://m.example:5000"], "m.example:5000": ["http://x.example:5000"]}
+    text = hm.render_buildkitd_toml(None, mirrors)
+    registry = tomllib.loads(text)["registry"]
+    assert registry["m.example:5000"] == {"mirrors": ["x.example:5000"], "http": True}
+    assert registry["docker.io"] == {"mirrors": ["m.example:5000"]}
+
+
+def test_docker_style_cert_names_reach_hosts_toml_escaped(tmp_path):
+    certs = tmp_path / "docker.io"
+    certs.mkdir()
+    for name in ('odd"name.crt', "c\x7fa.crt", "plain.crt"):
+        (certs / name).write_text("x")
+    (certs / b"bad\xff.crt".decode("utf-8", "surrogateescape")).write_text("x")
+    found = hm._docker_style_certs(str(certs))
+    text = hm.render_hosts_toml(None, {"docker.io": [MIRROR]}, server_certs=found)
+    assert tomllib.loads(text)["ca"] == [str(certs / 'odd"name.crt'), str(certs / "plain.crt")]
