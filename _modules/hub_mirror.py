@@ -2070,6 +2070,9 @@ INIT_TEMPLATE = """\
 PIDFILE={pidfile}
 LOG={log}
 start() {{
+    # Only called when nothing runs: a pidfile left now names a dead or zombie process,
+    # which start-stop-daemon would take for a running one.
+    rm -f "$PIDFILE"
     mkdir -p {run_dir} {log_dir}
     touch "$LOG"
     chown {owner} {log_dir} "$LOG"
@@ -2085,7 +2088,10 @@ stop() {{
     start-stop-daemon --stop --quiet --retry TERM/10/KILL/5 --pidfile "$PIDFILE" --remove-pidfile
 }}
 running() {{
-    start-stop-daemon --status --pidfile "$PIDFILE"
+    start-stop-daemon --status --pidfile "$PIDFILE" || return 1
+    # A killed supervisor stays a zombie where PID 1 does not reap (a container's shell,
+    # a CI agent): that is not running.
+    ! grep -qs '^State:[[:space:]]*Z' "/proc/$(cat "$PIDFILE")/status"
 }}
 case "$1" in
     start) running || start ;;

@@ -304,6 +304,7 @@ def assert_unit_reads_back(unit, command, storage, lookup):
 STUBS = """
 calls=$1; shift
 record() { for word; do printf '%s\\000' "$word"; done >> "$calls"; printf '\\001' >> "$calls"; }
+rm() { record rm "$@"; }
 mkdir() { record mkdir "$@"; }
 touch() { record touch "$@"; }
 chown() { record chown "$@"; }
@@ -333,6 +334,7 @@ def assert_init_script_reads_back(script, command, paths, lookup):
     owner = f"{lookup['user']}:{lookup['group']}"
     log = paths["log"]
     assert recorded == [
+        ["rm", "-f", paths["pidfile"]],
         ["mkdir", "-p", lookup["run_dir"], lookup["log_dir"]],
         ["touch", log],
         ["chown", owner, lookup["log_dir"], log],
