@@ -2,7 +2,9 @@
 the mirror, the package's own service stays stopped and disabled, and a re-apply changes
 nothing."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +22,8 @@ def test_package_method_serves_from_the_distribution_binary(masterless, clean_hu
     first = masterless.apply()
     assert first.returncode == 0, first
     assert all(ret["result"] for ret in first.states.values()), first
-    init = open(f"/etc/init.d/hub-mirror-{mirror_name}", encoding="utf-8").read()
-    assert "--binary=/usr/bin/docker-registry" in init
+    settings = json.loads((Path(masterless.lookup["config_dir"]) / f"{mirror_name}.supervise.json").read_text())
+    assert settings["binary"] == "/usr/bin/docker-registry"
     assert masterless.run("hub_mirror.config", f"mirror={mirror_name}").data["proxy"] == {"remoteurl": clean_hub.url}
 
     assert oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "a"))

@@ -86,6 +86,7 @@ def journey(hub, release_server):
         calls["test apply, highstate output, debug"] = minion.run(
             "--out=highstate", "-l", "debug", "state.apply", "hub_mirror", "test=True"
         )
+        hub.token = ROTATED_TOKEN  # Docker Hub now takes the new token: it is checked first
         private_pillar(minion, rotated)
         calls["rotation, test"] = minion.apply(test=True)
         calls["rotation, highstate output, debug"] = minion.run("--out=highstate", "-l", "debug", "state.apply", "hub_mirror")
@@ -111,6 +112,7 @@ def journey(hub, release_server):
             "config_path": config_path,
         }
     finally:
+        hub.token = HUB_TOKEN
         holder.close()
         private_pillar(minion, rotated)
         minion.teardown()
@@ -188,7 +190,7 @@ def test_minion_log_at_debug_level_holds_no_token(journey):
 def test_no_process_argument_or_environment_holds_the_token(journey):
     assert len(journey["snapshots"]) == 2
     for arguments, environments in journey["snapshots"]:
-        assert f"--config={journey['config_path']}" in arguments  # the mirror was running
+        assert f"serve {journey['config_path']}" in arguments  # the mirror was running
         assert all(environments)
         for token in TOKENS:
             assert token not in arguments
