@@ -274,7 +274,7 @@ CASES = [
     ("storage-etc", with_mirror(storage="/etc"), "{mirror}:storage", "is a system directory"),
     ("storage-inside-home", with_mirror(storage="/home/cache"), "{mirror}:storage", "inside the system directory /home"),
     ("storage-dotdot", with_mirror(storage="/var/lib/hub-mirror/../../../home"), "{mirror}:storage", "without them"),
-    ("storage-symlink-to-etc", with_mirror(storage=lambda ctx: symlink_to(ctx, "/etc")), "{mirror}:storage", "resolves to /etc"),
+    ("storage-symlink-to-etc", with_mirror(storage=lambda ctx: symlink_to(ctx, "/etc")), "{mirror}:storage", "resolves to '/etc'"),
     ("storage-inside-another-mirror", second_mirror_inside_the_first, "{mirror}b:storage", "neither inside the other"),
     ("storage-is-the-state-dir", with_mirror(storage=lambda ctx: ctx.serving["minion"].lookup["state_dir"]), "{mirror}:storage", "overlaps lookup:state_dir"),
     ("upstream-command-in-query", with_mirror(upstream=lambda ctx: ctx.hub.url + "/?x=$(id)"), "{mirror}:upstream", "give only scheme and host"),
