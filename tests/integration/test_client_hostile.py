@@ -5,17 +5,15 @@ private network namespace of tests/integration/test_client.py (nothing leaves it
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
-import threading
 import time
 
 import pytest
 
 from tests.integration.test_client import IMAGE, REF, gets, host, minion, proxy_config, user_daemon_json, world  # noqa: F401
 from tests.support.clients import skopeo_copy
-from tests.support.netutil import free_port
+from tests.support.netutil import TricklingMirror, free_port
 from tests.support.registry import RegistryProcess
 from tests.support.saltcall import SALT_CALL, CallResult, unique_name, world_traversable_dir
 
@@ -273,32 +271,13 @@ def test_a_root_umask_of_077_leaves_no_0700_directory_for_non_root_skopeo(host, 
 
 def test_a_mirror_that_trickles_holds_the_state_no_longer_than_probe_timeout(host, world, capsys):
     """Class 6: one byte a second; the old probe waited 121 s with probe_timeout 2."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    sent = []
-
-    def trickle():
-        conn, _ = server.accept()
-        count = 0
-        try:
-            for byte in b"HTTP/1.1 200 OK\r\nDocker-Distribution-Api-Version: registry/2.0\r\n\r\n" * 2:
-                conn.sendall(bytes([byte]))
-                count += 1
-                time.sleep(1)
-        except OSError:
-            pass
-        finally:
-            sent.append(count)
-            conn.close()
-
-    threading.Thread(target=trickle, daemon=True).start()
-    url = "http://127.0.0.1:%d" % server.getsockname()[1]
+    mirror = TricklingMirror(repeat=2)
+    url, sent = mirror.url, mirror.sent
     host.set_pillar({"docker.io": url}, ["podman"], probe_timeout=2)
     start = time.monotonic()
     ret = salt_call(host, "hub_mirror.client_configure")
     elapsed = time.monotonic() - start
-    server.close()
+    mirror.close()
     assert f"{url} no answer within 2s" in ret["comment"], ret
     deadline = time.monotonic() + 30
     while not sent and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ reach the real Docker Hub.
 import ipaddress
 import os
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -117,3 +118,37 @@ def wait_http(url, timeout=20, ok=(200, 401), abort=None):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
             time.sleep(0.1)
+
+
+class TricklingMirror:
+    """A "registry" on loopback that answers ``GET /v2/`` one byte a second: every read
+    returns in time, the whole answer never does. ``sent`` holds, once it hung up, how
+    many bytes it got to send."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nDocker-Distribution-Api-Version: registry/2.0\r\n\r\n"
+
+    def __init__(self, repeat=2):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.url = "http://127.0.0.1:%d" % self.server.getsockname()[1]
+        self.sent = []
+        self.thread = threading.Thread(target=self._trickle, args=(self.ANSWER * repeat,), daemon=True)
+        self.thread.start()
+
+    def _trickle(self, answer):
+        conn, _ = self.server.accept()
+        count = 0
+        try:
+            for byte in answer:
+                conn.sendall(bytes([byte]))
+                count += 1
+                time.sleep(1)
+        except OSError:
+            pass
+        finally:
+            self.sent.append(count)
+            conn.close()
+
+    def close(self):
+        self.server.close()

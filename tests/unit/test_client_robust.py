@@ -7,7 +7,6 @@ import errno
 import http.server
 import json
 import os
-import socket
 import threading
 import time
 import tomllib
@@ -17,6 +16,7 @@ import yaml
 from salt.exceptions import SaltInvocationError
 
 from tests.support.clients import TLSFront, make_hub_identity
+from tests.support.netutil import TricklingMirror
 from tests.unit.test_client_property import hm, make_client, snapshot
 
 MIRROR = "http://192.168.128.1:5000"
@@ -295,34 +295,14 @@ class _Registry(http.server.BaseHTTPRequestHandler):
 
 def test_the_probe_is_bounded_in_total_by_a_mirror_that_trickles(capsys):
     """A mirror that sends one byte a second: each read returns in time, the total not."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    sent = []
-
-    def trickle():
-        conn, _ = server.accept()
-        count = 0
-        try:
-            for byte in b"HTTP/1.1 200 OK\r\nDocker-Distribution-Api-Version: registry/2.0\r\n\r\n" * 4:
-                conn.sendall(bytes([byte]))
-                count += 1
-                time.sleep(1)
-        except OSError:
-            pass
-        finally:
-            sent.append(count)
-            conn.close()
-
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    url = "http://127.0.0.1:%d" % server.getsockname()[1]
+    mirror = TricklingMirror(repeat=4)
+    url, sent = mirror.url, mirror.sent
     start = time.monotonic()
     result = hm._probe_mirrors([url], 2)
     elapsed = time.monotonic() - start
     assert result == {url: "no answer within 2s"}
-    thread.join(30)
-    server.close()
+    mirror.thread.join(30)
+    mirror.close()
     # The server got to send a few bytes, not the 121 it sent to the old probe.
     assert sent and sent[0] <= 5, sent
     with capsys.disabled():
