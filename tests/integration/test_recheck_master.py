@@ -9,11 +9,11 @@ Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.integration.test_client import proxy_config
+from tests.integration.test_master import salt_factories_config  # noqa: F401  (its root under /tmp/hm-sf-*)
 from tests.support.registry import RegistryProcess
 from tests.support.runtimes import RECHECK_JOB
 from tests.support.saltcall import unique_name
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.integration
 
 RECHECK = 6
 FOLLOW_TIMEOUT = 10 * RECHECK + 60
-
-
-@pytest.fixture(scope="session")
-def salt_factories_config():
-    root = Path(f"/tmp/hm-sf-{unique_name('')}")
-    root.mkdir()
-    yield {"root_dir": root}
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_for(what, condition):

@@ -15,7 +15,8 @@ import types
 import pytest
 
 from tests.conftest import HUB_TOKEN, HUB_USER
-from tests.integration.test_client import ClientHost, gets, proxy_config
+# host: test_client's client host, on this module's world (its mirrors, its namespace).
+from tests.integration.test_client import gets, host, proxy_config  # noqa: F401
 from tests.support.clients import NetNS, TLSFront, make_hub_identity
 from tests.support.hub import FakeDockerHub
 from tests.support.registry import RegistryProcess
@@ -71,20 +72,6 @@ def minion():
     masterless.sync()
     yield masterless
     shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def host(world, minion, tmp_path):
-    with world.netns.entered():
-        mirror = world.mirrors[0]
-        if not mirror.running:
-            mirror.start()
-        world.hub.reset_counts()
-        client_host = ClientHost(world, minion, tmp_path)
-        try:
-            yield client_host
-        finally:
-            client_host.stop()
 
 
 def configure(host, mirror_url, runtime):
