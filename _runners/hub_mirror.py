@@ -38,7 +38,7 @@ def _ratio(counters, kind):
     return ((counters or {}).get(kind) or {}).get("hit_ratio")
 
 
-def aggregate(returns):
+def _aggregate(returns):
     """
     Add up ``{minion: hub_mirror.status(images=True) return}``:
 
@@ -114,4 +114,4 @@ def fleet(tgt="*", tgt_type="glob", timeout=60):
     expected = salt.utils.minions.CkMinions(__opts__).check_minions(tgt, tgt_type)["minions"]
     for minion in expected:
         returns.setdefault(minion, f"did not answer within {timeout}s")
-    return aggregate(returns)
+    return _aggregate(returns)

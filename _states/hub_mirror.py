@@ -74,7 +74,7 @@ def running(name):
     is not PID 1), restart it only when its binary, config or service files changed, and
     succeed only once it answers ``/v2/``.
     """
-    return _apply(name, "running", mirror=name)
+    return _apply(name, "deploy", mirror=name)
 
 
 def absent(name, purge_storage=False):
@@ -82,7 +82,7 @@ def absent(name, purge_storage=False):
     Stop mirror ``name`` and remove its service and config; its cache stays unless
     ``purge_storage`` is True.
     """
-    return _apply(name, "absent", mirror=name, purge_storage=purge_storage)
+    return _apply(name, "remove", mirror=name, purge_storage=purge_storage)
 
 
 def uninstalled(name):
@@ -95,7 +95,7 @@ def uninstalled(name):
 # --- Inspect and operate the cache -------------------------------------------------------
 
 
-def cached(name, images=None, platforms=None, parallel=4):
+def warmed(name, images=None, platforms=None, parallel=4):
     """
     Keep images cached by mirror ``name``: pull each one that is not cached (all its
     blobs, for every platform of a multi-arch image or only ``platforms``) through the
@@ -114,13 +114,13 @@ def cached(name, images=None, platforms=None, parallel=4):
     .. code-block:: yaml
 
         hub_mirror-cache-dockerhub-cached:
-          hub_mirror.cached:
+          hub_mirror.warmed:
             - name: dockerhub
     """
     return _apply(name, "warm", mirror=name, images=images, platforms=platforms, parallel=parallel)
 
 
-def capped(name, max_size=None):
+def pruned(name, max_size=None):
     """
     Keep mirror ``name``'s storage under ``max_size`` (default: the pillar's
     ``hub_mirror:mirrors:<name>:max_size``). When it is over, the oldest cached images
@@ -130,7 +130,7 @@ def capped(name, max_size=None):
     .. code-block:: yaml
 
         hub_mirror-cache-dockerhub-capped:
-          hub_mirror.capped:
+          hub_mirror.pruned:
             - name: dockerhub
     """
     return _apply(name, "prune", mirror=name, max_size=max_size)
@@ -184,4 +184,4 @@ def client_absent(name):
     name
         A label for the state.
     """
-    return _with_recheck(_apply(name, "client_clean"), remove=True)
+    return _with_recheck(_apply(name, "client_remove"), remove=True)

@@ -25,6 +25,9 @@ import yaml
 
 from tests.support.release import FileServer, make_release_asset
 from tests.support.saltcall import REPO, Masterless, world_traversable_dir
+from tests.support.modules import lib
+
+registry_config = lib("registry_config")
 
 HUB_USER = "hubuser"
 # A stand-in credential: the stand-in accepts it, nothing else knows it.
@@ -229,7 +232,7 @@ def mirror_config(name, upstream, addresses, storage, username=HUB_USER, token=H
         mirror.update(username=username, token=token)
     module = load_hub_mirror({"version": RELEASE_VERSION, "mirrors": {name: mirror}})
     _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
-    return module.render_config(spec, dialect)
+    return registry_config.render_config(spec, dialect)
 
 
 _HANDED_OUT = set()

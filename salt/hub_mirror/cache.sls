@@ -9,16 +9,16 @@ include:
 {%- for name, mirror in hub_mirror.mirrors.items() %}
 {%-   if mirror.warm %}
 
-hub_mirror-cache-{{ name }}-cached:
-  hub_mirror.cached:
+hub_mirror-cache-{{ name }}-warmed:
+  hub_mirror.warmed:
     - name: {{ name }}
     - require:
       - hub_mirror: hub_mirror-service-{{ name }}-running
 {%-   endif %}
 {%-   if mirror.max_size %}
 
-hub_mirror-cache-{{ name }}-capped:
-  hub_mirror.capped:
+hub_mirror-cache-{{ name }}-pruned:
+  hub_mirror.pruned:
     - name: {{ name }}
     - require:
       - hub_mirror: hub_mirror-service-{{ name }}-running

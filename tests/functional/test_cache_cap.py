@@ -1,5 +1,5 @@
 """The disk cap, with real processes: a mirror over its pillar ``max_size`` says so in
-``hub_mirror.status``, and the ``hub_mirror.capped`` state brings it under the cap by the
+``hub_mirror.status``, and the ``hub_mirror.pruned`` state brings it under the cap by the
 registry's own means (its expiry, then ``registry garbage-collect``), oldest image first,
 with the registry stopped meanwhile; the images that stay are still cache hits."""
 
@@ -34,7 +34,7 @@ def pull(mirror, repo, tmp_path):
 
 
 def capped(mirror, *args):
-    result = mirror.minion.run("state.single", "hub_mirror.capped", f"name={mirror.name}", *args)
+    result = mirror.minion.run("state.single", "hub_mirror.pruned", f"name={mirror.name}", *args)
     assert "Traceback" not in result.output, result
     (ret,) = result.data.values()
     return ret

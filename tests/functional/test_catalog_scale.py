@@ -17,6 +17,9 @@ import pytest
 from tests.support.netutil import free_port
 from tests.support.registry import RegistryProcess, default_config
 from tests.support.saltcall import REPO, Masterless, unique_name, world_traversable_dir
+from tests.support.modules import lib
+
+registry_api = lib("registry_api")
 
 pytestmark = pytest.mark.functional
 
@@ -156,7 +159,7 @@ def test_catalog_lists_all_10000_repositories_and_no_expired_one(registry, stora
     assert sorted(walked) == sorted(cached + expired)
 
     # The registry itself lists the expired ones too: its directories stay.
-    listed, api_seconds = timed(module._repositories_api, registry.url)
+    listed, api_seconds = timed(registry_api.repositories_api, registry.url)
     assert sorted(listed) == sorted(cached + expired)
 
     via_api, catalog_api_seconds = timed(module.catalog, "scale")
@@ -200,7 +203,7 @@ def test_catalog_pages_at_the_servers_limit(registry, storage, module):
     """Once the server has refused a page size, every page asks for its maximum."""
     _, cached, expired = storage
     start = len(registry.log_text())
-    listed = module._repositories_api(registry.url)
+    listed = registry_api.repositories_api(registry.url)
     assert len(listed) == len(cached) + len(expired)
     # The access log: "GET /v2/_catalog?...n=N HTTP/1.1" STATUS
     asked = [

@@ -3,7 +3,7 @@ mirror applied from the release asset, a Docker Hub stand-in with its own reques
 skopeo pulling through the mirror.
 
 tags of a multi-arch index of which one platform was pulled; status counters after a miss
-and a hit; warm, then a pull that the stand-in does not see; the ``hub_mirror.cached``
+and a hit; warm, then a pull that the stand-in does not see; the ``hub_mirror.warmed``
 state; gc, then a pull; the rate limit read without a pull."""
 
 import time
@@ -155,7 +155,7 @@ def test_warm_reports_a_missing_image_and_still_warms_the_rest(mirror, hub):
 
 
 def test_cached_state_keeps_the_pillar_list_warm(mirror, hub):
-    state = ["state.single", "hub_mirror.cached", f"name={mirror.name}"]
+    state = ["state.single", "hub_mirror.warmed", f"name={mirror.name}"]
     predicted = mirror.minion.run(*state, "test=True")
     assert predicted.returncode == 0, predicted
     (ret,) = predicted.data.values()

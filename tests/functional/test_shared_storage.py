@@ -16,6 +16,11 @@ from tests.support import oci
 from tests.support.netutil import free_port, wait_http
 from tests.support.registry import RegistryProcess
 from tests.support.modules import load
+from tests.support.modules import lib
+
+registry_config = lib("registry_config")
+settings = lib("settings")
+validate = lib("validate")
 
 pytestmark = pytest.mark.functional
 
@@ -77,7 +82,7 @@ def redis_keys(addr):
 
 def mirror_config(module, name, hub, s3_endpoint, redis=None):
     module.__grains__ = {"ip4_interfaces": {}, "ip6_interfaces": {}}
-    spec = module._merge(module.MIRROR_DEFAULTS, {
+    spec = settings.merge(settings.MIRROR_DEFAULTS, {
         "upstream": hub.url,
         "listen": f"127.0.0.1:{free_port()}",
         "debug_listen": f"127.0.0.1:{free_port()}",
@@ -92,7 +97,7 @@ def mirror_config(module, name, hub, s3_endpoint, redis=None):
         },
         "redis": {"addr": redis, "password": "REDISPASS"} if redis else {},
     })
-    return module.render_config(module._complete_mirror(name, spec, module.DEFAULTS["lookup"]), "2")
+    return registry_config.render_config(validate.complete_mirror(name, spec, settings.DEFAULTS["lookup"], {}), "2")
 
 
 def test_a_pull_through_one_mirror_is_a_cache_hit_on_the_other(clean_hub, s3_endpoint, tmp_path, image_layout):

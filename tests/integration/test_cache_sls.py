@@ -21,9 +21,9 @@ def test_cache_sls_warms_once_and_then_changes_nothing(masterless, release_serve
     predicted = masterless.apply("hub_mirror.cache", test=True)
     first = masterless.apply("hub_mirror.cache")
     assert first.returncode == 0, first
-    cached_id = f"hub_mirror-cache-{mirror_name}-cached"
+    cached_id = f"hub_mirror-cache-{mirror_name}-warmed"
     assert cached_id in first.changes and cached_id in predicted.changes
-    assert f"hub_mirror-cache-{mirror_name}-capped" not in first.changes
+    assert f"hub_mirror-cache-{mirror_name}-pruned" not in first.changes
     assert sorted(masterless.run("hub_mirror.catalog", f"mirror={mirror_name}").data) == [
         "library/alpine",
         "library/busybox",

@@ -123,7 +123,7 @@ def fleet(salt_factories, hub, release_server):
                 )
             finally:
                 for minion in (mirror1, mirror2):
-                    cluster.salt(minion, "hub_mirror.absent", f"mirror={minion.mirror_name}")
+                    cluster.salt(minion, "hub_mirror.remove", f"mirror={minion.mirror_name}")
     finally:
         strip_root_log_handlers()
         shutil.rmtree(root, ignore_errors=True)

@@ -57,7 +57,7 @@ def fleet(salt_factories, own_hub, release_server):
                 yield cluster, busy, idle
             finally:
                 for minion in (busy, idle):
-                    cluster.salt(minion, "hub_mirror.absent", f"mirror={minion.mirror_name}")
+                    cluster.salt(minion, "hub_mirror.remove", f"mirror={minion.mirror_name}")
     finally:
         strip_root_log_handlers()
         shutil.rmtree(root, ignore_errors=True)

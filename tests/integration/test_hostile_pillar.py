@@ -145,7 +145,7 @@ def test_a_registry_serving_without_its_supervisor_is_stopped_and_healed(mirror,
     # clean stops an unsupervised registry too, and proves the port closed.
     assert mirror.minion.run("hub_mirror.stop", f"mirror={mirror.name}").data is True
     orphan = mirror.start_unsupervised()
-    removed = mirror.minion.run("hub_mirror.absent", f"mirror={mirror.name}")
+    removed = mirror.minion.run("hub_mirror.remove", f"mirror={mirror.name}")
     assert removed.returncode == 0 and removed.data["changes"].get("stopped") is True, removed
     assert orphan.wait(timeout=30) is not None
     assert not mirror.serves()
@@ -275,7 +275,7 @@ def test_a_purge_deletes_only_what_the_registry_wrote(mirror, tmp_path):
     applied(mirror.apply())
     assert mirror.pull(tmp_path / "pulled")
     (mirror.storage / "keep.txt").write_text("the operator's\n")
-    purged = mirror.minion.run("hub_mirror.absent", f"mirror={mirror.name}", "purge_storage=True")
+    purged = mirror.minion.run("hub_mirror.remove", f"mirror={mirror.name}", "purge_storage=True")
     assert purged.returncode == 0 and purged.data["changes"].get(str(mirror.storage)) == "purged", purged
     assert sorted(os.listdir(mirror.storage)) == ["keep.txt"]
 
@@ -283,7 +283,7 @@ def test_a_purge_deletes_only_what_the_registry_wrote(mirror, tmp_path):
     applied(mirror.apply())
     assert mirror.pull(tmp_path / "again")
     (mirror.storage / ".hub-mirror-cache").unlink()  # no longer provably ours
-    kept = mirror.minion.run("hub_mirror.absent", f"mirror={mirror.name}", "purge_storage=True")
+    kept = mirror.minion.run("hub_mirror.remove", f"mirror={mirror.name}", "purge_storage=True")
     assert kept.returncode == 0 and "not marked as a hub_mirror cache" in kept.data["comment"], kept
     assert (mirror.storage / "docker" / "registry" / "v2").is_dir()
 

@@ -61,7 +61,7 @@ def cluster(salt_factories, hub, release_server):
                 # Stop the mirrors while their minions still answer; absent is a no-op
                 # for a mirror that never started.
                 for minion in (cluster.main, cluster.fresh):
-                    cluster.salt(minion, "hub_mirror.absent", f"mirror={minion.mirror_name}")
+                    cluster.salt(minion, "hub_mirror.remove", f"mirror={minion.mirror_name}")
     finally:
         strip_root_log_handlers()
         shutil.rmtree(root, ignore_errors=True)

@@ -168,8 +168,9 @@ def test_entry_point_returns_the_installed_module_dirs(installed):
     else:
         assert modules == str(installed.site_packages / "saltext" / "hub_mirror" / "modules")
         assert states == str(installed.site_packages / "saltext" / "hub_mirror" / "states")
-    # The exec module reads the supervisor program from its own directory.
-    assert (Path(modules) / "hub_mirror_supervise.py").is_file()
+    # The library and the programs it installs ship beside the exec module.
+    assert (Path(modules) / "_hub_mirror" / "programs" / "supervise.py").is_file()
+    assert (Path(modules) / "_hub_mirror" / "clients" / "runtimes.py").is_file()
     assert (Path(modules) / "hub_mirror.py").is_file()
     assert (Path(states) / "hub_mirror.py").is_file()
 

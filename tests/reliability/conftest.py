@@ -21,6 +21,9 @@ from tests.support.modules import load
 from tests.support.netutil import free_port
 from tests.support.registry import RegistryProcess
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
+from tests.support.modules import lib
+
+registry_config = lib("registry_config")
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -103,7 +106,7 @@ def rendered_config(hub, name, port, storage):
     module.__salt__ = {}
     module.__opts__ = {}
     _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
-    return module.render_config(spec, "2")
+    return registry_config.render_config(spec, "2")
 
 
 @pytest.fixture

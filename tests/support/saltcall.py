@@ -141,4 +141,4 @@ class Masterless:
     def teardown(self):
         """Stop every mirror this minion started; the cache goes with the tmp dir."""
         for name in self.mirror_names():
-            self.run("hub_mirror.absent", f"mirror={name}")
+            self.run("hub_mirror.remove", f"mirror={name}")

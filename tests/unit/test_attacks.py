@@ -9,6 +9,14 @@ import pwd
 import pytest
 import yaml
 from salt.exceptions import CommandExecutionError, SaltInvocationError
+from tests.support.modules import lib
+
+accounts = lib("accounts")
+processes = lib("processes")
+registry_config = lib("registry_config")
+settings_lib = lib("settings")
+storage_lib = lib("storage")
+mirror_lib = lib("mirror")
 
 TOKEN = "dckr_pat_ATTACK0123456789abcdefXYZ"
 M = "hub_mirror:mirrors:dockerhub"
@@ -109,14 +117,14 @@ def test_a_deeply_nested_value_is_refused_by_key(hub_mirror, raw):
 
 def test_a_self_referencing_yaml_config_is_overwritten_not_a_crash(hub_mirror):
     # A local edit (or the service user, who owns the file) can make the config recursive.
-    changes = hub_mirror._config_changes("a: &x {b: *x}\n", "version: 0.1\n")
+    changes = registry_config.config_changes("a: &x {b: *x}\n", "version: 0.1\n")
     assert "config" in changes
 
 
 def test_a_billion_laughs_config_is_overwritten_quickly(hub_mirror):
     lines = ['a0: &a0 {x: "lol"}']
     lines += [f"a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(10))}}}" for i in range(1, 9)]
-    changes = hub_mirror._config_changes("\n".join(lines) + "\n", "version: 0.1\n")
+    changes = registry_config.config_changes("\n".join(lines) + "\n", "version: 0.1\n")
     assert "config" in changes
 
 
@@ -206,14 +214,14 @@ def test_an_existing_system_account_with_empty_gecos_is_not_taken_over(hub_mirro
     # would rewrite their home and shell and hub_mirror would run as them.
     redis = pwd.struct_passwd(("redis", "x", 103, 106, "", "/var/lib/redis", "/usr/sbin/nologin"))
     monkeypatch.setattr(pwd, "getpwnam", lambda name: redis if name == "redis" else (_ for _ in ()).throw(KeyError(name)))
-    problems = dict(hub_mirror._account_problems("redis", "hub-mirror-test-nogroup"))
+    problems = dict(accounts.account_problems("redis", "hub-mirror-test-nogroup"))
     assert "lookup:user" in problems
 
 
 def test_the_account_hub_mirror_created_is_still_accepted(hub_mirror, monkeypatch):
     ours = pwd.struct_passwd(("hub-mirror", "x", 998, 998, "hub_mirror registry", "/nonexistent", "/usr/sbin/nologin"))
     monkeypatch.setattr(pwd, "getpwnam", lambda name: ours if name == "hub-mirror" else (_ for _ in ()).throw(KeyError(name)))
-    assert not dict(hub_mirror._account_problems("hub-mirror", "hub-mirror-test-nogroup"))
+    assert not dict(accounts.account_problems("hub-mirror", "hub-mirror-test-nogroup"))
 
 
 def test_a_process_that_only_looks_like_ours_is_not_ours(hub_mirror, monkeypatch):
@@ -222,15 +230,15 @@ def test_a_process_that_only_looks_like_ours_is_not_ours(hub_mirror, monkeypatch
     # own images behind a green apply) and root killed it as a leftover.
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": mirror()}}}
     conf = hub_mirror.settings()
-    paths = hub_mirror._paths(conf, "dockerhub")
+    paths = settings_lib._paths(conf, "dockerhub")
     fake = [
         (4001, ["/usr/bin/python3", "-c", "pass", "serve", paths["config"]]),
         (4002, ["/opt/hub-mirror/bin/registry", "serve", paths["config"]]),
     ]
-    monkeypatch.setattr(hub_mirror, "_processes", lambda: iter(fake))
-    monkeypatch.setattr(hub_mirror, "_process_uid", lambda pid: {4001: 1000, 4002: 998}[pid])
-    monkeypatch.setattr(hub_mirror, "_service_uid", lambda user: 998)
-    assert hub_mirror._mirror_processes(paths) == [4002]
+    monkeypatch.setattr(processes, "_processes", lambda: iter(fake))
+    monkeypatch.setattr(processes, "_process_uid", lambda pid: {4001: 1000, 4002: 998}[pid])
+    monkeypatch.setattr(processes, "_service_uid", lambda user: 998)
+    assert processes.mirror_processes(paths) == [4002]
 
 
 def test_an_orphan_config_cannot_point_a_purge_at_a_system_directory(hub_mirror, tmp_path):
@@ -238,13 +246,13 @@ def test_an_orphan_config_cannot_point_a_purge_at_a_system_directory(hub_mirror,
     lookup = lookup_in(tmp_path)
     os.makedirs(lookup["config_dir"])
     for name, root in (("old", "/etc"), ("older", "/tmp"), ("oldest", "/var/lib/../../root")):
-        text = hub_mirror._config_header(name) + yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": root}}})
+        text = registry_config.config_header(name) + yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": root}}})
         with open(os.path.join(lookup["config_dir"], f"{name}.yml"), "w", encoding="utf-8") as handle:
             handle.write(text)
     hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror()}}}
     assert hub_mirror.orphans() == ["old", "older", "oldest"]
     for name in ("old", "older", "oldest"):
-        assert hub_mirror._mirror_or_orphan(name)[1]["storage"] == ""
+        assert mirror_lib.orphan(hub_mirror.settings(), name)["storage"] == ""
 
 
 @pytest.fixture
@@ -257,7 +265,7 @@ def swapped_storage(hub_mirror, tmp_path):
     victim = tmp_path / "victim"
     (victim / "docker").mkdir(parents=True)
     (victim / "docker" / "precious").write_text("not a cache\n")
-    (victim / hub_mirror.STORAGE_MARKER).write_text("planted\n")
+    (victim / storage_lib.STORAGE_MARKER).write_text("planted\n")
 
     def swap():
         os.rename(storage, parent / "cache.real")
@@ -271,9 +279,9 @@ def swapped_storage(hub_mirror, tmp_path):
 def test_configure_does_not_chown_a_symlink_swapped_in_for_the_storage(hub_mirror, swapped_storage, monkeypatch):
     # The upstream check (up to 10 s) sits between the storage plan and the chown.
     storage, victim, swap = swapped_storage
-    monkeypatch.setattr(hub_mirror, "_check_listen_free", lambda conf, spec: None)
-    monkeypatch.setattr(hub_mirror, "_ids", lambda conf, required=True: (54321, 54321))
-    monkeypatch.setattr(hub_mirror, "_check_upstream", lambda spec, timeout=10: swap() or [])
+    monkeypatch.setattr(mirror_lib, "check_listen_free", lambda conf, spec: None)
+    monkeypatch.setattr(mirror_lib, "_ids", lambda conf, required=True: (54321, 54321))
+    monkeypatch.setattr(mirror_lib, "check_upstream", lambda spec, timeout=10: swap() or [])
     with pytest.raises(CommandExecutionError, match="storage"):
         hub_mirror.configure("dockerhub")
     assert os.stat(victim).st_uid == 0
@@ -284,14 +292,14 @@ def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(hub_mirror
     # Stopping the mirror (up to 15 s) sits between choosing what to delete and deleting it.
     storage, victim, swap = swapped_storage
     (storage / "docker").mkdir()
-    (storage / hub_mirror.STORAGE_MARKER).write_text("ours\n")
-    monkeypatch.setattr(hub_mirror, "_is_running", lambda conf, name: False)
-    monkeypatch.setattr(hub_mirror, "_mirror_processes", lambda paths: [])
-    monkeypatch.setattr(hub_mirror, "_stop", lambda conf, spec: swap() or True)
+    (storage / storage_lib.STORAGE_MARKER).write_text("ours\n")
+    monkeypatch.setattr(mirror_lib, "_is_running", lambda conf, name: False)
+    monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
+    monkeypatch.setattr(mirror_lib, "_stop", lambda conf, spec: swap() or True)
     with pytest.raises(CommandExecutionError, match="storage"):
-        hub_mirror.absent("dockerhub", purge_storage=True)
+        hub_mirror.remove("dockerhub", purge_storage=True)
     assert (victim / "docker" / "precious").exists()
-    assert (victim / hub_mirror.STORAGE_MARKER).exists()
+    assert (victim / storage_lib.STORAGE_MARKER).exists()
 
 
 def test_absent_takes_only_a_mirror_name(hub_mirror, tmp_path, monkeypatch):
@@ -301,9 +309,9 @@ def test_absent_takes_only_a_mirror_name(hub_mirror, tmp_path, monkeypatch):
     os.makedirs(lookup["config_dir"])
     (tmp_path / "victim.yml").write_text("precious: true\n")
     hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror()}}}
-    monkeypatch.setattr(hub_mirror, "_is_running", lambda conf, name: False)
-    monkeypatch.setattr(hub_mirror, "_mirror_processes", lambda paths: [])
-    monkeypatch.setattr(hub_mirror, "_stop", lambda conf, spec: True)
+    monkeypatch.setattr(mirror_lib, "_is_running", lambda conf, name: False)
+    monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
+    monkeypatch.setattr(mirror_lib, "_stop", lambda conf, spec: True)
     with pytest.raises(SaltInvocationError):
-        hub_mirror.absent("../victim")
+        hub_mirror.remove("../victim")
     assert (tmp_path / "victim.yml").exists()

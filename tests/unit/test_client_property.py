@@ -14,14 +14,21 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.support.modules import load
+from tests.support.modules import lib
+
+client_docker = lib("clients.docker")
+client_files = lib("clients.files")
+render = lib("clients.render")
+runtimes = lib("clients.runtimes")
+client_validate = lib("clients.validate")
 
 hm = load("hub_mirror")
 hm.__grains__ = {}
 hm.__opts__ = {}
 # The pure file logic only: dockerd is reloaded in the integration tests, not here.
-hm._docker_reload = lambda client, test: None
+client_docker._docker_reload = lambda client, test: None
 # The CRI note asks `containerd --version`: a subprocess per run is most of the time here.
-hm._containerd_major = lambda: 1
+runtimes._containerd_major = lambda: 1
 
 RUNTIMES = ["docker", "containerd", "podman", "buildkit", "k3s"]
 
@@ -104,7 +111,7 @@ def snapshot(path):
 
 
 def make_client(root, mirrors):
-    client = hm._client_conf({"client": {"mirrors": mirrors, "runtimes": RUNTIMES}, "lookup": {"state_dir": f"{root}/state"}})
+    client = client_validate.client_conf({"client": {"mirrors": mirrors, "runtimes": RUNTIMES}, "lookup": {"state_dir": f"{root}/state"}})
     client["paths"].update(
         docker_daemon_json=f"{root}/docker/daemon.json",
         docker_pidfile=f"{root}/none.pid",
@@ -157,7 +164,7 @@ def rendered_files_parse(client, alive):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(url=st.one_of(mirror_urls, hostile_urls))
 def test_a_url_that_passes_validation_round_trips_through_every_runtimes_parser(url):
-    problem = hm._mirror_url_problem(url)
+    problem = client_validate.mirror_url_problem(url)
     if problem is not None:
         # Refused by name, never with a traceback, never echoing a control character raw.
         assert isinstance(problem, str) and "\n" not in problem
@@ -165,13 +172,13 @@ def test_a_url_that_passes_validation_round_trips_through_every_runtimes_parser(
     url = url.rstrip("/")
     assert not any(ord(c) < 0x20 or c in '"\\' for c in url)
     mirrors = {"docker.io": [url]}
-    assert json.loads(hm.render_daemon_json(None, mirrors))["registry-mirrors"] == [url]
-    assert list(tomllib.loads(hm.render_hosts_toml(None, mirrors))["host"]) == [url]
-    buildkit = tomllib.loads(hm.render_buildkitd_toml(None, mirrors))
-    assert buildkit["registry"]["docker.io"]["mirrors"] == [hm._mirror_host(url)]
-    conf = tomllib.loads(hm.render_registries_conf(None, mirrors))
-    assert conf["registry"][0]["mirror"][0]["location"] == hm._mirror_host(url)
-    assert yaml.safe_load(hm.render_registries_yaml(None, mirrors))["mirrors"]["docker.io"]["endpoint"] == [url]
+    assert json.loads(render.render_daemon_json(None, mirrors))["registry-mirrors"] == [url]
+    assert list(tomllib.loads(render.render_hosts_toml(None, mirrors))["host"]) == [url]
+    buildkit = tomllib.loads(render.render_buildkitd_toml(None, mirrors))
+    assert buildkit["registry"]["docker.io"]["mirrors"] == [render._mirror_host(url)]
+    conf = tomllib.loads(render.render_registries_conf(None, mirrors))
+    assert conf["registry"][0]["mirror"][0]["location"] == render._mirror_host(url)
+    assert yaml.safe_load(render.render_registries_yaml(None, mirrors))["mirrors"]["docker.io"]["endpoint"] == [url]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,7 +196,7 @@ def test_a_url_that_passes_validation_round_trips_through_every_runtimes_parser(
 def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
     urls, ghcr, daemon_json, daemon_link, buildkitd, hosts_toml, registries_yaml, mode, edit
 ):
-    assume(all(hm._mirror_url_problem(url) is None for url in urls))
+    assume(all(client_validate.mirror_url_problem(url) is None for url in urls))
     mirrors = {"docker.io": urls}
     if ghcr:
         mirrors["ghcr.io"] = urls[:1]
@@ -225,8 +232,8 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
 
         old_umask = os.umask(0o077)
         try:
-            record = hm._ClientRecord(client["record_dir"])
-            changes, lines = hm._sync_all(client, record, alive, test=False)
+            record = client_files.ClientRecord(client["record_dir"])
+            changes, lines = runtimes._sync_all(client, record, alive, test=False)
         finally:
             os.umask(old_umask)
         assert not any("left as it was" in line or "failed" in line for line in lines), lines
@@ -239,14 +246,14 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
             elif before[path][0] is not None:
                 assert snapshot(path)[1:] == before[path][1:]
         # A second run changes nothing.
-        again, _ = hm._sync_all(client, hm._ClientRecord(client["record_dir"]), alive, test=False)
+        again, _ = runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), alive, test=False)
         assert again == {}
 
         edits = {}
         if edit:
             # The user edits every file after the configure.
             text = open(daemon_path).read()
-            edits[daemon_path] = hm.json_set_member(text, "hm-user-edit", "true")
+            edits[daemon_path] = render.json_set_member(text, "hm-user-edit", "true")
             edits[paths["buildkitd_toml"]] = "# user edit\n" + open(paths["buildkitd_toml"]).read()
             dropin = f"{paths['registries_conf_d']}/50-hub-mirror.conf"
             if os.path.exists(dropin):
@@ -255,9 +262,9 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
                 with open(path, "w") as handle:
                     handle.write(text)
             # ... and configure runs again before the clean.
-            hm._sync_all(client, hm._ClientRecord(client["record_dir"]), alive, test=False)
+            runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), alive, test=False)
 
-        hm._sync_all(client, hm._ClientRecord(client["record_dir"]), {}, test=False, cleaning=True)
+        runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), {}, test=False, cleaning=True)
         for path in files:
             after = snapshot(path)
             if path not in edits:
@@ -274,4 +281,4 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
             else:
                 assert tomllib.loads(text)["registry"] == [{"prefix": "quay.io", "location": "quay.io"}]
         assert not os.path.exists(f"{paths['containerd_certs_d']}/ghcr.io")
-        assert hm._ClientRecord(client["record_dir"]).files == {}
+        assert client_files.ClientRecord(client["record_dir"]).files == {}

@@ -4,12 +4,16 @@ same calls here; tests/integration/test_recheck.py runs the real scheduler)."""
 
 import pytest
 from salt.exceptions import CommandExecutionError, SaltInvocationError
+from tests.support.modules import lib
+
+discovery = lib("clients.discovery")
+validate = lib("validate")
 
 MIRROR = "http://192.168.128.1:5000"
 
 
 def _validate(hub_mirror, client):
-    hub_mirror._validate({"client": client}, {"kernel": "Linux", "osarch": "amd64", "cpuarch": "x86_64"})
+    validate._validate({"client": client}, {"kernel": "Linux", "osarch": "amd64", "cpuarch": "x86_64"})
 
 
 @pytest.mark.parametrize("value", [0, 5, 60, 86400])
@@ -27,7 +31,7 @@ def test_bad_recheck_names_the_key_and_the_fix(hub_mirror, value):
 
 @pytest.mark.parametrize("seconds", [5, 9, 10, 60, 61, 3600, 86400])
 def test_two_runs_are_never_further_apart_than_recheck(hub_mirror, seconds):
-    job = hub_mirror._recheck_job(seconds)
+    job = discovery.recheck_job(seconds)
     assert job["function"] == "hub_mirror.client_configure"
     # Salt waits `seconds`, then a random 1..splay more.
     assert job["seconds"] + job["splay"] == seconds
@@ -90,9 +94,9 @@ def test_recheck_adds_the_entry_then_changes_nothing(hub_mirror, minion):
     assert schedule.jobs == {}
     done = hub_mirror.client_recheck()
     assert predicted["changes"] == done["changes"] == {
-        "recheck": {"old": None, "new": hub_mirror._recheck_job(60)}
+        "recheck": {"old": None, "new": discovery.recheck_job(60)}
     }
-    assert schedule.jobs == {hub_mirror.RECHECK_JOB: hub_mirror._recheck_job(60)}
+    assert schedule.jobs == {discovery.RECHECK_JOB: discovery.recheck_job(60)}
     # No salt-minion runs beside this salt-call: the entry goes to its file only.
     assert ("add", True) in schedule.calls
     assert "no salt-minion runs now" in done["comment"]
@@ -110,19 +114,19 @@ def test_recheck_inside_the_daemon_goes_through_its_event_bus(hub_mirror, minion
 
 
 def test_a_new_interval_modifies_and_zero_or_clean_removes(hub_mirror, minion):
-    job = hub_mirror.RECHECK_JOB
-    schedule = minion(recheck=120, jobs={job: hub_mirror._recheck_job(60)})
+    job = discovery.RECHECK_JOB
+    schedule = minion(recheck=120, jobs={job: discovery.recheck_job(60)})
     changed = hub_mirror.client_recheck()
     assert changed["changes"]["recheck"]["new"]["seconds"] + changed["changes"]["recheck"]["new"]["splay"] == 120
     assert ("modify", True) in schedule.calls
 
-    schedule = minion(recheck=0, jobs={job: hub_mirror._recheck_job(60)})
+    schedule = minion(recheck=0, jobs={job: discovery.recheck_job(60)})
     removed = hub_mirror.client_recheck()
     assert removed["changes"]["recheck"]["new"] is None and schedule.jobs == {}
 
-    schedule = minion(recheck=60, jobs={job: hub_mirror._recheck_job(60)})
+    schedule = minion(recheck=60, jobs={job: discovery.recheck_job(60)})
     cleaned = hub_mirror.client_recheck(remove=True)
-    assert cleaned["changes"]["recheck"]["old"] == hub_mirror._recheck_job(60) and schedule.jobs == {}
+    assert cleaned["changes"]["recheck"]["old"] == discovery.recheck_job(60) and schedule.jobs == {}
 
 
 def test_without_recheck_nothing_is_said_or_done(hub_mirror, minion):

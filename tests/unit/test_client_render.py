@@ -9,6 +9,12 @@ import yaml
 from salt.exceptions import SaltInvocationError
 
 from _modules import hub_mirror
+from tests.support.modules import lib
+
+render = lib("clients.render")
+runtimes = lib("clients.runtimes")
+client_validate = lib("clients.validate")
+validate = lib("validate")
 
 MIRROR = "http://192.168.128.1:5000"
 SECOND = "https://mirror.example.net"
@@ -26,16 +32,16 @@ DAEMON_JSONS = [
 
 @pytest.mark.parametrize("text", DAEMON_JSONS)
 def test_daemon_json_member_edits_touch_nothing_else(text):
-    added = hub_mirror.json_set_member(text, "zz-new", '["x"]')
+    added = render.json_set_member(text, "zz-new", '["x"]')
     assert json.loads(added)["zz-new"] == ["x"]
     assert {k: v for k, v in json.loads(added).items() if k != "zz-new"} == json.loads(text)
     if json.loads(text):
-        assert hub_mirror.json_drop_member(added, "zz-new") == text
+        assert render.json_drop_member(added, "zz-new") == text
 
 
 def test_daemon_json_render_puts_ours_first_and_keeps_the_users_mirrors():
     text = DAEMON_JSONS[3]
-    rendered = hub_mirror.render_daemon_json(text, {"docker.io": [MIRROR, SECOND]})
+    rendered = render.render_daemon_json(text, {"docker.io": [MIRROR, SECOND]})
     assert json.loads(rendered)["registry-mirrors"] == [MIRROR, SECOND, "https://mine.example"]
     # Only the value of registry-mirrors changed.
     assert rendered.startswith('{\n\t"registry-mirrors": [')
@@ -45,67 +51,67 @@ def test_daemon_json_render_puts_ours_first_and_keeps_the_users_mirrors():
 def test_daemon_json_strip_gives_back_the_users_own_value_verbatim():
     text = DAEMON_JSONS[3]
     record = {"existed": True, "mirrors": {"docker.io": [MIRROR]}}
-    record.update(hub_mirror._remember_daemon_json(text))
-    rendered = hub_mirror.render_daemon_json(text, {"docker.io": [MIRROR]})
-    assert hub_mirror._strip_daemon_json(rendered, record) == text
+    record.update(render.remember_daemon_json(text))
+    rendered = render.render_daemon_json(text, {"docker.io": [MIRROR]})
+    assert render._strip_daemon_json(rendered, record) == text
 
 
 def test_daemon_json_strip_keeps_later_user_edits():
     text = DAEMON_JSONS[0]
     record = {"existed": True, "mirrors": {"docker.io": [MIRROR]}}
-    record.update(hub_mirror._remember_daemon_json(text))
-    rendered = hub_mirror.render_daemon_json(text, {"docker.io": [MIRROR]})
+    record.update(render.remember_daemon_json(text))
+    rendered = render.render_daemon_json(text, {"docker.io": [MIRROR]})
     edited = rendered.replace('"json-file"', '"local"')
-    stripped = hub_mirror._strip_daemon_json(edited, record)
+    stripped = render._strip_daemon_json(edited, record)
     assert stripped == text.replace('"json-file"', '"local"')
 
 
 def test_daemon_json_created_by_us_goes_away():
-    rendered = hub_mirror.render_daemon_json(None, {"docker.io": [MIRROR]})
+    rendered = render.render_daemon_json(None, {"docker.io": [MIRROR]})
     assert json.loads(rendered) == {"registry-mirrors": [MIRROR]}
     record = {"existed": False, "mirrors": {"docker.io": [MIRROR]}, "user_mirrors_raw": None}
-    assert hub_mirror._strip_daemon_json(rendered, record) is None
+    assert render._strip_daemon_json(rendered, record) is None
 
 
 def test_daemon_json_render_refuses_what_is_not_an_object():
     with pytest.raises(ValueError):
-        hub_mirror.render_daemon_json("[1, 2]", {"docker.io": [MIRROR]})
+        render.render_daemon_json("[1, 2]", {"docker.io": [MIRROR]})
     with pytest.raises(ValueError):
-        hub_mirror.render_daemon_json('{"a": 1,}', {"docker.io": [MIRROR]})
+        render.render_daemon_json('{"a": 1,}', {"docker.io": [MIRROR]})
 
 
 @pytest.mark.parametrize("base", [None, "", "debug = true\n", "debug = true", "# only a comment\n\n"])
 def test_marked_block_comes_out_exactly(base):
-    added = hub_mirror.add_block(base, "x = 1\n")
-    assert hub_mirror.BLOCK_BEGIN in added
-    assert hub_mirror.add_block(added, "x = 2\n").count(hub_mirror.BLOCK_BEGIN) == 1
-    stripped = hub_mirror.strip_block(added)
+    added = render.add_block(base, "x = 1\n")
+    assert render.BLOCK_BEGIN in added
+    assert render.add_block(added, "x = 2\n").count(render.BLOCK_BEGIN) == 1
+    stripped = render.strip_block(added)
     assert stripped == (base or "")
 
 
 def test_hosts_toml_lists_mirrors_in_order_then_the_upstream():
-    text = hub_mirror.render_hosts_toml(None, {"docker.io": [MIRROR, SECOND]})
+    text = render.render_hosts_toml(None, {"docker.io": [MIRROR, SECOND]})
     parsed = tomllib.loads(text)
     assert parsed["server"] == "https://registry-1.docker.io"
     assert list(parsed["host"]) == [MIRROR, SECOND]
     assert all(h["capabilities"] == ["pull", "resolve"] for h in parsed["host"].values())
-    assert tomllib.loads(hub_mirror.render_hosts_toml(None, {"ghcr.io": [MIRROR]}))["server"] == (
+    assert tomllib.loads(render.render_hosts_toml(None, {"ghcr.io": [MIRROR]}))["server"] == (
         "https://ghcr.io"
     )
 
 
 def test_hosts_toml_of_the_users_own_gets_our_hosts_appended():
     own = 'server = "https://registry-1.docker.io"\n\n[host."https://own.example"]\n  ca = "/x.pem"\n'
-    text = hub_mirror.render_hosts_toml(own, {"docker.io": [MIRROR]})
+    text = render.render_hosts_toml(own, {"docker.io": [MIRROR]})
     assert text.startswith(own)
     assert list(tomllib.loads(text)["host"]) == ["https://own.example", MIRROR]
-    assert hub_mirror.strip_block(text) == own
-    assert hub_mirror._hosts_toml_conflict(own, {"docker.io": ["https://own.example"]})
-    assert hub_mirror._hosts_toml_conflict(own, {"docker.io": [MIRROR]}) is None
+    assert render.strip_block(text) == own
+    assert render.hosts_toml_conflict(own, {"docker.io": ["https://own.example"]})
+    assert render.hosts_toml_conflict(own, {"docker.io": [MIRROR]}) is None
 
 
 def test_registries_conf_drop_in():
-    text = hub_mirror.render_registries_conf(None, {"docker.io": [MIRROR, SECOND], "ghcr.io": [MIRROR]})
+    text = render.render_registries_conf(None, {"docker.io": [MIRROR, SECOND], "ghcr.io": [MIRROR]})
     parsed = tomllib.loads(text)
     hub, ghcr = parsed["registry"]
     assert (hub["prefix"], hub["location"]) == ("docker.io", "docker.io")
@@ -118,13 +124,13 @@ def test_registries_conf_drop_in():
 
 def test_buildkitd_toml_merges_below_the_users_settings():
     own = 'debug = true\n\n[worker.oci]\n  gc = true\n'
-    text = hub_mirror.render_buildkitd_toml(own, {"docker.io": [MIRROR, SECOND]})
+    text = render.render_buildkitd_toml(own, {"docker.io": [MIRROR, SECOND]})
     parsed = tomllib.loads(text)
     assert parsed["debug"] is True and parsed["worker"]["oci"]["gc"] is True
     assert parsed["registry"]["docker.io"]["mirrors"] == ["192.168.128.1:5000", "mirror.example.net"]
     assert parsed["registry"]["192.168.128.1:5000"] == {"http": True}
     assert "mirror.example.net" not in parsed["registry"]
-    assert hub_mirror.strip_block(text) == own
+    assert render.strip_block(text) == own
 
 
 @pytest.mark.parametrize(
@@ -138,24 +144,24 @@ def test_buildkitd_toml_merges_below_the_users_settings():
     ],
 )
 def test_buildkitd_toml_of_a_user_who_set_the_same_registry_is_left_alone(own):
-    assert hub_mirror._buildkitd_conflict(own, {"docker.io": [MIRROR]})
+    assert render.buildkitd_conflict(own, {"docker.io": [MIRROR]})
 
 
 def test_buildkitd_toml_without_registry_tables_is_no_conflict():
-    assert hub_mirror._buildkitd_conflict('[worker.oci]\n  gc = true\n', {"docker.io": [MIRROR]}) is None
+    assert render.buildkitd_conflict('[worker.oci]\n  gc = true\n', {"docker.io": [MIRROR]}) is None
 
 
 def test_registries_yaml_merge_and_strip():
     own = "mirrors:\n  docker.io:\n    endpoint:\n    - https://own.example\nconfigs: {}\n"
-    text = hub_mirror.render_registries_yaml(own, {"docker.io": [MIRROR], "ghcr.io": [MIRROR]})
+    text = render.render_registries_yaml(own, {"docker.io": [MIRROR], "ghcr.io": [MIRROR]})
     data = yaml.safe_load(text)
     assert data["mirrors"]["docker.io"]["endpoint"] == [MIRROR, "https://own.example"]
     assert data["mirrors"]["ghcr.io"]["endpoint"] == [MIRROR]
     record = {"existed": True, "mirrors": {"docker.io": [MIRROR], "ghcr.io": [MIRROR]}}
-    assert yaml.safe_load(hub_mirror._strip_registries_yaml(text, record)) == yaml.safe_load(own)
-    created = hub_mirror.render_registries_yaml(None, {"docker.io": [MIRROR]})
+    assert yaml.safe_load(render._strip_registries_yaml(text, record)) == yaml.safe_load(own)
+    created = render.render_registries_yaml(None, {"docker.io": [MIRROR]})
     assert created.startswith("# Managed by Salt")
-    assert hub_mirror._strip_registries_yaml(created, dict(record, existed=False)) is None
+    assert render._strip_registries_yaml(created, dict(record, existed=False)) is None
 
 
 @pytest.mark.parametrize(
@@ -171,11 +177,11 @@ def test_registries_yaml_merge_and_strip():
     ],
 )
 def test_cri_config_path(text, expected):
-    assert hub_mirror._cri_config_paths(text) == expected
+    assert runtimes._cri_config_paths(text) == expected
 
 
 def _validate(client):
-    hub_mirror._validate({"client": client}, GRAINS)
+    validate._validate({"client": client}, GRAINS)
 
 
 def test_valid_client_pillar_passes():
@@ -223,11 +229,11 @@ def test_bad_client_pillar_names_the_key_and_the_fix(client, key, words):
 
 
 def test_client_settings_are_completed_with_defaults():
-    client = hub_mirror._client_conf(
+    client = client_validate.client_conf(
         {"client": {"mirrors": {"docker.io": MIRROR + "/"}}, "lookup": {"state_dir": "/var/lib/x"}}
     )
     assert client["mirrors"] == {"docker.io": [MIRROR]}
-    assert client["runtimes"] == list(hub_mirror.CLIENT_RUNTIMES)
+    assert client["runtimes"] == list(client_validate.CLIENT_RUNTIMES)
     assert client["probe_timeout"] == 2
     assert client["paths"]["docker_daemon_json"] == "/etc/docker/daemon.json"
     assert client["record_dir"] == "/var/lib/x/.client"

@@ -18,18 +18,27 @@ from salt.exceptions import SaltInvocationError
 from tests.support.clients import TLSFront, make_hub_identity
 from tests.support.netutil import TricklingMirror
 from tests.unit.test_client_property import hm, make_client, snapshot
+from tests.support.modules import lib
+
+discovery = lib("clients.discovery")
+client_files = lib("clients.files")
+WRITERS = (client_files, lib("clients.docker"))
+render = lib("clients.render")
+runtimes = lib("clients.runtimes")
+fsutil = lib("fsutil")
+validate = lib("validate")
 
 MIRROR = "http://192.168.128.1:5000"
 
 
 def configure(client, alive=None, test=False):
     alive = client["mirrors"] if alive is None else alive
-    record = hm._ClientRecord(client["record_dir"])
-    return hm._sync_all(client, record, alive, test=test)
+    record = client_files.ClientRecord(client["record_dir"])
+    return runtimes._sync_all(client, record, alive, test=test)
 
 
 def clean(client):
-    return hm._sync_all(client, hm._ClientRecord(client["record_dir"]), {}, test=False, cleaning=True)
+    return runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), {}, test=False, cleaning=True)
 
 
 @pytest.fixture
@@ -58,7 +67,7 @@ def files_of(client):
 
 def test_a_failed_write_is_not_recorded_and_poisons_no_later_run(host, monkeypatch):
     before = {path: snapshot(path) for path in files_of(host)}
-    real_write = hm._write_exact
+    real_write = fsutil.write_exact
     daemon_json = host["paths"]["docker_daemon_json"]
 
     def disk_full(path, text, new_mode=0o644):
@@ -66,17 +75,20 @@ def test_a_failed_write_is_not_recorded_and_poisons_no_later_run(host, monkeypat
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(path, text, new_mode)
 
-    monkeypatch.setattr(hm, "_write_exact", disk_full)
+    # Each writer of client files imported it: patch it where it is looked up.
+    for module in WRITERS:
+        monkeypatch.setattr(module, "write_exact", disk_full)
     changes, lines = configure(host)
     assert "docker" not in changes
     assert any(line.startswith("docker: left alone") and "No space left on device" in line for line in lines), lines
-    record = hm._ClientRecord(host["record_dir"])
+    record = client_files.ClientRecord(host["record_dir"])
     assert daemon_json not in record.files
     assert {entry["runtime"] for entry in record.files.values()} == {"containerd", "podman", "k3s"}
     assert snapshot(daemon_json) == before[daemon_json]
 
     # The disk has room again: the next run configures docker, and clean undoes all.
-    monkeypatch.setattr(hm, "_write_exact", real_write)
+    for module in WRITERS:
+        monkeypatch.setattr(module, "write_exact", real_write)
     changes, lines = configure(host)
     assert set(changes) == {"docker"}, lines
     assert json.loads(open(daemon_json).read())["registry-mirrors"] == [MIRROR]
@@ -164,7 +176,7 @@ def test_one_broken_runtime_file_costs_that_runtime_only(host, breakage, runtime
     line = next(line for line in lines if line.startswith(f"{runtime}:"))
     others = {"docker", "containerd", "podman", "k3s"} - {runtime}
     assert others <= set(changes), lines
-    record = hm._ClientRecord(host["record_dir"])
+    record = client_files.ClientRecord(host["record_dir"])
     assert others <= {entry["runtime"] for entry in record.files.values()}
     if breakage.startswith("containerd_config"):
         # The file hub_mirror writes is fine; only the note about the CRI plugin fails.
@@ -243,7 +255,7 @@ def test_a_docker_style_ca_in_certs_d_is_named_by_the_new_hosts_toml(host):
 
 
 def _validate(client):
-    hm._validate({"client": client}, {})
+    validate._validate({"client": client}, {})
 
 
 @pytest.mark.parametrize(
@@ -277,8 +289,8 @@ def test_ipv6_mirrors_pass_and_a_ca_file_that_exists_passes(tmp_path):
 
 def test_a_mine_entry_with_a_newline_is_skipped():
     entry = {"registry": "docker.io", "url": "http://10.0.0.5:5000\n", "serving": True}
-    assert hm._endpoint_problem(entry, own=False) == "not a hub_mirror.endpoint entry"
-    assert hm._endpoint_problem(dict(entry, url="http://10.0.0.5:5000"), own=False) is None
+    assert discovery.endpoint_problem(entry, own=False) == "not a hub_mirror.endpoint entry"
+    assert discovery.endpoint_problem(dict(entry, url="http://10.0.0.5:5000"), own=False) is None
 
 
 class _Registry(http.server.BaseHTTPRequestHandler):
@@ -298,7 +310,7 @@ def test_the_probe_is_bounded_in_total_by_a_mirror_that_trickles(capsys):
     mirror = TricklingMirror(repeat=4)
     url, sent = mirror.url, mirror.sent
     start = time.monotonic()
-    result = hm._probe_mirrors([url], 2)
+    result = discovery.probe_mirrors([url], 2)
     elapsed = time.monotonic() - start
     assert result == {url: "no answer within 2s"}
     mirror.thread.join(30)
@@ -317,10 +329,10 @@ def test_an_https_mirror_with_a_private_ca_answers_with_ca_file(tmp_path):
     front.start()
     try:
         url = "https://127.0.0.1:%d" % front._sock.getsockname()[1]
-        untrusted = hm._probe_mirrors([url], 5)[url]
+        untrusted = discovery.probe_mirrors([url], 5)[url]
         assert "not trusted" in untrusted and "hub_mirror:client:ca_file" in untrusted
-        assert hm._probe_mirrors([url], 5, str(cert)) == {url: None}
-        assert hm._probe_mirrors(["http://127.0.0.1:%d" % plain.server_address[1]], 5) == {
+        assert discovery.probe_mirrors([url], 5, str(cert)) == {url: None}
+        assert discovery.probe_mirrors(["http://127.0.0.1:%d" % plain.server_address[1]], 5) == {
             "http://127.0.0.1:%d" % plain.server_address[1]: None
         }
     finally:
@@ -344,7 +356,7 @@ def test_a_record_that_cannot_be_saved_is_said_not_raised_and_nothing_is_written
 
 def test_a_mirror_host_that_is_also_an_upstream_gets_one_buildkit_table():
     mirrors = {"docker.io": ["http://m.example:5000"], "m.example:5000": ["http://x.example:5000"]}
-    text = hm.render_buildkitd_toml(None, mirrors)
+    text = render.render_buildkitd_toml(None, mirrors)
     registry = tomllib.loads(text)["registry"]
     assert registry["m.example:5000"] == {"mirrors": ["x.example:5000"], "http": True}
     assert registry["docker.io"] == {"mirrors": ["m.example:5000"]}
@@ -356,6 +368,6 @@ def test_docker_style_cert_names_reach_hosts_toml_escaped(tmp_path):
     for name in ('odd"name.crt', "c\x7fa.crt", "plain.crt"):
         (certs / name).write_text("x")
     (certs / b"bad\xff.crt".decode("utf-8", "surrogateescape")).write_text("x")
-    found = hm._docker_style_certs(str(certs))
-    text = hm.render_hosts_toml(None, {"docker.io": [MIRROR]}, server_certs=found)
+    found = runtimes._docker_style_certs(str(certs))
+    text = render.render_hosts_toml(None, {"docker.io": [MIRROR]}, server_certs=found)
     assert tomllib.loads(text)["ca"] == [str(certs / 'odd"name.crt'), str(certs / "plain.crt")]

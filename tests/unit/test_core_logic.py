@@ -6,6 +6,14 @@ import hashlib
 import pytest
 import yaml
 from salt.exceptions import CommandExecutionError, SaltInvocationError
+from tests.support.modules import lib
+
+registry_api = lib("registry_api")
+registry_config = lib("registry_config")
+release = lib("release")
+settings_lib = lib("settings")
+supervisor = lib("supervisor")
+validate = lib("validate")
 
 # Every arch upstream builds, and the grain spellings that must reach it.
 GRAIN_TO_ASSET = [
@@ -28,58 +36,58 @@ GRAIN_TO_ASSET = [
 
 @pytest.mark.parametrize("grains,asset_arch", GRAIN_TO_ASSET)
 def test_grains_map_to_release_asset_arch(hub_mirror, grains, asset_arch):
-    assert hub_mirror.release_arch(grains) == asset_arch
+    assert settings_lib.release_arch(grains) == asset_arch
 
 
 def test_unknown_cpu_has_no_release_arch(hub_mirror):
-    assert hub_mirror.release_arch({"osarch": "mips", "cpuarch": "mips"}) is None
+    assert settings_lib.release_arch({"osarch": "mips", "cpuarch": "mips"}) is None
 
 
 @pytest.mark.parametrize("version", ["2.8.3", "3.0.0"])
 def test_every_built_arch_has_a_known_digest_and_asset_url(hub_mirror, version):
-    arches = hub_mirror.RELEASE_ARCHES_2 if version.startswith("2") else hub_mirror.RELEASE_ARCHES_3
-    assert set(hub_mirror.KNOWN_DIGESTS[version]) == set(arches)
+    arches = settings_lib.RELEASE_ARCHES_2 if version.startswith("2") else settings_lib.RELEASE_ARCHES_3
+    assert set(release.KNOWN_DIGESTS[version]) == set(arches)
     for arch in arches:
         url = hub_mirror.asset_url(version, arch)
         assert url == (
             "https://github.com/distribution/distribution/releases/download/"
             f"v{version}/registry_{version}_linux_{arch}.tar.gz"
         )
-        assert len(hub_mirror._expected_digest(version, arch, "")) == 64
+        assert len(release._expected_digest(version, arch, "")) == 64
 
 
 def test_riscv64_only_from_3x(hub_mirror):
     with pytest.raises(CommandExecutionError, match="no release for CPU arch 'riscv64'"):
-        hub_mirror._check_arch_supported("2.8.3", "riscv64", {})
-    hub_mirror._check_arch_supported("3.0.0", "riscv64", {})
+        release._check_arch_supported("2.8.3", "riscv64", {})
+    release._check_arch_supported("3.0.0", "riscv64", {})
 
 
 def test_unknown_version_without_source_hash_names_the_key_to_add(hub_mirror):
     with pytest.raises(CommandExecutionError) as err:
-        hub_mirror._expected_digest("3.1.1", "amd64", "")
+        release._expected_digest("3.1.1", "amd64", "")
     assert "hub_mirror:install:source_hash" in str(err.value)
     assert "registry_3.1.1_linux_amd64.tar.gz.sha256" in str(err.value)
 
 
 @pytest.mark.parametrize("given", ["a" * 64, "sha256:" + "A" * 64, "sha256=" + "b" * 64])
 def test_source_hash_digest_forms(hub_mirror, given):
-    assert hub_mirror._expected_digest("9.9.9", "amd64", given) == given[-64:].lower()
+    assert release._expected_digest("9.9.9", "amd64", given) == given[-64:].lower()
 
 
 def test_source_hash_url_is_fetched_and_parsed(hub_mirror, tmp_path):
     digest = hashlib.sha256(b"x").hexdigest()
     (tmp_path / "asset.sha256").write_text(digest + "\n")
-    assert hub_mirror._expected_digest("9.9.9", "amd64", f"file://{tmp_path}/asset.sha256") == digest
+    assert release._expected_digest("9.9.9", "amd64", f"file://{tmp_path}/asset.sha256") == digest
 
 
 def _mirror(hub_mirror, **overrides):
-    spec = hub_mirror._merge(hub_mirror.MIRROR_DEFAULTS, {"username": "u", "token": "t0k3n"})
+    spec = settings_lib.merge(settings_lib.MIRROR_DEFAULTS, {"username": "u", "token": "t0k3n"})
     spec.update(overrides)
-    return hub_mirror._complete_mirror("dockerhub", spec, hub_mirror.DEFAULTS["lookup"])
+    return validate.complete_mirror("dockerhub", spec, settings_lib.DEFAULTS["lookup"], hub_mirror.__grains__)
 
 
 def test_render_2x_has_no_3x_only_keys(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror), "2")
+    config = registry_config.render_config(_mirror(hub_mirror), "2")
     assert "ttl" not in config["proxy"]
     assert config["proxy"] == {
         "remoteurl": "https://registry-1.docker.io",
@@ -89,12 +97,12 @@ def test_render_2x_has_no_3x_only_keys(hub_mirror):
 
 
 def test_render_3x_sets_ttl(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror, ttl="72h"), "3")
+    config = registry_config.render_config(_mirror(hub_mirror, ttl="72h"), "3")
     assert config["proxy"]["ttl"] == "72h"
 
 
 def test_render_defaults_are_the_safe_ones(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror), "3")
+    config = registry_config.render_config(_mirror(hub_mirror), "3")
     assert config["http"]["addr"] == "127.0.0.1:5000"
     assert config["http"]["debug"]["addr"] == "127.0.0.1:15000"
     assert config["storage"]["delete"] == {"enabled": True}
@@ -104,22 +112,22 @@ def test_render_defaults_are_the_safe_ones(hub_mirror):
 
 
 def test_anonymous_mirror_has_no_credentials(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror, username="", token=""), "3")
+    config = registry_config.render_config(_mirror(hub_mirror, username="", token=""), "3")
     assert set(config["proxy"]) == {"remoteurl", "ttl"}
 
 
 def test_ipv6_and_interface_listen(hub_mirror):
-    assert hub_mirror.render_config(_mirror(hub_mirror, listen="[::1]:5000"), "3")["http"][
+    assert registry_config.render_config(_mirror(hub_mirror, listen="[::1]:5000"), "3")["http"][
         "addr"
     ] == "[::1]:5000"
-    assert hub_mirror.render_config(_mirror(hub_mirror, listen="eth0:5001"), "3")["http"][
+    assert registry_config.render_config(_mirror(hub_mirror, listen="eth0:5001"), "3")["http"][
         "addr"
     ] == "192.0.2.10:5001"
 
 
 def test_offline_config_serves_the_same_storage_read_only_without_proxy(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror), "2")
-    offline = hub_mirror.render_offline_config(config)
+    config = registry_config.render_config(_mirror(hub_mirror), "2")
+    offline = registry_config.render_offline_config(config)
     assert "proxy" not in offline
     assert offline["storage"]["maintenance"] == {"readonly": {"enabled": True}}
     assert offline["storage"]["filesystem"] == config["storage"]["filesystem"]
@@ -129,18 +137,18 @@ def test_offline_config_serves_the_same_storage_read_only_without_proxy(hub_mirr
 
 def test_config_changes_never_show_the_token(hub_mirror):
     spec = _mirror(hub_mirror)
-    old = hub_mirror._config_text("dockerhub", hub_mirror.render_config(spec, "2"))
+    old = registry_config._config_text("dockerhub", registry_config.render_config(spec, "2"))
     spec["token"] = "n3wt0k3n"
     spec["listen_port"] = 5050
-    new = hub_mirror._config_text("dockerhub", hub_mirror.render_config(spec, "2"))
-    changes = hub_mirror._config_changes(old, new)
+    new = registry_config._config_text("dockerhub", registry_config.render_config(spec, "2"))
+    changes = registry_config.config_changes(old, new)
     assert changes["proxy.password"] == {"old": "<redacted>", "new": "<redacted>"}
     assert changes["http.addr"] == {"old": "127.0.0.1:5000", "new": "127.0.0.1:5050"}
     assert "t0k3n" not in repr(changes)
 
 
 def test_config_text_is_yaml_the_registry_reads(hub_mirror):
-    text = hub_mirror._config_text("dockerhub", hub_mirror.render_config(_mirror(hub_mirror), "2"))
+    text = registry_config._config_text("dockerhub", registry_config.render_config(_mirror(hub_mirror), "2"))
     assert text.startswith("# Managed by Salt")
     assert yaml.safe_load(text)["version"] == 0.1
 
@@ -155,20 +163,20 @@ def test_config_text_is_yaml_the_registry_reads(hub_mirror):
     ],
 )
 def test_next_link(hub_mirror, header, target):
-    assert hub_mirror.next_link(header) == target
+    assert registry_api.next_link(header) == target
 
 
 @pytest.mark.parametrize(
     "version,dialect", [("2.8.3", "2"), ("2.8.2+ds1", "2"), ("v2.8.1", "2"), ("3.0.0", "3"), ("3.1.1", "3")]
 )
 def test_dialect_follows_the_major_version(hub_mirror, version, dialect):
-    assert hub_mirror._dialect(version) == dialect
+    assert settings_lib._dialect(version) == dialect
 
 
 def test_unprivileged_ports_drop_every_capability(hub_mirror):
-    conf = hub_mirror._merge(hub_mirror.DEFAULTS, {})
+    conf = settings_lib.merge(settings_lib.DEFAULTS, {})
     conf["lookup"]["supervisor"] = "systemd"
-    files = hub_mirror._service_files(conf, _mirror(hub_mirror))
+    files = supervisor._service_files(conf, _mirror(hub_mirror))
     unit = files["/etc/systemd/system/hub-mirror-dockerhub.service"][0]
     assert "CapabilityBoundingSet=\n" in unit
     assert "User=hub-mirror" in unit
@@ -187,7 +195,7 @@ def test_settings_redacts_and_validates(hub_mirror):
 
 
 def test_render_3x_takes_the_credential_from_the_helper_not_the_config(hub_mirror):
-    config = hub_mirror.render_config(_mirror(hub_mirror), "3", "/opt/hub-mirror/bin/helper")
+    config = registry_config.render_config(_mirror(hub_mirror), "3", "/opt/hub-mirror/bin/helper")
     assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "5m"}
     assert "password" not in config["proxy"] and "username" not in config["proxy"]
     assert "t0k3n" not in repr(config)
@@ -196,7 +204,7 @@ def test_render_3x_takes_the_credential_from_the_helper_not_the_config(hub_mirro
 def test_s3_storage_replaces_the_filesystem_and_keeps_its_secret_redacted(hub_mirror):
     s3 = {"bucket": "cache", "endpoint": "http://127.0.0.1:9000", "accesskey": "AK", "secretkey": "SK"}
     spec = _mirror(hub_mirror, s3=s3)
-    config = hub_mirror.render_config(spec, "2")
+    config = registry_config.render_config(spec, "2")
     assert "filesystem" not in config["storage"]
     assert config["storage"]["s3"] == {
         "bucket": "cache",
@@ -207,10 +215,10 @@ def test_s3_storage_replaces_the_filesystem_and_keeps_its_secret_redacted(hub_mi
         "regionendpoint": "http://127.0.0.1:9000",
         "secure": False,
     }
-    assert hub_mirror.render_config(spec, "3")["storage"]["s3"]["forcepathstyle"] is True
-    old = hub_mirror._config_text("dockerhub", config)
+    assert registry_config.render_config(spec, "3")["storage"]["s3"]["forcepathstyle"] is True
+    old = registry_config._config_text("dockerhub", config)
     spec["s3"]["secretkey"] = "SK2"
-    changes = hub_mirror._config_changes(old, hub_mirror._config_text("dockerhub", hub_mirror.render_config(spec, "2")))
+    changes = registry_config.config_changes(old, registry_config._config_text("dockerhub", registry_config.render_config(spec, "2")))
     assert changes == {"storage.s3.secretkey": {"old": "<redacted>", "new": "<redacted>"}}
 
 
@@ -222,7 +230,7 @@ def test_redis_needs_a_ttl_free_3x_mirror(hub_mirror):
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"m": {"redis": dict(redis, password="pw"), "ttl": "0"}}}}
     spec = hub_mirror.settings()["mirrors"]["m"]
     assert spec["redis"]["password"] == "<redacted>"
-    config = hub_mirror.render_config(spec, "3")
+    config = registry_config.render_config(spec, "3")
     assert config["storage"]["cache"] == {"blobdescriptor": "redis"}
     assert config["redis"]["addr"] == "127.0.0.1:6379"
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HELPER = Path(__file__).resolve().parents[2] / "_modules" / "hub_mirror_credential_helper.py"
+HELPER = Path(__file__).resolve().parents[2] / "_modules" / "_hub_mirror" / "programs" / "credential_helper.py"
 
 
 def run_helper(args, stdin, credentials=None):

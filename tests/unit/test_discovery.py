@@ -6,6 +6,10 @@ test_fleet.py reads a real one through a salt-master."""
 
 import pytest
 from salt.exceptions import SaltInvocationError
+from tests.support.modules import lib
+
+client_validate = lib("clients.validate")
+validate = lib("validate")
 
 HUB = "docker.io"
 GHCR = "ghcr.io"
@@ -37,7 +41,7 @@ def configure(hub_mirror, mine, discover, mirrors=None, zone="a", own="build1"):
     hub_mirror.__opts__ = {"id": own}
     hub_mirror.__grains__ = {**hub_mirror.__grains__, "zone": zone}
     raw = {"client": {"discover": discover, "mirrors": mirrors or {}}, "lookup": {"state_dir": "/var/lib/x"}}
-    return hub_mirror._discover(hub_mirror._client_conf(raw))
+    return hub_mirror._discover(client_validate.client_conf(raw))
 
 
 ZONES = {"mirror-b1": {"zone": "b"}, "mirror-a2": {"zone": "a"}, "mirror-a1": {"zone": "a"}, "mirror-c1": {"zone": "c"}}
@@ -90,7 +94,7 @@ def test_a_host_without_the_grain_gets_no_zone_preference(hub_mirror):
     hub_mirror.__salt__ = {"mine.get": mine}
     hub_mirror.__opts__ = {"id": "build1"}
     raw = {"client": {"discover": {"tgt": "*", "same_grain": "zone"}}, "lookup": {"state_dir": "/x"}}
-    mirrors, _ = hub_mirror._discover(hub_mirror._client_conf(raw))
+    mirrors, _ = hub_mirror._discover(client_validate.client_conf(raw))
     assert mirrors[HUB][0] == "http://10.0.1.1:5000"
     assert len(mine.calls) == 1
 
@@ -147,7 +151,7 @@ def test_a_mine_that_cannot_be_read_falls_back_to_the_static_mirrors(hub_mirror)
 
 
 def test_discover_settings_are_completed_with_defaults(hub_mirror):
-    client = hub_mirror._client_conf({"client": {"discover": {"tgt": "m*"}}, "lookup": {"state_dir": "/x"}})
+    client = client_validate.client_conf({"client": {"discover": {"tgt": "m*"}}, "lookup": {"state_dir": "/x"}})
     assert client["discover"] == {
         "tgt": "m*",
         "tgt_type": "glob",
@@ -155,11 +159,11 @@ def test_discover_settings_are_completed_with_defaults(hub_mirror):
         "same_grain": "",
         "prefer": [],
     }
-    assert hub_mirror._client_conf({"client": {}, "lookup": {"state_dir": "/x"}})["discover"] == {}
+    assert client_validate.client_conf({"client": {}, "lookup": {"state_dir": "/x"}})["discover"] == {}
 
 
 def test_valid_discover_pillar_passes(hub_mirror):
-    hub_mirror._validate(
+    validate._validate(
         {
             "client": {
                 "discover": {
@@ -194,7 +198,7 @@ def test_valid_discover_pillar_passes(hub_mirror):
 )
 def test_bad_discover_and_advertise_pillar_names_the_key_and_the_fix(hub_mirror, raw, key, words):
     with pytest.raises(SaltInvocationError) as info:
-        hub_mirror._validate(raw, hub_mirror.__grains__)
+        validate._validate(raw, hub_mirror.__grains__)
     line = next(line for line in str(info.value).splitlines() if f"hub_mirror:{key}:" in line)
     assert words in line, line
     assert "; " in line
@@ -214,7 +218,7 @@ def test_bad_discover_and_advertise_pillar_names_the_key_and_the_fix(hub_mirror,
 )
 def test_endpoint_publishes_the_advertised_url(hub_mirror, monkeypatch, mirror, url, loopback_only):
     probed = []
-    monkeypatch.setattr(hub_mirror, "_answers", lambda base, timeout: probed.append(base) or True)
+    monkeypatch.setattr(lib("mirror"), "answers", lambda base, timeout: probed.append(base) or True)
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"hub": mirror}}}
     (published,) = hub_mirror.endpoint()
     assert published == {"mirror": "hub", "registry": HUB, "url": url, "loopback_only": loopback_only, "serving": True}

@@ -11,6 +11,12 @@ import pytest
 from salt.exceptions import SaltInvocationError
 
 from tests.support.modules import REPO
+from tests.support.modules import lib
+
+maintenance = lib("maintenance")
+registry_api = lib("registry_api")
+storage = lib("storage")
+units_lib = lib("units")
 
 HUB = "https://registry-1.docker.io"
 GHCR = "https://ghcr.io"
@@ -34,31 +40,31 @@ GHCR = "https://ghcr.io"
     ],
 )
 def test_parse_size(hub_mirror, text, expected):
-    assert hub_mirror._parse_size(text) == expected
+    assert units_lib.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["lots", "-5", -5, "5X", "G", True, "1.2.3G"])
 def test_parse_size_refuses_non_sizes(hub_mirror, text):
     with pytest.raises(ValueError):
-        hub_mirror._parse_size(text)
+        units_lib.parse_size(text)
 
 
 def test_human_size(hub_mirror):
-    assert hub_mirror._human_size(0) == "0 B"
-    assert hub_mirror._human_size(1023) == "1023 B"
-    assert hub_mirror._human_size(1536) == "1.5 KiB"
-    assert hub_mirror._human_size(3 * 1024**3) == "3.0 GiB"
-    assert hub_mirror._human_size(None) is None
+    assert units_lib.human_size(0) == "0 B"
+    assert units_lib.human_size(1023) == "1023 B"
+    assert units_lib.human_size(1536) == "1.5 KiB"
+    assert units_lib.human_size(3 * 1024**3) == "3.0 GiB"
+    assert units_lib.human_size(None) is None
 
 
 def test_go_times_parse_like_go_writes_them(hub_mirror):
-    assert hub_mirror._parse_go_time("1970-01-01T00:00:00Z") == 0
-    assert hub_mirror._parse_go_time("2026-12-04T17:36:51.394515937Z") == pytest.approx(1796405811.394516)
+    assert units_lib.parse_go_time("1970-01-01T00:00:00Z") == 0
+    assert units_lib.parse_go_time("2026-12-04T17:36:51.394515937Z") == pytest.approx(1796405811.394516)
     # An offset is the local time's distance from UTC.
-    assert hub_mirror._parse_go_time("2000-03-01T01:00:00+01:00") == 951868800
-    assert hub_mirror._parse_go_time("1999-12-31T19:00:00-05:00") == 946684800
-    assert hub_mirror._parse_go_time("not a time") is None
-    assert hub_mirror._iso(951868800) == "2000-03-01T00:00:00Z"
+    assert units_lib.parse_go_time("2000-03-01T01:00:00+01:00") == 951868800
+    assert units_lib.parse_go_time("1999-12-31T19:00:00-05:00") == 946684800
+    assert units_lib.parse_go_time("not a time") is None
+    assert units_lib.iso(951868800) == "2000-03-01T00:00:00Z"
 
 
 @pytest.mark.parametrize(
@@ -77,19 +83,19 @@ def test_go_times_parse_like_go_writes_them(hub_mirror):
     ],
 )
 def test_parse_image(hub_mirror, image, upstream, expected):
-    assert hub_mirror._parse_image(image, upstream) == expected
+    assert units_lib.parse_image(image, upstream) == expected
 
 
 @pytest.mark.parametrize("image", ["", "Alpine", "alpine:", "alpine@sha256:short", "a//b", "alpine:-x"])
 def test_parse_image_refuses_malformed(hub_mirror, image):
     with pytest.raises(ValueError):
-        hub_mirror._parse_image(image, HUB)
+        units_lib.parse_image(image, HUB)
 
 
 def test_platform_names_and_choice(hub_mirror):
-    assert hub_mirror._platform_name({"os": "linux", "architecture": "arm", "variant": "v7"}) == "linux/arm/v7"
-    assert hub_mirror._platform_name(None) == "unknown"
-    wanted = hub_mirror._platform_wanted
+    assert units_lib.platform_name({"os": "linux", "architecture": "arm", "variant": "v7"}) == "linux/arm/v7"
+    assert units_lib.platform_name(None) == "unknown"
+    wanted = units_lib.platform_wanted
     # All platforms, but not build attestations.
     assert wanted("linux/amd64", None) and not wanted("unknown/unknown", None)
     assert wanted("linux/arm64/v8", ["linux/arm64"])
@@ -122,7 +128,7 @@ registry_proxy_requests_total{type="manifest"} 4
 
 
 def test_counters_of_28_correct_manifest_hits_and_admit_blob_misses_are_unknown(hub_mirror):
-    counters = hub_mirror._proxy_counters(EXPVAR_28, "# no proxy metrics in 2.8\n", "2")
+    counters = registry_api.proxy_counters(EXPVAR_28, "# no proxy metrics in 2.8\n", "2")
     # 2.8 counts every served manifest as a hit: the real hits are requests - misses.
     assert counters["manifests"] == {
         "requests": 4,
@@ -137,7 +143,7 @@ def test_counters_of_28_correct_manifest_hits_and_admit_blob_misses_are_unknown(
 
 
 def test_counters_of_3x_from_prometheus(hub_mirror):
-    counters = hub_mirror._proxy_counters(EXPVAR_28, METRICS_3, "3")
+    counters = registry_api.proxy_counters(EXPVAR_28, METRICS_3, "3")
     assert counters["blobs"] == {
         "requests": 10,
         "hits": 7,
@@ -149,8 +155,8 @@ def test_counters_of_3x_from_prometheus(hub_mirror):
 
 
 def test_counters_absent(hub_mirror):
-    assert hub_mirror._proxy_counters({}, "", "2") == {"blobs": None, "manifests": None}
-    fresh = hub_mirror._proxy_counters(
+    assert registry_api.proxy_counters({}, "", "2") == {"blobs": None, "manifests": None}
+    fresh = registry_api.proxy_counters(
         {"registry": {"proxy": {"manifests": {"Requests": 0, "Hits": 0, "Misses": 0, "BytesPulled": 0}}}}, "", "3"
     )
     assert fresh["manifests"]["hit_ratio"] is None
@@ -162,13 +168,13 @@ def test_ratelimit_headers(hub_mirror):
         "ratelimit-remaining": "76;w=21600",
         "docker-ratelimit-source": "192.0.2.7",
     }
-    assert hub_mirror._parse_ratelimit(headers) == (100, 76, 21600, "192.0.2.7")
-    assert hub_mirror._parse_ratelimit({}) == (None, None, None, None)
-    assert hub_mirror._parse_ratelimit({"ratelimit-limit": "junk"})[0] is None
+    assert registry_api.parse_ratelimit(headers) == (100, 76, 21600, "192.0.2.7")
+    assert registry_api.parse_ratelimit({}) == (None, None, None, None)
+    assert registry_api.parse_ratelimit({"ratelimit-limit": "junk"})[0] is None
 
 
 def test_bearer_challenge(hub_mirror):
-    scheme, params = hub_mirror._parse_challenge(
+    scheme, params = registry_api.parse_challenge(
         'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:a/b:pull"'
     )
     assert scheme == "bearer"
@@ -185,27 +191,27 @@ def unit(name, order, **blobs):
 
 def test_prune_plan_takes_the_oldest_first_until_under_the_cap(hub_mirror):
     units = [unit("new", 30, n1=100), unit("old", 10, o1=100), unit("mid", 20, m1=100)]
-    chosen, freed, after = hub_mirror._plan_prune(units, used=310, unreferenced=0, cap=200)
+    chosen, freed, after = maintenance._plan_prune(units, used=310, unreferenced=0, cap=200)
     assert chosen == ["old", "mid"]
     assert (freed, after) == (200, 110)
 
 
 def test_prune_plan_frees_a_shared_layer_only_with_its_last_image(hub_mirror):
     units = [unit("a", 1, shared=1000, a=10), unit("b", 2, shared=1000, b=10)]
-    chosen, freed, after = hub_mirror._plan_prune(units, used=1020, unreferenced=0, cap=1015)
+    chosen, freed, after = maintenance._plan_prune(units, used=1020, unreferenced=0, cap=1015)
     # Expiring "a" frees only its own 10 bytes: the shared layer stays for "b".
     assert chosen == ["a"]
     assert (freed, after) == (10, 1010)
-    chosen, freed, after = hub_mirror._plan_prune(units, used=1020, unreferenced=0, cap=500)
+    chosen, freed, after = maintenance._plan_prune(units, used=1020, unreferenced=0, cap=500)
     assert chosen == ["a", "b"]
     assert (freed, after) == (1020, 0)
 
 
 def test_prune_plan_counts_garbage_first_and_does_nothing_when_gc_is_enough(hub_mirror):
     units = [unit("a", 1, a=100)]
-    assert hub_mirror._plan_prune(units, used=400, unreferenced=300, cap=150) == ([], 300, 100)
+    assert maintenance._plan_prune(units, used=400, unreferenced=300, cap=150) == ([], 300, 100)
     # The cap cannot be reached: everything goes and the rest is reported.
-    assert hub_mirror._plan_prune(units, used=400, unreferenced=0, cap=10) == (["a"], 100, 300)
+    assert maintenance._plan_prune(units, used=400, unreferenced=0, cap=10) == (["a"], 100, 300)
 
 
 def digest_of(data):
@@ -272,7 +278,7 @@ def test_view_finds_nested_repositories_and_skips_internal_directories(hub_mirro
         layout.tag(repo, "latest", layout.image(repo, repo))
     (layout.v2 / "repositories" / "org" / "x" / "_uploads" / "junk").mkdir(parents=True)
     (layout.v2 / "repositories" / "empty" / "dir").mkdir(parents=True)
-    view = hub_mirror._CacheView(str(layout.root))
+    view = storage.CacheView(str(layout.root))
     assert view.repositories() == ["a", "a/b/c", "library/alpine", "org/x"]
 
 
@@ -285,7 +291,7 @@ def test_view_counts_expired_content_as_not_cached(hub_mirror, layout):
     for repo, digest in (("fresh", fresh), ("overdue", overdue), ("gone", gone)):
         layout.tag(repo, "latest", digest)
     layout.save_schedule()
-    view = hub_mirror._CacheView(str(layout.root))
+    view = storage.CacheView(str(layout.root))
     assert view.live_revisions("fresh") == [fresh]
     assert view.live_revisions("overdue") == []
     assert view.live_revisions("gone") == []
@@ -313,9 +319,9 @@ def test_view_describes_an_index_with_the_platforms_actually_cached(hub_mirror, 
     layout.link("multi", "manifest", index)
     layout.tag("multi", "latest", index)
     # arm64's layer link is missing: that platform is not (fully) cached.
-    arm_layer = hub_mirror._CacheView(str(layout.root)).references(arm)[1][1]
+    arm_layer = storage.CacheView(str(layout.root)).references(arm)[1][1]
     os.unlink(layout.v2 / "repositories" / "multi" / "_layers" / "sha256" / arm_layer[7:] / "link")
-    view = hub_mirror._CacheView(str(layout.root))
+    view = storage.CacheView(str(layout.root))
     info = view.describe("multi", index)
     assert info["platforms"] == ["linux/amd64"]
     assert info["platforms_available"] == ["linux/amd64", "linux/arm64"]
@@ -332,7 +338,7 @@ def test_prune_units_group_an_index_with_its_platforms(hub_mirror, layout):
     layout.schedule[f"multi@{index}"] = {"Key": "k", "ExpiryData": "2100-01-01T00:00:00Z", "EntryType": 1}
     solo = layout.image("solo", "s", expiry="2050-01-01T00:00:00Z")
     layout.save_schedule()
-    units = {u["id"]: u for u in hub_mirror._prune_units(hub_mirror._CacheView(str(layout.root)))}
+    units = {u["id"]: u for u in maintenance._prune_units(storage.CacheView(str(layout.root)))}
     # The amd64 manifest is no unit of its own: it goes with its index.
     assert set(units) == {f"multi@{index}", f"solo@{solo}"}
     assert sorted(units[f"multi@{index}"]["manifests"]) == sorted([index, amd])
@@ -347,7 +353,7 @@ def test_pillar_accepts_warm_and_max_size(hub_mirror):
     }
     mirror = hub_mirror.settings()["mirrors"]["dockerhub"]
     assert mirror["warm"] == ["alpine:3.20", "bitnami/redis"]
-    assert hub_mirror._parse_size(mirror["max_size"]) == 20 * 1024**3
+    assert units_lib.parse_size(mirror["max_size"]) == 20 * 1024**3
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": {"max_size": 10**9}}}}
     assert hub_mirror.settings()["mirrors"]["dockerhub"]["max_size"] == 10**9
 
@@ -403,7 +409,7 @@ def test_fleet_aggregates_images_bytes_ratios_and_trouble(runner):
         "b4": "'hub_mirror.status' is not available.",
         "b5": "did not answer within 60s",
     }
-    fleet = runner.aggregate(returns)
+    fleet = runner._aggregate(returns)
     assert fleet["images"] == {
         "library/alpine:3.20": ["b1/dockerhub", "b2/dockerhub"],
         "library/alpine:latest": ["b1/dockerhub"],

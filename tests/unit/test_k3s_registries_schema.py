@@ -19,6 +19,9 @@ import urllib.parse
 
 import pytest
 import yaml
+from tests.support.modules import lib
+
+render = lib("clients.render")
 
 MIRROR = "http://192.168.128.1:5000"
 SECOND = "https://10.0.0.2:5443"
@@ -87,7 +90,7 @@ USER_FILES = {
 
 @pytest.mark.parametrize("base", list(USER_FILES))
 def test_rendered_registries_yaml_follows_the_documented_schema(hub_mirror, base):
-    text = hub_mirror.render_registries_yaml(USER_FILES[base], {"docker.io": [MIRROR, SECOND], "ghcr.io": [MIRROR]})
+    text = render.render_registries_yaml(USER_FILES[base], {"docker.io": [MIRROR, SECOND], "ghcr.io": [MIRROR]})
     assert schema_problems(text) == []
     data = yaml.safe_load(text)
     endpoints = data["mirrors"]["docker.io"]["endpoint"]
@@ -114,7 +117,7 @@ def test_the_schema_check_itself_refuses_what_k3s_would_not_read():
 def test_stripping_ours_leaves_a_file_that_still_follows_the_schema(hub_mirror):
     base = USER_FILES["own docker.io mirror with rewrite"]
     ours = {"docker.io": [MIRROR]}
-    rendered = hub_mirror.render_registries_yaml(base, ours)
-    stripped = hub_mirror._strip_registries_yaml(rendered, {"mirrors": ours, "existed": True})
+    rendered = render.render_registries_yaml(base, ours)
+    stripped = render._strip_registries_yaml(rendered, {"mirrors": ours, "existed": True})
     assert schema_problems(stripped) == []
     assert yaml.safe_load(stripped) == yaml.safe_load(base)

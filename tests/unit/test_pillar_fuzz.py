@@ -23,6 +23,12 @@ from hypothesis import strategies as st
 from salt.exceptions import SaltInvocationError
 
 from tests.support.modules import load
+from tests.support.modules import lib
+
+registry_config = lib("registry_config")
+settings_lib = lib("settings")
+supervisor_lib = lib("supervisor")
+validate = lib("validate")
 
 GRAINS = {
     "kernel": "Linux",
@@ -193,16 +199,16 @@ def assert_sinks_read_back(hub_mirror, conf):
     for name, spec in conf["mirrors"].items():
         for supervisor in ("systemd", "sysv"):
             conf["lookup"]["supervisor"] = supervisor
-            paths = hub_mirror._paths(conf, name)
-            texts = hub_mirror._config_files(conf, spec)
-            rendered = hub_mirror.render_config(spec, hub_mirror._config_dialect(conf), paths["credential_helper"])
-            assert texts["config"].startswith(hub_mirror._config_header(name))
+            paths = settings_lib._paths(conf, name)
+            texts = registry_config._config_files(conf, spec)
+            rendered = registry_config.render_config(spec, registry_config.config_dialect(conf), paths["credential_helper"])
+            assert texts["config"].startswith(registry_config.config_header(name))
             assert yaml.safe_load(texts["config"]) == rendered
             assert rendered["proxy"]["remoteurl"] == spec["upstream"]
             assert rendered["storage"].get("filesystem", {}).get("rootdirectory", spec["storage"]) == spec["storage"]
-            assert json.loads(texts["supervise_settings"]) == hub_mirror._supervise_settings(conf, spec)
-            files = hub_mirror._service_files(conf, spec)
-            command = [hub_mirror._python(), paths["supervise"], paths["supervise_settings"]]
+            assert json.loads(texts["supervise_settings"]) == supervisor_lib.supervise_settings(conf, spec)
+            files = supervisor_lib._service_files(conf, spec)
+            command = [supervisor_lib._python(), paths["supervise"], paths["supervise_settings"]]
             if supervisor == "systemd":
                 assert_unit_reads_back(files[paths["unit"]][0], command, spec["storage"], conf["lookup"])
             else:
@@ -217,15 +223,15 @@ paths_text = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Zl", "Zp",
 @FUZZ
 @given(prefix=paths_text, config_dir=paths_text, run_dir=paths_text, log_dir=paths_text, storage=paths_text)
 def test_unit_and_init_script_quote_any_path(module, prefix, config_dir, run_dir, log_dir, storage):
-    conf = module._merge(module.DEFAULTS, {})
+    conf = settings_lib.merge(settings_lib.DEFAULTS, {})
     conf["lookup"].update(prefix=prefix, config_dir=config_dir, run_dir=run_dir, log_dir=log_dir)
-    spec = module._complete_mirror("m1", {"listen": "127.0.0.1:5000"}, conf["lookup"])
+    spec = validate.complete_mirror("m1", {"listen": "127.0.0.1:5000"}, conf["lookup"], module.__grains__)
     spec["storage"] = storage
-    paths = module._paths(conf, "m1")
-    command = [module._python(), paths["supervise"], paths["supervise_settings"]]
+    paths = settings_lib._paths(conf, "m1")
+    command = [supervisor_lib._python(), paths["supervise"], paths["supervise_settings"]]
     for supervisor in ("systemd", "sysv"):
         conf["lookup"]["supervisor"] = supervisor
-        files = module._service_files(conf, spec)
+        files = supervisor_lib._service_files(conf, spec)
         if supervisor == "systemd":
             assert_unit_reads_back(files[paths["unit"]][0], command, storage, conf["lookup"])
         else:
@@ -234,7 +240,7 @@ def test_unit_and_init_script_quote_any_path(module, prefix, config_dir, run_dir
 
 def test_a_control_character_never_reaches_a_unit_file(module):
     with pytest.raises(ValueError):
-        module._systemd_quote("/srv/cache\nUser=root")
+        supervisor_lib._systemd_quote("/srv/cache\nUser=root")
 
 
 # --- readers: systemd's and sh's own rules ---------------------------------------------

@@ -4,6 +4,9 @@ message ever shows the token, wherever a user put it."""
 
 import pytest
 from salt.exceptions import SaltInvocationError
+from tests.support.modules import lib
+
+net = lib("net")
 
 TOKEN = "dckr_pat_UNIT0123456789abcdefXYZ"
 USER = "hubuser"
@@ -221,7 +224,7 @@ def test_settings_redact_the_token_unless_asked(hub_mirror):
     ],
 )
 def test_urls_in_messages_never_show_credentials(hub_mirror, url, shown):
-    assert hub_mirror._redact_url(url) == shown
+    assert net.redact_url(url) == shown
 
 
 @pytest.mark.parametrize(
@@ -234,10 +237,10 @@ def test_urls_in_messages_never_show_credentials(hub_mirror, url, shown):
     ],
 )
 def test_hostport_parses(hub_mirror, text, parsed):
-    assert hub_mirror._parse_hostport(text) == parsed
+    assert net.parse_hostport(text) == parsed
 
 
 @pytest.mark.parametrize("text", ["5000", ":5000", "host:", "host:0", "host:65536", "host:50x", "[::1]5000", ""])
 def test_hostport_refuses(hub_mirror, text):
     with pytest.raises(ValueError):
-        hub_mirror._parse_hostport(text)
+        net.parse_hostport(text)

@@ -1,7 +1,7 @@
 """
 The hub_mirror supervisor: keeps one mirror's registry serving, whatever the upstream does.
 
-Not an execution module. ``hub_mirror.running`` copies this file to the host and runs it
+``hub_mirror.deploy`` copies this file to the host and runs it
 (as the mirror's unprivileged user) from the systemd unit or the init script. It needs only
 the Python standard library.
 
@@ -31,9 +31,6 @@ import time
 import urllib.error
 import urllib.request
 
-
-def __virtual__():
-    return (False, "hub_mirror_supervise is the mirror's supervisor program, not a module")
 
 
 def log(message):

@@ -1,7 +1,7 @@
 """
 The hub_mirror credential helper: hands a mirror's upstream credential to registry 3.x.
 
-Not an execution module. ``hub_mirror.configure`` installs it as
+``hub_mirror.configure`` installs it as
 ``<prefix>/bin/hub-mirror-credential-helper`` and renders ``proxy.exec.command`` to it for
 registry 3.x, which then asks it for the credential (docker-credential-helper protocol:
 ``get`` with the registry host on stdin; it prints
@@ -20,9 +20,6 @@ import sys
 
 NOT_FOUND = "credentials not found in native keychain"
 
-
-def __virtual__():
-    return (False, "hub_mirror_credential_helper is a program, not a module")
 
 
 def get(server, path):

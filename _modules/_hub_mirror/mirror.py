@@ -1,0 +1,393 @@
+"""mirror."""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import urllib.parse
+
+import yaml
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+from .accounts import _ids
+from .checks import Errors, _shown, check_path
+from .fsutil import _read, open_dir, sha256_file, write_atomic
+from .net import REDACTED, _is_loopback, parse_hostport
+from .processes import check_listen_free, mirror_processes, stop_leftovers
+from .registry_api import answers, check_upstream, wait_serving
+from .registry_config import (
+    LEGACY_CONFIG_HEADER,
+    _config_files,
+    config_changes,
+    config_header,
+)
+from .release import asset_url
+from .settings import _paths, binary_path, probe_url, record_path
+from .storage import STORAGE_MARKER, own_storage, storage_plan, storage_writable
+from .supervisor import (
+    _is_running,
+    _service_files,
+    _start,
+    _stop,
+    _supervisor,
+    _systemctl,
+    enable,
+    is_enabled,
+    recent_log,
+    service_name,
+)
+from .validate import NAME_RE, validate_storage
+
+log = logging.getLogger(__name__)
+
+
+def configure(conf, spec, test=False):
+    """Render ``mirror``'s registry config from pillar and write it, 0600, owned by the service user, atomically; only when it differs. The storage directory is created."""
+    mirror = spec["name"]
+    paths = _paths(conf, mirror)
+    texts = _config_files(conf, spec)
+    check_listen_free(conf, spec)
+
+    changes = {}
+    for key, text in texts.items():
+        old = _read(paths[key])
+        if old is None:
+            changes[key] = {"old": "", "new": paths[key]}
+        elif old != text and key == "config":
+            changes[key] = config_changes(old, text)
+        elif old != text and key == "credentials":
+            changes[key] = {"old": REDACTED, "new": REDACTED}
+        elif old != text:
+            changes[key] = "updated"
+    ids = _ids(conf, required=False)
+    storage = storage_plan(spec, ids)
+    if storage:
+        changes["storage"] = storage
+    warnings = []
+    if {"config", "credentials"} & set(changes):
+        # Before anything is written: a refused credential changes nothing.
+        warnings = check_upstream(spec)
+    if not changes:
+        return {"changes": {}, "comment": f"Mirror {mirror} config is up to date", "warnings": warnings}
+    if test:
+        return {"changes": changes, "comment": f"Mirror {mirror} config would be updated", "warnings": warnings}
+
+    uid, gid = _ids(conf)
+    if storage:
+        own_storage(spec["storage"], uid, gid, f"hub_mirror:mirrors:{mirror}:storage")
+    for key, text in texts.items():
+        if key == "credential_helper" and key in changes:
+            write_atomic(paths[key], text, 0o755)
+        elif key in changes:
+            write_atomic(paths[key], text, 0o600, uid, gid)
+    return {"changes": changes, "comment": f"Mirror {mirror} config updated", "warnings": warnings}
+
+
+def _fingerprint(conf, spec, files):
+    """
+    What the mirror must serve with: the binary the pillar asks for, the configs rendered
+    from pillar and the service files. Computed from pillar, not from disk, so that a test
+    run sees the restart a pending install or config change will cause. The credentials
+    file is left out: registry 3.x rereads it without a restart.
+    """
+    digest = hashlib.sha256()
+    binary = binary_path(conf)
+    if conf["install"]["method"] == "archive":
+        digest.update(asset_url(conf["version"], conf["arch"], conf["install"]["source"]).encode())
+    elif os.path.exists(binary):
+        digest.update(sha256_file(binary).encode())
+    texts = _config_files(conf, spec)
+    for key in ("config", "offline_config", "supervise_settings"):
+        digest.update(texts[key].encode())
+    for path in sorted(files):
+        digest.update(path.encode() + b"\0" + files[path][0].encode())
+    return digest.hexdigest()
+
+
+def deploy(conf, spec, test=False):
+    """Make ``mirror`` run under its supervisor and serve on its listen address."""
+    mirror = spec["name"]
+    # Unredacted only to fingerprint the rendered config; the token goes nowhere else.
+    paths = _paths(conf, mirror)
+    if not os.path.exists(binary_path(conf)) and not test:
+        raise CommandExecutionError(
+            f"the registry binary {binary_path(conf)} is missing; apply hub_mirror.install first"
+        )
+    files = _service_files(conf, spec)
+    stale = {path: entry for path, entry in files.items() if _read(path) != entry[0]}
+    is_running = _is_running(conf, mirror)
+    fingerprint = _fingerprint(conf, spec, files)
+    changed = fingerprint != (_read(paths["fingerprint"]) or "").strip()
+    # Serving without its service: what a supervisor killed by older versions left behind.
+    leftovers = [] if is_running else mirror_processes(paths)
+    storage_writable(conf, spec)
+
+    changes = {}
+    for path in stale:
+        changes[path] = "updated" if os.path.exists(path) else "created"
+    if not is_enabled(conf, mirror):
+        changes["enabled"] = True
+    if leftovers:
+        changes["unsupervised"] = {"old": f"pids {', '.join(map(str, leftovers))} serve without a supervisor", "new": "stopped"}
+    if not is_running:
+        changes["started"] = True
+    elif changed:
+        changes["restarted"] = True
+    if not changes:
+        if wait_serving(spec, min(conf["probe_timeout"], 5)):
+            return {"changes": {}, "comment": f"Mirror {mirror} is running and answers /v2/"}
+        changes["restarted"] = True
+    if test:
+        return {"changes": changes, "comment": f"Mirror {mirror} would be brought up"}
+
+    for path, (text, mode) in stale.items():
+        write_atomic(path, text, mode)
+    if stale and _supervisor(conf) == "systemd":
+        _systemctl("daemon-reload")
+    if "enabled" in changes:
+        enable(conf, mirror)
+    if leftovers and not stop_leftovers(paths):
+        raise CommandExecutionError(f"mirror {mirror}: processes {leftovers} serving it without a supervisor do not stop")
+    if "started" in changes or "restarted" in changes:
+        _start(conf, mirror, restart=is_running)
+    if not wait_serving(spec, conf["probe_timeout"]):
+        raise CommandExecutionError(_rollback(conf, spec, paths))
+    # 0600: a digest over the rendered config is still derived from the token.
+    write_atomic(paths["fingerprint"], fingerprint + "\n", 0o600)
+    _save_last_good(paths, files)
+    return {"changes": changes, "comment": f"Mirror {mirror} runs and answers /v2/"}
+
+
+def _save_last_good(paths, service_files):
+    """Keep every file the mirror just served with (configs and service files), with
+    owner and mode, so that a later change that does not come up can be undone whole."""
+    snapshot = {}
+    for path in [paths["config"], paths["offline_config"], paths["supervise_settings"], *service_files]:
+        info = os.stat(path)
+        snapshot[path] = {
+            "text": _read(path),
+            "mode": info.st_mode & 0o7777,
+            "uid": info.st_uid,
+            "gid": info.st_gid,
+        }
+    # 0600: the config in it holds the token (2.8).
+    write_atomic(paths["last_good"], json.dumps(snapshot), 0o600)
+
+
+def _rollback(conf, spec, paths):
+    """Bring back every file of the last setup that served; return the failure message."""
+    name = spec["name"]
+    message = (
+        f"mirror {name} did not answer {probe_url(spec)}/v2/ within "
+        f"{conf['probe_timeout']}s. Recent log:\n{recent_log(conf, name)}"
+    )
+    try:
+        with open(paths["last_good"], encoding="utf-8") as handle:
+            snapshot = json.load(handle)
+    except (OSError, ValueError):
+        return message
+    restore = {path: f for path, f in snapshot.items() if _read(path) != f["text"]}
+    if not restore:
+        return message
+    if _read(paths["config"]) is not None:
+        shutil.copy2(paths["config"], paths["config"] + ".failed")
+    for path, saved in restore.items():
+        write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
+    if paths["unit"] in restore:
+        _systemctl("daemon-reload")
+    _start(conf, name, restart=True)
+    # The restored config serves on its own address, which may not be the new one.
+    host, port = parse_hostport(yaml.safe_load(snapshot[paths["config"]]["text"])["http"]["addr"])
+    restored = wait_serving(dict(spec, listen_host=host, listen_port=port), conf["probe_timeout"])
+    return message + (
+        "\nRestored the last setup that served "
+        f"({'it serves again' if restored else 'it does not answer either'}); "
+        f"the new config is kept as {paths['config']}.failed"
+    )
+
+
+def orphans(conf):
+    """Return the mirrors this host still has a config for but pillar no longer names. ``hub_mirror.service`` removes them (their cache stays), so that dropping one mirror from pillar touches only that mirror."""
+    try:
+        entries = os.listdir(conf["lookup"]["config_dir"])
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = entry[: -len(".yml")]
+        if not entry.endswith(".yml") or name in conf["mirrors"] or not NAME_RE.fullmatch(name):
+            continue
+        try:
+            with open(os.path.join(conf["lookup"]["config_dir"], entry), encoding="utf-8") as handle:
+                first = handle.readline()
+        except (OSError, UnicodeDecodeError):
+            continue
+        # Only configs hub_mirror wrote: notes.yml, a backup or a package's config.yml stay.
+        if first in (config_header(name), LEGACY_CONFIG_HEADER):
+            found.append(name)
+    return sorted(found)
+
+
+def _registry_host(upstream):
+    """The name clients use for an upstream: docker.io for Docker Hub's endpoint."""
+    host = urllib.parse.urlparse(upstream).netloc
+    return "docker.io" if host in ("registry-1.docker.io", "index.docker.io") else host
+
+
+def endpoint(conf):
+    """Return this host's mirrors as clients should reach them, for the Salt mine: one entry per mirror with the registry it mirrors (``docker.io``, ``ghcr.io``, ...), its URL (``advertise``, else the listen address) and whether it answers ``/v2/`` right now. Without ``advertise``, a mirror that listens on loopback or on every address (``0.0.0.0``) publishes a loopback URL and ``loopback_only: True``: it serves only this host."""
+    endpoints = []
+    for name, spec in sorted(conf["mirrors"].items()):
+        local_url = probe_url(spec)
+        url = spec["advertise"].rstrip("/") or local_url
+        endpoints.append(
+            {
+                "mirror": name,
+                "registry": _registry_host(spec["upstream"]),
+                "url": url,
+                "loopback_only": not spec["advertise"]
+                and _is_loopback(urllib.parse.urlparse(url).hostname),
+                # The advertised address may be a NAT's, which this host need not reach.
+                "serving": answers(local_url, 2),
+            }
+        )
+    return endpoints
+
+
+def stop(conf, spec):
+    """Stop ``mirror``'s registry and its supervisor, and anything else still serving its config. True once nothing serves it and its port is closed."""
+    return _stop(conf, spec)
+
+
+def start(conf, spec):
+    """Start ``mirror``'s registry and wait until it answers ``/v2/``."""
+    mirror = spec["name"]
+    if not _is_running(conf, mirror):
+        stop_leftovers(_paths(conf, mirror))
+        _start(conf, mirror, restart=False)
+    return wait_serving(spec, conf["probe_timeout"])
+
+
+def _purge_targets(storage):
+    """What a purge deletes: only what the registry wrote, in a directory marked as ours."""
+    if not storage or not os.path.isfile(os.path.join(storage, STORAGE_MARKER)):
+        return []
+    names = ["docker"] + [entry for entry in os.listdir(storage) if entry.startswith("scheduler-state.json")]
+    return [os.path.join(storage, entry) for entry in names + [STORAGE_MARKER] if os.path.lexists(os.path.join(storage, entry))]
+
+
+def remove(conf, spec, purge_storage=False, test=False):
+    """Stop ``mirror`` and remove its service files, config and fingerprint. The cache in its storage directory stays unless ``purge_storage=True``; a purge deletes only what the registry wrote, in a directory hub_mirror marked as its cache."""
+    mirror = spec["name"]
+    paths = _paths(conf, mirror)
+    candidates = [
+        paths[k]
+        for k in (
+            "unit",
+            "init",
+            "config",
+            "offline_config",
+            "supervise_settings",
+            "credentials",
+            "last_good",
+            "fingerprint",
+        )
+    ]
+    candidates += [paths["config"] + ".failed"]
+    present = [path for path in candidates if os.path.exists(path)]
+    purge = _purge_targets(spec["storage"]) if purge_storage else []
+    is_running = _is_running(conf, mirror) or bool(mirror_processes(paths))
+    changes = {path: "removed" for path in present}
+    comment = ""
+    if purge:
+        changes[spec["storage"]] = "purged"
+    elif purge_storage and spec["storage"] and os.path.isdir(spec["storage"]):
+        comment = f"; {spec['storage']} is not marked as a hub_mirror cache, so it was left as it is"
+    if is_running:
+        changes["stopped"] = True
+    if not changes or test:
+        comment = (f"Mirror {mirror} would be removed" if changes else f"Mirror {mirror} is absent") + comment
+        return {"changes": changes, "comment": comment}
+    stopped = _stop(conf, spec)
+    if _supervisor(conf) == "systemd":
+        _systemctl("disable", "--quiet", service_name(mirror), check=False)
+    elif shutil.which("update-rc.d") and os.path.exists(paths["init"]):
+        subprocess.run(
+            ["update-rc.d", "-f", service_name(mirror), "remove"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    if not stopped:
+        raise CommandExecutionError(f"mirror {mirror} still serves after its service was stopped: nothing was removed")
+    # Stopping takes seconds: the storage chosen before must still be that directory.
+    storage_fd = open_dir(spec["storage"], f"hub_mirror:mirrors:{mirror}:storage") if purge else None
+    try:
+        for path in present:
+            os.unlink(path)
+        for path in purge:
+            # By the fd's own /proc link, which stays on the opened directory.
+            pinned = os.path.join(f"/proc/self/fd/{storage_fd}", os.path.basename(path))
+            if stat.S_ISDIR(os.lstat(pinned).st_mode):
+                shutil.rmtree(pinned)
+            else:
+                os.unlink(pinned)
+    finally:
+        if storage_fd is not None:
+            os.close(storage_fd)
+    if purge:
+        try:
+            os.rmdir(spec["storage"])
+        except OSError:
+            pass  # something of the user's is in it: it stays
+    if paths["unit"] in present:
+        _systemctl("daemon-reload", check=False)
+    return {"changes": changes, "comment": f"Mirror {mirror} removed" + comment}
+
+
+def uninstall(conf, test=False):
+    """Remove the registry installed by ``method: archive`` (a package is left to the package manager)."""
+    present = [
+        path
+        for path in (
+            binary_path(conf),
+            record_path(conf),
+            _paths(conf, "x")["supervise"],
+            _paths(conf, "x")["credential_helper"],
+        )
+        if conf["install"]["method"] == "archive" and os.path.exists(path)
+    ]
+    changes = {path: "removed" for path in present}
+    if test or not changes:
+        return {"changes": changes, "comment": "registry would be removed" if changes else "registry is absent"}
+    for path in present:
+        os.unlink(path)
+    return {"changes": changes, "comment": "registry removed"}
+
+
+def orphan(conf, name):
+    """The mirror ``name`` as only its files on this host still describe it (no longer
+    in pillar), or None when it has none."""
+    # The name becomes file names in config_dir, unit_dir, init_dir: "../x" would not.
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise SaltInvocationError(f"{_shown(name)} is not a mirror name: give one of pillar's or of hub_mirror.orphans")
+    paths = _paths(conf, name)
+    text = _read(paths["config"])
+    if text is None and not os.path.exists(paths["init"]) and not os.path.exists(paths["unit"]):
+        return None
+    try:
+        storage = ((yaml.safe_load(text or "") or {}).get("storage") or {}).get("filesystem") or {}
+        storage = storage.get("rootdirectory", "") if isinstance(storage, dict) else ""
+    except (yaml.YAMLError, AttributeError):
+        storage = ""  # an edited config: the cache stays where it is
+    # The config is the service user's (0600, its own): what it names is checked like
+    # pillar storage before a purge may go there.
+    errors = Errors()
+    storage = check_path(errors, "", storage) if storage else None
+    if storage:
+        validate_storage(errors, "", storage, conf["lookup"], "")
+    storage = os.path.realpath(storage) if storage and not errors.messages else ""
+    return {"name": name, "storage": storage, "s3": {}}

@@ -1,0 +1,190 @@
+"""registry_config."""
+
+import copy
+import json
+import logging
+import os
+
+import yaml
+
+from .net import REDACTED, hostport
+from .release import binary_version
+from .settings import (
+    CREDENTIAL_LIFETIME,
+    SECRET_CONFIG_KEYS,
+    _dialect,
+    _paths,
+    binary_path,
+)
+from .supervisor import program_text, supervise_settings
+from .validate import MAX_DEPTH, too_deep
+
+log = logging.getLogger(__name__)
+
+
+def config_dialect(conf):
+    """The dialect to render: the package's installed version, else the pillar version."""
+    if conf["install"]["method"] == "package":
+        installed = binary_version(binary_path(conf)) if os.path.exists(binary_path(conf)) else None
+        return _dialect(installed or "2.8.0")
+    return _dialect(conf["version"])
+
+
+def render_config(mirror, dialect, credential_helper=None):
+    """
+    Return the registry config (a dict) for a completed ``mirror`` in a ``dialect``
+    (``"2"`` or ``"3"``). Pure: the caller decides what to do with the token in it.
+
+    2.8 takes the credential as ``proxy.username``/``password``. 3.x asks
+    ``credential_helper`` for it (``proxy.exec``), so the config holds no secret and a new
+    token needs no restart.
+    """
+    proxy = {"remoteurl": mirror["upstream"]}
+    if mirror["username"] and dialect == "2":
+        proxy["username"] = mirror["username"]
+        proxy["password"] = mirror["token"]
+    elif mirror["username"]:
+        proxy["exec"] = {"command": credential_helper, "lifetime": CREDENTIAL_LIFETIME}
+    if dialect != "2":
+        proxy["ttl"] = mirror["ttl"]
+    return {
+        "version": 0.1,
+        "log": {
+            "level": mirror["log_level"],
+            "formatter": "text",
+            "fields": {"service": "hub-mirror", "mirror": mirror["name"]},
+        },
+        "storage": {
+            **_storage_driver(mirror, dialect),
+            # Without delete, TTL expiry fails and cached content stays on disk forever.
+            "delete": {"enabled": True},
+            "maintenance": {
+                "uploadpurging": {"enabled": True, "age": "168h", "interval": "24h", "dryrun": False}
+            },
+        },
+        "http": {
+            "addr": hostport(mirror["listen_host"], mirror["listen_port"]),
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+            "debug": {
+                "addr": mirror["debug_listen"],
+                "prometheus": {"enabled": True, "path": "/metrics"},
+            },
+        },
+        # Storage only: an upstream check makes the registry answer 503 to every request
+        # while the upstream is down, which is exactly when the cache matters.
+        "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
+        "proxy": proxy,
+        **_redis(mirror),
+    }
+
+
+def _storage_driver(mirror, dialect):
+    storage = _s3_driver(mirror["s3"], dialect) if mirror["s3"] else {
+        "filesystem": {"rootdirectory": mirror["storage"]}
+    }
+    if mirror["redis"]:
+        storage["cache"] = {"blobdescriptor": "redis"}
+    return storage
+
+
+def _s3_driver(s3, dialect):
+    driver = {"bucket": s3["bucket"], "region": s3["region"], "rootdirectory": s3["rootdirectory"]}
+    if s3["accesskey"]:
+        driver.update(accesskey=s3["accesskey"], secretkey=s3["secretkey"])
+    if s3["endpoint"]:
+        driver["regionendpoint"] = s3["endpoint"]
+        driver["secure"] = not s3["endpoint"].startswith("http://")
+    # 2.8 uses path-style URLs whenever regionendpoint is set; 3.x asks.
+    if dialect != "2":
+        driver["forcepathstyle"] = s3["path_style"]
+    return {"s3": driver}
+
+
+def _redis(mirror):
+    redis = mirror["redis"]
+    if not redis:
+        return {}
+    return {"redis": {"addr": redis["addr"], "password": redis["password"], "db": redis["db"]}}
+
+
+def render_offline_config(config):
+    """
+    The config the supervisor serves while the upstream is down: the same storage as a
+    plain registry, read-only, so every cached tag and blob is served and nothing is
+    pulled or pushed.
+    """
+    offline = copy.deepcopy(config)
+    del offline["proxy"]
+    offline["storage"]["maintenance"] = {"readonly": {"enabled": True}}
+    offline["log"]["fields"]["mode"] = "offline"
+    return offline
+
+
+def config_header(name):
+    """The first line of every registry config hub_mirror writes: what marks it as ours."""
+    return f"# Managed by Salt (hub_mirror mirror {name}). Local changes are overwritten.\n"
+
+
+# What hub_mirror before 2026-12 wrote: still ours when it finds an orphan.
+LEGACY_CONFIG_HEADER = "# Managed by Salt (hub_mirror). Local changes are overwritten.\n"
+
+
+def _config_text(name, config):
+    return config_header(name) + yaml.safe_dump(config, default_flow_style=False, sort_keys=False)
+
+
+def config_changes(old_text, new_text):
+    """Dotted keys that differ between two config texts, with secrets redacted."""
+    try:
+        old = yaml.safe_load(old_text) if old_text else {}
+    except yaml.YAMLError:
+        old = None
+    old_flat = _flatten(old) if isinstance(old, dict) else None
+    if old_flat is None:
+        # A local edit that is not a mapping (a list, broken YAML, an alias that contains
+        # itself, a billion laughs): all of it goes.
+        return {"config": {"old": "not a registry config (edited by hand)", "new": "rendered from pillar"}}
+    new_flat = _flatten(yaml.safe_load(new_text))
+    changes = {}
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if old_flat.get(key) != new_flat.get(key):
+            secret = key in SECRET_CONFIG_KEYS
+            changes[key] = {
+                "old": REDACTED if secret and key in old_flat else old_flat.get(key),
+                "new": REDACTED if secret and key in new_flat else new_flat.get(key),
+            }
+    return changes
+
+
+def _flatten(config, limit=10000):
+    """{dotted key: value} of a config's leaves; None when it is no config of ours: nested
+    too deep (a recursive alias) or too big (aliases multiply: a billion laughs)."""
+    out, stack = {}, [(config, "")]
+    while stack:
+        value, prefix = stack.pop()
+        if isinstance(value, dict):
+            if prefix.count(".") >= MAX_DEPTH or len(out) + len(stack) > limit:
+                return None
+            stack.extend((sub, f"{prefix}{key}.") for key, sub in value.items())
+        elif too_deep(value) is not None:
+            return None
+        else:
+            out[prefix[:-1]] = value
+    return out
+
+
+def _config_files(conf, spec):
+    """{paths key: text} of every file ``configure`` writes for a mirror (token included)."""
+    paths = _paths(conf, spec["name"])
+    rendered = render_config(spec, config_dialect(conf), paths["credential_helper"])
+    texts = {
+        "config": _config_text(spec["name"], rendered),
+        "offline_config": _config_text(spec["name"], render_offline_config(rendered)),
+        "supervise_settings": json.dumps(supervise_settings(conf, spec), indent=2, sort_keys=True) + "\n",
+    }
+    if "exec" in rendered["proxy"]:
+        texts["credential_helper"] = program_text("credential_helper.py")
+        texts["credentials"] = json.dumps(
+            {"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True
+        )
+    return texts

@@ -1,0 +1,352 @@
+"""supervisor."""
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from salt.exceptions import CommandExecutionError
+
+from .checks import has_control
+from .fsutil import _read
+from .processes import SYSTEM_PATH, mirror_processes, port_closed, stop_leftovers
+from .settings import _paths, binary_path, probe_url
+
+log = logging.getLogger(__name__)
+
+
+def package_service_active(conf, service):
+    """Whether the distribution's own registry service runs or would start at boot."""
+    if _supervisor(conf) == "systemd":
+        return any(
+            _systemctl(verb, "--quiet", f"{service}.service", check=False).returncode == 0
+            for verb in ("is-active", "is-enabled")
+        )
+    script = os.path.join(conf["lookup"]["init_dir"], service)
+    running = os.path.exists(script) and subprocess.run(
+        [script, "status"], capture_output=True, timeout=60, check=False
+    ).returncode == 0
+    return running or bool(_rc_links(service))
+
+
+def disable_package_service(conf, service):
+    # Salt's service.dead would answer "OFFLINE mode" where systemd is not PID 1.
+    if _supervisor(conf) == "systemd":
+        _systemctl("disable", "--now", "--quiet", f"{service}.service", check=False)
+        return
+    script = os.path.join(conf["lookup"]["init_dir"], service)
+    if os.path.exists(script):
+        subprocess.run([script, "stop"], capture_output=True, timeout=60, check=False)
+    if shutil.which("update-rc.d"):
+        subprocess.run(
+            ["update-rc.d", service, "disable"], capture_output=True, timeout=60, check=False
+        )
+
+
+UNIT_TEMPLATE = """\
+# Managed by Salt (hub_mirror). Local changes are overwritten.
+[Unit]
+Description=hub_mirror pull-through cache {name}
+Documentation=https://distribution.github.io/distribution/about/configuration/
+After=network-online.target
+Wants=network-online.target
+# The registry panics at start while an authenticated upstream is unreachable: keep
+# retrying for as long as that lasts instead of giving up after five starts.
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+User={user}
+Group={group}
+ExecStart={command}
+Restart=always
+RestartSec=2
+UMask=0027
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={read_write}
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+{private_ipc}ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RemoveIPC=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+{capabilities}SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+# Every value below is shell-quoted where it is filled in; none comes from pillar but the
+# lookup paths and the account, which validation limits to safe characters first.
+INIT_TEMPLATE = """\
+#!/bin/sh
+# Managed by Salt (hub_mirror). Local changes are overwritten.
+### BEGIN INIT INFO
+# Provides:          hub-mirror-{name}
+# Required-Start:    $network $remote_fs
+# Required-Stop:     $network $remote_fs
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: hub_mirror pull-through cache {name}
+### END INIT INFO
+PIDFILE={pidfile}
+LOG={log}
+start() {{
+    # Only called when nothing runs: a pidfile left now names a dead or zombie process,
+    # which start-stop-daemon would take for a running one.
+    rm -f "$PIDFILE"
+    mkdir -p {run_dir} {log_dir}
+    touch "$LOG"
+    chown {owner} {log_dir} "$LOG"
+    chmod 0750 {log_dir}
+    chmod 0640 "$LOG"
+    # A clean environment, as systemd gives: nothing leaks in from whoever ran this. The
+    # supervisor sends its output (and the registry's) to $LOG itself.
+    env -i PATH={path} LANG=C.UTF-8 \\
+    start-stop-daemon --start --quiet --background --make-pidfile --pidfile "$PIDFILE" \\
+        --chuid {owner} --umask 027 --startas {python} -- {supervise} {settings}
+}}
+stop() {{
+    start-stop-daemon --stop --quiet --retry TERM/10/KILL/5 --pidfile "$PIDFILE" --remove-pidfile
+}}
+running() {{
+    start-stop-daemon --status --pidfile "$PIDFILE" || return 1
+    # A killed supervisor stays a zombie where PID 1 does not reap (a container's shell,
+    # a CI agent): that is not running.
+    ! grep -qs '^State:[[:space:]]*Z' "/proc/$(cat "$PIDFILE")/status"
+}}
+case "$1" in
+    start) running || start ;;
+    stop) stop || true ;;
+    restart|force-reload) stop || true; start ;;
+    status) if running; then echo running; else echo stopped; exit 3; fi ;;
+    *) echo "usage: $0 {{start|stop|restart|force-reload|status}}" >&2; exit 2 ;;
+esac
+"""
+
+
+def _systemd_quote(value, exec_line=False):
+    """One word of a unit file setting, quoted so systemd reads back exactly ``value``:
+    backslash and quote escaped, ``%`` specifiers doubled, and on Exec lines ``$`` too."""
+    if has_control(value):
+        raise ValueError(f"a control character cannot go into a unit file: {value!r}")
+    value = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if exec_line:
+        value = value.replace("$", "$$")
+    return f'"{value}"'
+
+
+def _supervisor(conf):
+    chosen = conf["lookup"]["supervisor"]
+    if chosen:
+        return chosen
+    # Salt's own test (salt.utils.systemd.booted); systemctl alone proves nothing.
+    return "systemd" if os.path.isdir("/run/systemd/system") else "sysv"
+
+
+def service_name(name):
+    return f"hub-mirror-{name}"
+
+
+def program_text(filename):
+    """A program of ``programs/``, with a shebang for this host's Python."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
+    with open(os.path.join(here, filename), encoding="utf-8") as handle:
+        return f"#!{_python()}\n" + handle.read()
+
+
+def _python():
+    # The service user must be able to run it: a Salt venv under /root is not an option.
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def supervise_settings(conf, spec):
+    """What the supervisor needs, as the settings file it reads: pillar values reach it
+    only as JSON, never through a unit file, a script or a command line."""
+    paths = _paths(conf, spec["name"])
+    return {
+        "binary": binary_path(conf),
+        "config": paths["config"],
+        "offline_config": paths["offline_config"],
+        "listen": probe_url(spec)[len("http://") :],
+        "upstream": spec["upstream"],
+        "credentials": paths["credentials"],
+        "storage": "" if spec["s3"] else spec["storage"],
+        "log": "" if _supervisor(conf) == "systemd" else paths["log"],
+    }
+
+
+def _service_files(conf, spec):
+    """The files that define the service, as {path: (text, mode)}."""
+    paths = _paths(conf, spec["name"])
+    command = [_python(), paths["supervise"], paths["supervise_settings"]]
+    lookup = conf["lookup"]
+    files = {paths["supervise"]: (program_text("supervise.py"), 0o755)}
+    if _supervisor(conf) == "systemd":
+        if spec["listen_port"] < 1024:
+            capabilities = (
+                "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
+                "AmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+            )
+        else:
+            capabilities = "CapabilityBoundingSet=\nAmbientCapabilities=\n"
+        files[paths["unit"]] = (
+            UNIT_TEMPLATE.format(
+                name=spec["name"],
+                command=" ".join(_systemd_quote(word, exec_line=True) for word in command),
+                read_write=_systemd_quote(spec["storage"]),
+                capabilities=capabilities,
+                # qemu-user cannot set up an IPC namespace (226/NAMESPACE); nothing here
+                # uses SysV IPC and RemoveIPC= stays, so only emulated hosts go without.
+                private_ipc="" if _user_mode_emulated() else "PrivateIPC=yes\n",
+                user=lookup["user"],
+                group=lookup["group"],
+            ),
+            0o644,
+        )
+    else:
+        quote = shlex.quote
+        files[paths["init"]] = (
+            INIT_TEMPLATE.format(
+                name=spec["name"],
+                pidfile=quote(paths["pidfile"]),
+                log=quote(paths["log"]),
+                run_dir=quote(lookup["run_dir"]),
+                log_dir=quote(lookup["log_dir"]),
+                owner=quote(f"{lookup['user']}:{lookup['group']}"),
+                path=quote(SYSTEM_PATH),
+                python=quote(command[0]),
+                supervise=quote(command[1]),
+                settings=quote(command[2]),
+            ),
+            0o755,
+        )
+    return files
+
+
+def _user_mode_emulated():
+    """True when systemd here runs under qemu-user emulation (binfmt_misc), as in an arm64
+    root on an x86-64 machine: PID 1's executable is then the emulator. (qemu shows each
+    process the guest binary as its own /proc/self/exe, but not other processes'.)"""
+    try:
+        return os.path.basename(os.readlink("/proc/1/exe")).startswith("qemu-")
+    except OSError:
+        return False
+
+
+def _systemctl(*args, check=True):
+    proc = subprocess.run(
+        ["systemctl", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise CommandExecutionError(
+            f"systemctl {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}"
+        )
+    return proc
+
+
+def _init(conf, name, action, check=True):
+    script = _paths(conf, name)["init"]
+    proc = subprocess.run(
+        [script, action], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise CommandExecutionError(
+            f"{script} {action} failed: {(proc.stderr or proc.stdout).strip()}"
+        )
+    return proc
+
+
+def _is_running(conf, name):
+    if _supervisor(conf) == "systemd":
+        return _systemctl("is-active", "--quiet", service_name(name), check=False).returncode == 0
+    if not os.path.exists(_paths(conf, name)["init"]):
+        return False
+    return _init(conf, name, "status", check=False).returncode == 0
+
+
+def is_enabled(conf, name):
+    if _supervisor(conf) == "systemd":
+        return _systemctl("is-enabled", "--quiet", service_name(name), check=False).returncode == 0
+    return bool(_rc_links(service_name(name)))
+
+
+def _rc_links(service):
+    """The sysv start links of ``service`` (S<nn><service> in /etc/rc[2-5].d)."""
+    return [
+        os.path.join(path, entry)
+        for level in "2345"
+        for path in [f"/etc/rc{level}.d"]
+        if os.path.isdir(path)
+        for entry in os.listdir(path)
+        if entry.startswith("S") and entry[3:] == service
+    ]
+
+
+def _start(conf, name, restart):
+    if _supervisor(conf) == "systemd":
+        _systemctl("restart" if restart else "start", service_name(name))
+    else:
+        _init(conf, name, "restart" if restart else "start")
+
+
+def enable(conf, name):
+    if _supervisor(conf) == "systemd":
+        _systemctl("enable", "--quiet", service_name(name))
+    elif shutil.which("update-rc.d"):
+        subprocess.run(
+            ["update-rc.d", service_name(name), "defaults"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def recent_log(conf, name, lines=15):
+    if _supervisor(conf) == "systemd":
+        proc = subprocess.run(
+            ["journalctl", "-u", service_name(name), "-n", str(lines), "--no-pager", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return proc.stdout.strip()
+    text = _read(_paths(conf, name)["log"]) or ""
+    # A Go panic's goroutine dump says little: keep the lines before it.
+    text = text.split("\ngoroutine ")[0]
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _stop(conf, spec):
+    """Stop the service and anything else serving the mirror; True once its port is closed."""
+    name = spec["name"]
+    paths = _paths(conf, name)
+    if _supervisor(conf) == "systemd":
+        _systemctl("stop", service_name(name), check=False)
+    elif os.path.exists(paths["init"]):
+        _init(conf, name, "stop", check=False)
+    stop_leftovers(paths)
+    return not _is_running(conf, name) and not mirror_processes(paths) and (
+        "listen_port" not in spec or port_closed(spec)
+    )
