@@ -43,16 +43,23 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hub_mirror")
 _FILES = _library_files(_ROOT)
 _LOADED = sys.modules.get("_hub_mirror")
 if _LOADED is not None and (
-    os.path.dirname(os.path.abspath(_LOADED.__file__)) != _ROOT
-    or getattr(_LOADED, "LOADED_FROM", _FILES) != _FILES
+    os.path.dirname(os.path.abspath(_LOADED.__file__)) != _ROOT or getattr(_LOADED, "LOADED_FROM", _FILES) != _FILES
 ):
     for _name in [name for name in sys.modules if name == "_hub_mirror" or name.startswith("_hub_mirror.")]:
         del sys.modules[_name]
 
 # pylint: disable=wrong-import-position
 import _hub_mirror  # noqa: E402
-from _hub_mirror import inspection, maintenance, mirror as mirrors, release, validate  # noqa: E402
-from _hub_mirror import registry_api, registry_config, settings as defaults  # noqa: E402
+from _hub_mirror import (  # noqa: E402
+    inspection,
+    maintenance,
+    registry_api,
+    registry_config,
+    release,
+    validate,
+)
+from _hub_mirror import mirror as mirrors  # noqa: E402
+from _hub_mirror import settings as defaults  # noqa: E402
 from _hub_mirror.clients import discovery, runtimes  # noqa: E402
 from _hub_mirror.clients.validate import client_conf  # noqa: E402
 
@@ -78,7 +85,10 @@ def _raw_pillar():
 
         return (
             salt.pillar.get_pillar(
-                __opts__, dict(__grains__), __opts__["id"], saltenv=__opts__.get("saltenv"),
+                __opts__,
+                dict(__grains__),
+                __opts__["id"],
+                saltenv=__opts__.get("saltenv"),
                 pillarenv=__opts__.get("pillarenv"),
             )
             .compile_pillar()
@@ -95,8 +105,7 @@ def _mirror(name, redact=True):
     conf = _settings(redact=redact)
     if name not in conf["mirrors"]:
         raise SaltInvocationError(
-            f"hub_mirror:mirrors has no mirror named {name!r}; "
-            f"known: {', '.join(sorted(conf['mirrors']))}"
+            f"hub_mirror:mirrors has no mirror named {name!r}; known: {', '.join(sorted(conf['mirrors']))}"
         )
     return conf, conf["mirrors"][name]
 
@@ -198,7 +207,7 @@ def config(mirror="dockerhub"):
         salt '*' hub_mirror.config mirror=ghcr
     """
     conf, spec = _mirror(mirror)
-    helper = defaults._paths(conf, mirror)["credential_helper"]  # pylint: disable=protected-access
+    helper = defaults.mirror_paths(conf, mirror)["credential_helper"]  # pylint: disable=protected-access
     return registry_config.render_config(spec, registry_config.config_dialect(conf), helper)
 
 

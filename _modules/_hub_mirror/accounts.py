@@ -13,7 +13,19 @@ ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
 # Groups whose members are as good as root, or read what they must not.
-_PRIVILEGED_GROUPS = ("adm", "disk", "docker", "kvm", "libvirt", "lxd", "shadow", "staff", "sudo", "systemd-journal", "wheel")
+_PRIVILEGED_GROUPS = (
+    "adm",
+    "disk",
+    "docker",
+    "kvm",
+    "libvirt",
+    "lxd",
+    "shadow",
+    "staff",
+    "sudo",
+    "systemd-journal",
+    "wheel",
+)
 
 
 # The GECOS of the account config.sls creates (user.present fullname).
@@ -50,13 +62,16 @@ def account_problems(user, group):
         others |= {p.pw_name for p in pwd.getpwall() if p.pw_gid == entry.gr_gid and p.pw_name != user}
         if entry.gr_gid < 100 or entry.gr_gid >= 1000 or group in _PRIVILEGED_GROUPS or others:
             problems.append(
-                ("lookup:group", f"{group!r} is an existing group (gid {entry.gr_gid})"
-                 + (f" of {', '.join(sorted(others)[:3])}" if others else ""))
+                (
+                    "lookup:group",
+                    f"{group!r} is an existing group (gid {entry.gr_gid})"
+                    + (f" of {', '.join(sorted(others)[:3])}" if others else ""),
+                )
             )
     return problems
 
 
-def _ids(conf, required=True):
+def service_ids(conf, required=True):
     """uid and gid of the service user; a clear error (or None) when the user is missing."""
     import grp  # pylint: disable=import-outside-toplevel
     import pwd  # pylint: disable=import-outside-toplevel
@@ -77,5 +92,5 @@ def service_user_kwargs(conf):
     """subprocess arguments that run a command as the mirror's service user."""
     if os.geteuid() != 0:
         return {}
-    uid, gid = _ids(conf)
+    uid, gid = service_ids(conf)
     return {"user": uid, "group": gid, "extra_groups": []}

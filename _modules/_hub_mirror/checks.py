@@ -30,8 +30,7 @@ class Errors:
     def raise_if_any(self):
         if self.messages:
             raise SaltInvocationError(
-                "Invalid hub_mirror pillar (nothing was changed):\n  - "
-                + "\n  - ".join(self.messages)
+                "Invalid hub_mirror pillar (nothing was changed):\n  - " + "\n  - ".join(self.messages)
             )
 
 
@@ -45,7 +44,7 @@ def check_keys(errors, prefix, value, known):
             )
 
 
-def _shown(value, limit=80):
+def show_value(value, limit=80):
     """``value`` fit for an error message: quoted, a newline shown as \\n, and short."""
     try:
         text = repr(value)
@@ -76,7 +75,7 @@ def has_control(text):
 
 def check_text(errors, key, value, secret=False, pattern=None, fix="see pillar.example"):
     """``value`` if it is a string without control characters (and matches ``pattern``)."""
-    shown = "a secret" if secret else _shown(value)
+    shown = "a secret" if secret else show_value(value)
     if not isinstance(value, str):
         errors.add(key, f"must be a string, got {type(value).__name__} ({shown})", "quote the value in YAML")
         return None
@@ -97,7 +96,7 @@ def check_path(errors, key, value, example="/var/lib/hub-mirror"):
     if not PATH_RE.fullmatch(path):
         errors.add(
             key,
-            f"{_shown(path)} is not an absolute path of letters, digits and . _ - + @ /",
+            f"{show_value(path)} is not an absolute path of letters, digits and . _ - + @ /",
             f"write e.g. {example} (no spaces, quotes, $, % or other shell characters)",
         )
         return None
@@ -106,7 +105,7 @@ def check_path(errors, key, value, example="/var/lib/hub-mirror"):
         return None
     # NAME_MAX: mkdir would fail with ENAMETOOLONG at configure, after validation said yes.
     if any(len(part) > 255 for part in path.split("/")):
-        errors.add(key, f"{_shown(path)} has a part longer than 255 characters", "shorten it")
+        errors.add(key, f"{show_value(path)} has a part longer than 255 characters", "shorten it")
         return None
     return os.path.normpath(path)
 
@@ -121,15 +120,23 @@ def check_url(errors, key, value, schemes=("http", "https"), credentials=False, 
     if placeholders:
         problem = _placeholder_problem(value)
         if problem:
-            errors.add(key, problem, "use only {version} and {arch}, e.g. .../v{version}/registry_{version}_linux_{arch}.tar.gz")
+            errors.add(
+                key,
+                problem,
+                "use only {version} and {arch}, e.g. .../v{version}/registry_{version}_linux_{arch}.tar.gz",
+            )
             return None
         value = value.format(version="0.0.0", arch="amd64")
     try:
         parsed = urllib.parse.urlsplit(value)
-        parsed.port  # pylint: disable=pointless-statement  # ValueError: port out of range
+        _ = parsed.port  # raises ValueError: port out of range
         host = parsed.hostname
     except ValueError:
-        errors.add(key, f"{redact_url(value)!r} is not a valid URL (bad host or port)", "write it like https://registry-1.docker.io")
+        errors.add(
+            key,
+            f"{redact_url(value)!r} is not a valid URL (bad host or port)",
+            "write it like https://registry-1.docker.io",
+        )
         return None
     if parsed.scheme not in schemes or (parsed.scheme != "file" and not host):
         errors.add(
@@ -156,5 +163,5 @@ def _placeholder_problem(template):
         return f"is not a valid URL template ({exc})"
     for _, field, spec, conversion in parsed:
         if field is not None and (field not in ("version", "arch") or spec or conversion):
-            return f"has the placeholder {{{_shown(field)}}}"
+            return f"has the placeholder {{{show_value(field)}}}"
     return None

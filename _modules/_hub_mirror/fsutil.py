@@ -1,4 +1,4 @@
-"""fsutil."""
+"""The one way hub_mirror reads, writes and creates files and directories."""
 
 import hashlib
 import logging
@@ -20,16 +20,33 @@ def sha256_file(path):
 
 def write_atomic(path, text, mode, uid=-1, gid=-1):
     """Write ``text`` to ``path`` through a same-directory temp file and rename."""
-    directory = os.path.dirname(path)
     # Fixed modes whatever the umask: under 077 the service user could not reach its files.
-    _makedirs(directory, 0o755)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    ensure_dir(os.path.dirname(path), 0o755)
+    _replace(path, text, mode, uid, gid)
+
+
+def write_exact(path, text, new_mode=0o644):
+    """Write ``text`` atomically through a symlink to its target (the link stays), keeping
+    an existing file's mode and owner; a new file gets ``new_mode`` whatever the umask."""
+    path = os.path.realpath(path)
+    try:
+        info = os.stat(path)
+        mode, uid, gid = info.st_mode & 0o7777, info.st_uid, info.st_gid
+    except FileNotFoundError:
+        mode, uid, gid = new_mode, -1, -1
+    _replace(path, text, mode, uid, gid)
+
+
+def _replace(path, text, mode, uid, gid):
+    """Replace ``path`` with ``text`` (UTF-8, as is) in one rename: a reader sees the old
+    file or the new one, never a part; nothing is left behind on failure."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.hub-mirror-")
     try:
         os.fchmod(fd, mode)
         if uid != -1 or gid != -1:
             os.fchown(fd, uid, gid)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8", errors="surrogateescape"))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,13 +56,19 @@ def write_atomic(path, text, mode, uid=-1, gid=-1):
         raise
 
 
-def _read(path):
-    # surrogateescape: a file edited into something that is not UTF-8 just differs.
+def read_file(path, strict=False):
+    """The text of ``path`` exactly as stored (no newline translation), or None when it
+    does not exist. Bytes that are not UTF-8 raise ValueError with ``strict``; otherwise
+    they are kept as surrogates, so that a file edited into something else just differs."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            return handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         return None
+    try:
+        return data.decode("utf-8", errors="strict" if strict else "surrogateescape")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text") from exc
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -57,7 +80,9 @@ def open_dir(path, key):
     try:
         fd = os.open(path, _DIR_FLAGS)
     except OSError as exc:
-        raise CommandExecutionError(f"{key}: {path} is no longer a directory ({exc.strerror}); nothing was changed in it") from exc
+        raise CommandExecutionError(
+            f"{key}: {path} is no longer a directory ({exc.strerror}); nothing was changed in it"
+        ) from exc
     if os.readlink(f"/proc/self/fd/{fd}") != path:
         os.close(fd)
         raise CommandExecutionError(
@@ -88,13 +113,15 @@ def open_below(fd, relative):
         raise
 
 
-def _makedirs(path, mode):
+def ensure_dir(path, mode=0o755):
     """``os.makedirs`` whose parents are traversable whatever the umask (a root umask of
-    077 would otherwise lock the service user out of its own storage)."""
+    077 would otherwise lock the service user out of its own storage, and a 0700
+    directory breaks every non-root podman/skopeo); return the ones it made, top first."""
     missing = []
     while path and not os.path.isdir(path):
         missing.append(path)
         path = os.path.dirname(path)
+    made = []
     for index, directory in enumerate(reversed(missing)):
         try:
             os.mkdir(directory)
@@ -108,62 +135,12 @@ def _makedirs(path, mode):
             os.fchmod(fd, mode if index == len(missing) - 1 else 0o755)
         finally:
             os.close(fd)
-
-
-def read_exact(path):
-    """The text of ``path`` exactly as stored (no newline translation), or None."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text") from exc
+        made.append(directory)
+    return made
 
 
 def sha256_text(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def makedirs_recorded(directory):
-    """Create ``directory`` and missing parents, 0755 whatever the umask (a 0700
-    directory breaks every non-root podman/skopeo); return the ones created, top first."""
-    missing = []
-    while directory and not os.path.isdir(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    for path in reversed(missing):
-        os.mkdir(path)
-        os.chmod(path, 0o755)
-    return list(reversed(missing))
-
-
-def write_exact(path, text, new_mode=0o644):
-    """Write ``text`` atomically through a symlink to its target (the link stays), keeping
-    an existing file's mode and owner; a new file gets ``new_mode`` whatever the umask."""
-    path = os.path.realpath(path)
-    directory = os.path.dirname(path)
-    try:
-        stat = os.stat(path)
-        mode, uid, gid = stat.st_mode & 0o7777, stat.st_uid, stat.st_gid
-    except FileNotFoundError:
-        mode, uid, gid = new_mode, -1, -1
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.hub-mirror-")
-    try:
-        os.fchmod(fd, mode)
-        if uid != -1:
-            os.fchown(fd, uid, gid)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def remove_exact(path):

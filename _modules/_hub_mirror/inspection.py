@@ -20,10 +20,10 @@ from .registry_api import (
     upstream_reachable,
 )
 from .release import binary_version
-from .settings import _dialect, _paths, binary_path, probe_url
-from .storage import CacheView, _usage, storage_view
-from .supervisor import _is_running
-from .units import _size, iso, parse_image, parse_size
+from .settings import binary_path, dialect_of, mirror_paths, probe_url
+from .storage import CacheView, storage_usage, storage_view
+from .supervisor import service_running
+from .units import iso, parse_image, parse_size, size_report
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def catalog(spec, tags=False, sizes=False, source="api"):
         if not sizes:
             result[repo] = cached
             continue
-        entry = {"size": _size(view.repository_bytes(repo, live[repo]))}
+        entry = {"size": size_report(view.repository_bytes(repo, live[repo]))}
         result[repo] = {"tags": cached, **entry} if tags else entry
     return result
 
@@ -71,7 +71,10 @@ RATELIMIT_REPOSITORY = "ratelimitpreview/test"
 
 
 def tags(spec, repo):
-    """Return the tags of ``repo`` that ``mirror`` has cached, read from its storage (so it works with the registry stopped): for each tag its digest, media type, size, when it was cached and when the cache expires it, and the platforms actually cached; for a multi-arch index also ``platforms_available``, every platform the index lists."""
+    """Return the tags of ``repo`` that ``mirror`` has cached, read from its storage (so it
+    works with the registry stopped): for each tag its digest, media type, size, when it was
+    cached and when the cache expires it, and the platforms actually cached; for a multi-
+    arch index also ``platforms_available``, every platform the index lists."""
     mirror = spec["name"]
     try:
         name, _ = parse_image(repo, spec["upstream"])
@@ -86,23 +89,22 @@ def tags(spec, repo):
             + (" (what it cached has expired)" if expired else "")
             + f"; 'hub_mirror.catalog mirror={mirror} source=disk' lists what is cached"
         )
-    return {
-        tag: view.describe(name, digest)
-        for tag, digest in view.tag_links(name).items()
-        if digest in live
-    }
+    return {tag: view.describe(name, digest) for tag, digest in view.tag_links(name).items() if digest in live}
 
 
 def usage(spec):
-    """Return the storage use of ``mirror``: bytes used (apparent size of every file, as ``du -sb``), blob count and bytes, cached repositories, what ``hub_mirror.gc`` would reclaim now, the filesystem's free space, and the pillar cap ``max_size`` with whether it is exceeded. Reads the storage only: works with the registry stopped."""
+    """Return the storage use of ``mirror``: bytes used (apparent size of every file, as ``du
+    -sb``), blob count and bytes, cached repositories, what ``hub_mirror.gc`` would reclaim
+    now, the filesystem's free space, and the pillar cap ``max_size`` with whether it is
+    exceeded. Reads the storage only: works with the registry stopped."""
     mirror = spec["name"]
     view = CacheView(spec["storage"])
-    report, blobs = _usage(view, spec)
+    report, blobs = storage_usage(view, spec)
     keep = view.marked()
     report["repositories"] = sum(1 for repo in view.repositories() if view.live_revisions(repo))
-    report["reclaimable"] = _size(sum(size for digest, size in blobs.items() if digest not in keep))
+    report["reclaimable"] = size_report(sum(size for digest, size in blobs.items() if digest not in keep))
     cap = parse_size(spec["max_size"])
-    report["over_by"] = _size(report["used"]["bytes"] - cap) if report["over_cap"] else None
+    report["over_by"] = size_report(report["used"]["bytes"] - cap) if report["over_cap"] else None
     return {"mirror": mirror, **report}
 
 
@@ -115,9 +117,9 @@ def status(conf, names, images=False):
 
 def _mirror_status(conf, spec, installed, images):
     name = spec["name"]
-    paths = _paths(conf, name)
+    paths = mirror_paths(conf, name)
     process = registry_process(paths)
-    running = _is_running(conf, name)
+    running = service_running(conf, name)
     serving = answers(probe_url(spec), 3)
     debug_url = f"http://{spec['debug_listen']}"
     counters = None
@@ -130,9 +132,9 @@ def _mirror_status(conf, spec, installed, images):
             expvar = None
         metrics = metrics_response.text if metrics_response is not None else None
         if expvar or metrics:
-            counters = proxy_counters(expvar, metrics, _dialect(installed or conf["version"]))
+            counters = proxy_counters(expvar, metrics, dialect_of(installed or conf["version"]))
     view = CacheView(spec["storage"])
-    disk, _ = _usage(view, spec)
+    disk, _ = storage_usage(view, spec)
     repositories = [repo for repo in view.repositories() if view.live_revisions(repo)]
     report = {
         "running": running,
@@ -153,11 +155,7 @@ def _mirror_status(conf, spec, installed, images):
     }
     if images:
         report["images"] = {
-            repo: {
-                tag: digest
-                for tag, digest in view.tag_links(repo).items()
-                if view.live(repo, digest)
-            }
+            repo: {tag: digest for tag, digest in view.tag_links(repo).items() if view.live(repo, digest)}
             for repo in repositories
         }
     if not running and process:
@@ -183,7 +181,10 @@ def _mirror_status(conf, spec, installed, images):
 
 
 def ratelimit(spec, timeout=15):
-    """Return the Docker Hub pull quota left for ``mirror``'s credential (anonymous without one): ``limit``, ``remaining`` and the ``window`` they apply to, from a HEAD on ``ratelimitpreview/test`` with a token from the realm the upstream advertises. A HEAD is not a pull: checking uses up nothing. The token is sent only to that realm."""
+    """Return the Docker Hub pull quota left for ``mirror``'s credential (anonymous without
+    one): ``limit``, ``remaining`` and the ``window`` they apply to, from a HEAD on
+    ``ratelimitpreview/test`` with a token from the realm the upstream advertises. A HEAD is
+    not a pull: checking uses up nothing. The token is sent only to that realm."""
     mirror = spec["name"]
     upstream = spec["upstream"].rstrip("/")
     target = f"{upstream}/v2/{RATELIMIT_REPOSITORY}/manifests/latest"
@@ -211,13 +212,10 @@ def ratelimit(spec, timeout=15):
             token_response.raise_for_status()
             body = token_response.json()
             token = body.get("token") or body.get("access_token")
-            response = requests.head(
-                target, headers={**headers, "Authorization": f"Bearer {token}"}, timeout=timeout
-            )
+            response = requests.head(target, headers={**headers, "Authorization": f"Bearer {token}"}, timeout=timeout)
     except requests.RequestException as exc:
         raise CommandExecutionError(
-            f"cannot ask the upstream {upstream} of mirror {mirror} for its rate limit: "
-            f"{type(exc).__name__}: {exc}"
+            f"cannot ask the upstream {upstream} of mirror {mirror} for its rate limit: {type(exc).__name__}: {exc}"
         ) from exc
     except ValueError as exc:
         raise CommandExecutionError(f"the token service of {upstream} answered no JSON token") from exc
@@ -238,8 +236,7 @@ def ratelimit(spec, timeout=15):
             "limit applies to this credential, or the upstream is not Docker Hub"
         )
     else:
-        report["comment"] = (
-            f"{remaining} of {limit} pulls left in the current {report['window']['human']} window"
-            + ("" if authenticated else " (anonymous: per IP address)")
+        report["comment"] = f"{remaining} of {limit} pulls left in the current {report['window']['human']} window" + (
+            "" if authenticated else " (anonymous: per IP address)"
         )
     return report

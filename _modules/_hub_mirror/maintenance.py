@@ -20,18 +20,18 @@ from .net import free_loopback_port
 from .processes import mirror_processes, registry_process
 from .registry_api import answers, fetch_blob, get_manifest, wait_serving
 from .registry_config import config_dialect
-from .settings import _paths, binary_path, probe_url
+from .settings import binary_path, mirror_paths, probe_url
 from .storage import CacheView, read_schedule, storage_view, tree_bytes
-from .supervisor import _is_running, _start, _stop, recent_log
+from .supervisor import recent_log, service_running, start_service, stop_service
 from .units import (
     GC_ELIGIBLE_RE,
-    _size,
     as_list,
     human_size,
     parse_image,
     parse_size,
     platform_name,
     platform_wanted,
+    size_report,
 )
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def _warm_one(spec, base, image, repo, reference, platforms, timeout):
                 manifests = []
                 for entry in chosen:
                     child_cached = before.live(repo, entry["digest"])
-                    child_digest, child_doc, child_size = get_manifest(
-                        session, base, repo, entry["digest"], timeout
-                    )
+                    child_digest, child_doc, child_size = get_manifest(session, base, repo, entry["digest"], timeout)
                     was_cached = was_cached and child_cached
                     fetched += 0 if child_cached else child_size
                     manifests.append((child_digest, child_doc))
@@ -97,12 +95,12 @@ def _warm_one(spec, base, image, repo, reference, platforms, timeout):
             raise CommandExecutionError(f"{image}: the mirror did not store {len(missing)} blob(s) within {timeout}s")
         report.update(
             already_cached=was_cached and fetched == 0,
-            fetched=_size(fetched),
+            fetched=size_report(fetched),
             blobs=len(set(blobs)),
             error=None,
         )
     except (requests.RequestException, CommandExecutionError) as exc:
-        report.update(already_cached=False, fetched=_size(fetched), error=str(exc))
+        report.update(already_cached=False, fetched=size_report(fetched), error=str(exc))
     return report
 
 
@@ -119,7 +117,11 @@ def _cached_for(view, repo, reference, platforms):
 
 
 def warm(spec, images=None, platforms=None, parallel=4, timeout=300, test=False):
-    """Pull ``images`` through ``mirror`` so that they are cached before the first build needs them: manifest (or index), then config and layers, ``parallel`` images at a time. For a multi-arch index every platform is fetched, or only ``platforms`` (e.g. ``linux/amd64,linux/arm64``). Without ``images``, the pillar list ``hub_mirror:mirrors:<mirror>:warm`` is used."""
+    """Pull ``images`` through ``mirror`` so that they are cached before the first build needs
+    them: manifest (or index), then config and layers, ``parallel`` images at a time. For a
+    multi-arch index every platform is fetched, or only ``platforms`` (e.g.
+    ``linux/amd64,linux/arm64``). Without ``images``, the pillar list
+    ``hub_mirror:mirrors:<mirror>:warm`` is used."""
     mirror = spec["name"]
     images = as_list(spec["warm"] if images is None else images)
     platforms = as_list(platforms) or None
@@ -161,9 +163,7 @@ def warm(spec, images=None, platforms=None, parallel=4, timeout=300, test=False)
             f"(start it: hub_mirror.start mirror={mirror})"
         )
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(parallel, len(parsed))) as pool:
-        reports = list(
-            pool.map(lambda item: _warm_one(spec, base, *item, platforms, timeout), parsed)
-        )
+        reports = list(pool.map(lambda item: _warm_one(spec, base, *item, platforms, timeout), parsed))
     results = {report.pop("image"): report for report in reports}
     changes = {
         image: {"digest": r["digest"], "fetched": r["fetched"]}
@@ -204,22 +204,21 @@ def _while_stopped(conf, spec, action):
     registry must be gone before ``action`` runs: the caller deletes files under it.
     """
     name = spec["name"]
-    paths = _paths(conf, name)
-    was_running = _is_running(conf, name)
+    paths = mirror_paths(conf, name)
+    was_running = service_running(conf, name)
     began = time.monotonic()
     if was_running or mirror_processes(paths):
-        _stop(conf, spec)
+        stop_service(conf, spec)
     serving = None
     try:
         if not _wait_stopped(paths):
             raise CommandExecutionError(
-                f"the registry of mirror {name} still runs (pid {registry_process(paths)['pid']}): "
-                "nothing was deleted"
+                f"the registry of mirror {name} still runs (pid {registry_process(paths)['pid']}): nothing was deleted"
             )
         result = action()
     finally:
         if was_running:
-            _start(conf, name, restart=False)
+            start_service(conf, name, restart=False)
             serving = wait_serving(spec, conf["probe_timeout"])
         stopped = time.monotonic() - began
     if was_running and not serving:
@@ -254,9 +253,11 @@ def _run_gc(conf, paths, dry_run, delete_untagged):
 
 
 def gc(conf, spec, dry_run=True, delete_untagged=False):
-    """Garbage-collect ``mirror``'s storage with ``registry garbage-collect`` and report the bytes freed. Blobs that no cached manifest references (left by expiry, or by pulls that fetched layers of manifests that were never stored) are deleted."""
+    """Garbage-collect ``mirror``'s storage with ``registry garbage-collect`` and report the
+    bytes freed. Blobs that no cached manifest references (left by expiry, or by pulls that
+    fetched layers of manifests that were never stored) are deleted."""
     mirror = spec["name"]
-    paths = _paths(conf, mirror)
+    paths = mirror_paths(conf, mirror)
     if not os.path.exists(paths["config"]):
         raise CommandExecutionError(
             f"mirror {mirror} has no registry config {paths['config']}; apply hub_mirror.config first"
@@ -264,15 +265,13 @@ def gc(conf, spec, dry_run=True, delete_untagged=False):
     view = storage_view(spec)
     report = {"mirror": mirror, "dry_run": bool(dry_run), "delete_untagged": bool(delete_untagged)}
     if not os.path.isdir(view.repos_root):
-        return dict(report, blobs=0, manifests=0, freed=_size(0), comment="Nothing is cached: nothing to collect")
+        return dict(report, blobs=0, manifests=0, freed=size_report(0), comment="Nothing is cached: nothing to collect")
     before = view.blob_files()
     if dry_run:
         output = _run_gc(conf, paths, True, delete_untagged)
         window = None
     else:
-        output, window = _while_stopped(
-            conf, spec, lambda: _run_gc(conf, paths, False, delete_untagged)
-        )
+        output, window = _while_stopped(conf, spec, lambda: _run_gc(conf, paths, False, delete_untagged))
     eligible = GC_ELIGIBLE_RE.findall(output)
     if dry_run:
         freed = sum(before.get(digest, 0) for kind, digest in eligible if kind == "blob")
@@ -282,14 +281,13 @@ def gc(conf, spec, dry_run=True, delete_untagged=False):
     report.update(
         blobs=sum(1 for kind, _ in eligible if kind == "blob"),
         manifests=sum(1 for kind, _ in eligible if kind == "manifest"),
-        freed=_size(freed),
+        freed=size_report(freed),
     )
     if window:
         report.update(window)
     verb = "would free" if dry_run else "freed"
-    report["comment"] = (
-        f"garbage-collect {verb} {human_size(freed)} in {report['blobs']} blob(s)"
-        + (f"; the mirror was stopped for {window['stopped']}s" if window and window["serving"] else "")
+    report["comment"] = f"garbage-collect {verb} {human_size(freed)} in {report['blobs']} blob(s)" + (
+        f"; the mirror was stopped for {window['stopped']}s" if window and window["serving"] else ""
     )
     return report
 
@@ -331,7 +329,7 @@ def _prune_units(view):
         for digest in revisions:
             if digest in children or f"{repo}@{digest}" not in view.schedule:
                 continue
-            members = view.closure(repo, digest, linked=lambda r, d: d in revisions)
+            members = view.closure(repo, digest, linked=lambda r, d, revisions=revisions: d in revisions)
             units.append(
                 {
                     "id": f"{repo}@{digest}",
@@ -376,8 +374,7 @@ def _expire_now(conf, spec, keys, timeout=120):
             state = json.load(handle)
     except (OSError, ValueError) as exc:
         raise CommandExecutionError(
-            f"cannot read the expiry schedule {state_path} of mirror {spec['name']}: {exc}; "
-            "nothing was expired"
+            f"cannot read the expiry schedule {state_path} of mirror {spec['name']}: {exc}; nothing was expired"
         ) from exc
     keys = [key for key in keys if key in state]
     for key in keys:
@@ -387,11 +384,10 @@ def _expire_now(conf, spec, keys, timeout=120):
         write_atomic(state_path, json.dumps(state), info.st_mode & 0o777, info.st_uid, info.st_gid)
     except OSError as exc:
         raise CommandExecutionError(
-            f"cannot write the expiry schedule {state_path} of mirror {spec['name']}: {exc}; "
-            "nothing was expired"
+            f"cannot write the expiry schedule {state_path} of mirror {spec['name']}: {exc}; nothing was expired"
         ) from exc
 
-    paths = _paths(conf, spec["name"])
+    paths = mirror_paths(conf, spec["name"])
     stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubUpstream)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     env = _registry_env(
@@ -434,7 +430,12 @@ def _expire_now(conf, spec, keys, timeout=120):
 
 
 def prune(conf, spec, max_size=None, test=False):
-    """Bring ``mirror``'s storage under its cap (``max_size``, default the pillar's ``hub_mirror:mirrors:<mirror>:max_size``), freeing space oldest first, by the registry's own means: the oldest cached images are marked expired in its scheduler, the registry expires them (with the mirror stopped, on private ports), and ``registry garbage-collect`` deletes their blobs; then the mirror serves again. Nothing is deleted while the mirror's registry runs."""
+    """Bring ``mirror``'s storage under its cap (``max_size``, default the pillar's
+    ``hub_mirror:mirrors:<mirror>:max_size``), freeing space oldest first, by the registry's
+    own means: the oldest cached images are marked expired in its scheduler, the registry
+    expires them (with the mirror stopped, on private ports), and ``registry garbage-
+    collect`` deletes their blobs; then the mirror serves again. Nothing is deleted while
+    the mirror's registry runs."""
     mirror = spec["name"]
     try:
         cap = parse_size(spec["max_size"] if max_size is None else max_size)
@@ -473,7 +474,11 @@ def prune(conf, spec, max_size=None, test=False):
             if d not in surviving and f"{repo}@{d}" in view.schedule and view.schedule[f"{repo}@{d}"][1] == "blob"
         ]
     expire = sorted(set(expire))
-    changes = {"expired": sorted(chosen), "freed": _size(freed), "used": {"old": _size(used), "new": _size(projected)}}
+    changes = {
+        "expired": sorted(chosen),
+        "freed": size_report(freed),
+        "used": {"old": size_report(used), "new": size_report(projected)},
+    }
     if projected > cap:
         changes["warning"] = f"everything expirable is expired and {human_size(projected)} remain"
     if test:
@@ -481,7 +486,7 @@ def prune(conf, spec, max_size=None, test=False):
             "changes": changes,
             "comment": f"Mirror {mirror} would expire {len(chosen)} image(s) to free {human_size(freed)}",
         }
-    paths = _paths(conf, mirror)
+    paths = mirror_paths(conf, mirror)
     if not os.path.exists(paths["config"]):
         raise CommandExecutionError(
             f"mirror {mirror} has no registry config {paths['config']}; apply hub_mirror.config first"
@@ -494,8 +499,8 @@ def prune(conf, spec, max_size=None, test=False):
 
     _, window = _while_stopped(conf, spec, maintenance)
     after = tree_bytes(spec["storage"])
-    changes["freed"] = _size(max(used - after, 0))
-    changes["used"]["new"] = _size(after)
+    changes["freed"] = size_report(max(used - after, 0))
+    changes["used"]["new"] = size_report(after)
     changes.pop("warning", None)
     if after > cap:
         changes["warning"] = f"{human_size(after)} remain above max_size {human_size(cap)}"

@@ -12,32 +12,32 @@ import urllib.parse
 import yaml
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
-from .accounts import _ids
-from .checks import Errors, _shown, check_path
-from .fsutil import _read, open_dir, sha256_file, write_atomic
-from .net import REDACTED, _is_loopback, parse_hostport
+from .accounts import service_ids
+from .checks import Errors, check_path, show_value
+from .fsutil import open_dir, read_file, sha256_file, write_atomic
+from .net import REDACTED, is_loopback_host, parse_hostport
 from .processes import check_listen_free, mirror_processes, stop_leftovers
 from .registry_api import answers, check_upstream, wait_serving
 from .registry_config import (
     LEGACY_CONFIG_HEADER,
-    _config_files,
     config_changes,
     config_header,
+    render_config_files,
 )
 from .release import asset_url
-from .settings import _paths, binary_path, probe_url, record_path
+from .settings import binary_path, mirror_paths, probe_url, record_path
 from .storage import STORAGE_MARKER, own_storage, storage_plan, storage_writable
 from .supervisor import (
-    _is_running,
-    _service_files,
-    _start,
-    _stop,
-    _supervisor,
-    _systemctl,
     enable,
     is_enabled,
     recent_log,
+    render_service_files,
+    run_systemctl,
     service_name,
+    service_running,
+    start_service,
+    stop_service,
+    supervisor_kind,
 )
 from .validate import NAME_RE, validate_storage
 
@@ -45,15 +45,16 @@ log = logging.getLogger(__name__)
 
 
 def configure(conf, spec, test=False):
-    """Render ``mirror``'s registry config from pillar and write it, 0600, owned by the service user, atomically; only when it differs. The storage directory is created."""
+    """Render ``mirror``'s registry config from pillar and write it, 0600, owned by the service
+    user, atomically; only when it differs. The storage directory is created."""
     mirror = spec["name"]
-    paths = _paths(conf, mirror)
-    texts = _config_files(conf, spec)
+    paths = mirror_paths(conf, mirror)
+    texts = render_config_files(conf, spec)
     check_listen_free(conf, spec)
 
     changes = {}
     for key, text in texts.items():
-        old = _read(paths[key])
+        old = read_file(paths[key])
         if old is None:
             changes[key] = {"old": "", "new": paths[key]}
         elif old != text and key == "config":
@@ -62,7 +63,7 @@ def configure(conf, spec, test=False):
             changes[key] = {"old": REDACTED, "new": REDACTED}
         elif old != text:
             changes[key] = "updated"
-    ids = _ids(conf, required=False)
+    ids = service_ids(conf, required=False)
     storage = storage_plan(spec, ids)
     if storage:
         changes["storage"] = storage
@@ -75,7 +76,7 @@ def configure(conf, spec, test=False):
     if test:
         return {"changes": changes, "comment": f"Mirror {mirror} config would be updated", "warnings": warnings}
 
-    uid, gid = _ids(conf)
+    uid, gid = service_ids(conf)
     if storage:
         own_storage(spec["storage"], uid, gid, f"hub_mirror:mirrors:{mirror}:storage")
     for key, text in texts.items():
@@ -99,7 +100,7 @@ def _fingerprint(conf, spec, files):
         digest.update(asset_url(conf["version"], conf["arch"], conf["install"]["source"]).encode())
     elif os.path.exists(binary):
         digest.update(sha256_file(binary).encode())
-    texts = _config_files(conf, spec)
+    texts = render_config_files(conf, spec)
     for key in ("config", "offline_config", "supervise_settings"):
         digest.update(texts[key].encode())
     for path in sorted(files):
@@ -111,16 +112,16 @@ def deploy(conf, spec, test=False):
     """Make ``mirror`` run under its supervisor and serve on its listen address."""
     mirror = spec["name"]
     # Unredacted only to fingerprint the rendered config; the token goes nowhere else.
-    paths = _paths(conf, mirror)
+    paths = mirror_paths(conf, mirror)
     if not os.path.exists(binary_path(conf)) and not test:
         raise CommandExecutionError(
             f"the registry binary {binary_path(conf)} is missing; apply hub_mirror.install first"
         )
-    files = _service_files(conf, spec)
-    stale = {path: entry for path, entry in files.items() if _read(path) != entry[0]}
-    is_running = _is_running(conf, mirror)
+    files = render_service_files(conf, spec)
+    stale = {path: entry for path, entry in files.items() if read_file(path) != entry[0]}
+    is_running = service_running(conf, mirror)
     fingerprint = _fingerprint(conf, spec, files)
-    changed = fingerprint != (_read(paths["fingerprint"]) or "").strip()
+    changed = fingerprint != (read_file(paths["fingerprint"]) or "").strip()
     # Serving without its service: what a supervisor killed by older versions left behind.
     leftovers = [] if is_running else mirror_processes(paths)
     storage_writable(conf, spec)
@@ -131,7 +132,10 @@ def deploy(conf, spec, test=False):
     if not is_enabled(conf, mirror):
         changes["enabled"] = True
     if leftovers:
-        changes["unsupervised"] = {"old": f"pids {', '.join(map(str, leftovers))} serve without a supervisor", "new": "stopped"}
+        changes["unsupervised"] = {
+            "old": f"pids {', '.join(map(str, leftovers))} serve without a supervisor",
+            "new": "stopped",
+        }
     if not is_running:
         changes["started"] = True
     elif changed:
@@ -145,14 +149,16 @@ def deploy(conf, spec, test=False):
 
     for path, (text, mode) in stale.items():
         write_atomic(path, text, mode)
-    if stale and _supervisor(conf) == "systemd":
-        _systemctl("daemon-reload")
+    if stale and supervisor_kind(conf) == "systemd":
+        run_systemctl("daemon-reload")
     if "enabled" in changes:
         enable(conf, mirror)
     if leftovers and not stop_leftovers(paths):
-        raise CommandExecutionError(f"mirror {mirror}: processes {leftovers} serving it without a supervisor do not stop")
+        raise CommandExecutionError(
+            f"mirror {mirror}: processes {leftovers} serving it without a supervisor do not stop"
+        )
     if "started" in changes or "restarted" in changes:
-        _start(conf, mirror, restart=is_running)
+        start_service(conf, mirror, restart=is_running)
     if not wait_serving(spec, conf["probe_timeout"]):
         raise CommandExecutionError(_rollback(conf, spec, paths))
     # 0600: a digest over the rendered config is still derived from the token.
@@ -168,7 +174,7 @@ def _save_last_good(paths, service_files):
     for path in [paths["config"], paths["offline_config"], paths["supervise_settings"], *service_files]:
         info = os.stat(path)
         snapshot[path] = {
-            "text": _read(path),
+            "text": read_file(path),
             "mode": info.st_mode & 0o7777,
             "uid": info.st_uid,
             "gid": info.st_gid,
@@ -189,16 +195,16 @@ def _rollback(conf, spec, paths):
             snapshot = json.load(handle)
     except (OSError, ValueError):
         return message
-    restore = {path: f for path, f in snapshot.items() if _read(path) != f["text"]}
+    restore = {path: f for path, f in snapshot.items() if read_file(path) != f["text"]}
     if not restore:
         return message
-    if _read(paths["config"]) is not None:
+    if read_file(paths["config"]) is not None:
         shutil.copy2(paths["config"], paths["config"] + ".failed")
     for path, saved in restore.items():
         write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
     if paths["unit"] in restore:
-        _systemctl("daemon-reload")
-    _start(conf, name, restart=True)
+        run_systemctl("daemon-reload")
+    start_service(conf, name, restart=True)
     # The restored config serves on its own address, which may not be the new one.
     host, port = parse_hostport(yaml.safe_load(snapshot[paths["config"]]["text"])["http"]["addr"])
     restored = wait_serving(dict(spec, listen_host=host, listen_port=port), conf["probe_timeout"])
@@ -210,7 +216,9 @@ def _rollback(conf, spec, paths):
 
 
 def orphans(conf):
-    """Return the mirrors this host still has a config for but pillar no longer names. ``hub_mirror.service`` removes them (their cache stays), so that dropping one mirror from pillar touches only that mirror."""
+    """Return the mirrors this host still has a config for but pillar no longer names.
+    ``hub_mirror.service`` removes them (their cache stays), so that dropping one mirror
+    from pillar touches only that mirror."""
     try:
         entries = os.listdir(conf["lookup"]["config_dir"])
     except FileNotFoundError:
@@ -238,7 +246,12 @@ def _registry_host(upstream):
 
 
 def endpoint(conf):
-    """Return this host's mirrors as clients should reach them, for the Salt mine: one entry per mirror with the registry it mirrors (``docker.io``, ``ghcr.io``, ...), its URL (``advertise``, else the listen address) and whether it answers ``/v2/`` right now. Without ``advertise``, a mirror that listens on loopback or on every address (``0.0.0.0``) publishes a loopback URL and ``loopback_only: True``: it serves only this host."""
+    """Return this host's mirrors as clients should reach them, for the Salt mine: one entry
+    per mirror with the registry it mirrors (``docker.io``, ``ghcr.io``, ...), its URL
+    (``advertise``, else the listen address) and whether it answers ``/v2/`` right now.
+    Without ``advertise``, a mirror that listens on loopback or on every address
+    (``0.0.0.0``) publishes a loopback URL and ``loopback_only: True``: it serves only this
+    host."""
     endpoints = []
     for name, spec in sorted(conf["mirrors"].items()):
         local_url = probe_url(spec)
@@ -248,8 +261,7 @@ def endpoint(conf):
                 "mirror": name,
                 "registry": _registry_host(spec["upstream"]),
                 "url": url,
-                "loopback_only": not spec["advertise"]
-                and _is_loopback(urllib.parse.urlparse(url).hostname),
+                "loopback_only": not spec["advertise"] and is_loopback_host(urllib.parse.urlparse(url).hostname),
                 # The advertised address may be a NAT's, which this host need not reach.
                 "serving": answers(local_url, 2),
             }
@@ -258,16 +270,17 @@ def endpoint(conf):
 
 
 def stop(conf, spec):
-    """Stop ``mirror``'s registry and its supervisor, and anything else still serving its config. True once nothing serves it and its port is closed."""
-    return _stop(conf, spec)
+    """Stop ``mirror``'s registry and its supervisor, and anything else still serving its
+    config. True once nothing serves it and its port is closed."""
+    return stop_service(conf, spec)
 
 
 def start(conf, spec):
     """Start ``mirror``'s registry and wait until it answers ``/v2/``."""
     mirror = spec["name"]
-    if not _is_running(conf, mirror):
-        stop_leftovers(_paths(conf, mirror))
-        _start(conf, mirror, restart=False)
+    if not service_running(conf, mirror):
+        stop_leftovers(mirror_paths(conf, mirror))
+        start_service(conf, mirror, restart=False)
     return wait_serving(spec, conf["probe_timeout"])
 
 
@@ -276,13 +289,19 @@ def _purge_targets(storage):
     if not storage or not os.path.isfile(os.path.join(storage, STORAGE_MARKER)):
         return []
     names = ["docker"] + [entry for entry in os.listdir(storage) if entry.startswith("scheduler-state.json")]
-    return [os.path.join(storage, entry) for entry in names + [STORAGE_MARKER] if os.path.lexists(os.path.join(storage, entry))]
+    return [
+        os.path.join(storage, entry)
+        for entry in names + [STORAGE_MARKER]
+        if os.path.lexists(os.path.join(storage, entry))
+    ]
 
 
 def remove(conf, spec, purge_storage=False, test=False):
-    """Stop ``mirror`` and remove its service files, config and fingerprint. The cache in its storage directory stays unless ``purge_storage=True``; a purge deletes only what the registry wrote, in a directory hub_mirror marked as its cache."""
+    """Stop ``mirror`` and remove its service files, config and fingerprint. The cache in its
+    storage directory stays unless ``purge_storage=True``; a purge deletes only what the
+    registry wrote, in a directory hub_mirror marked as its cache."""
     mirror = spec["name"]
-    paths = _paths(conf, mirror)
+    paths = mirror_paths(conf, mirror)
     candidates = [
         paths[k]
         for k in (
@@ -299,7 +318,7 @@ def remove(conf, spec, purge_storage=False, test=False):
     candidates += [paths["config"] + ".failed"]
     present = [path for path in candidates if os.path.exists(path)]
     purge = _purge_targets(spec["storage"]) if purge_storage else []
-    is_running = _is_running(conf, mirror) or bool(mirror_processes(paths))
+    is_running = service_running(conf, mirror) or bool(mirror_processes(paths))
     changes = {path: "removed" for path in present}
     comment = ""
     if purge:
@@ -311,9 +330,9 @@ def remove(conf, spec, purge_storage=False, test=False):
     if not changes or test:
         comment = (f"Mirror {mirror} would be removed" if changes else f"Mirror {mirror} is absent") + comment
         return {"changes": changes, "comment": comment}
-    stopped = _stop(conf, spec)
-    if _supervisor(conf) == "systemd":
-        _systemctl("disable", "--quiet", service_name(mirror), check=False)
+    stopped = stop_service(conf, spec)
+    if supervisor_kind(conf) == "systemd":
+        run_systemctl("disable", "--quiet", service_name(mirror), check=False)
     elif shutil.which("update-rc.d") and os.path.exists(paths["init"]):
         subprocess.run(
             ["update-rc.d", "-f", service_name(mirror), "remove"],
@@ -344,7 +363,7 @@ def remove(conf, spec, purge_storage=False, test=False):
         except OSError:
             pass  # something of the user's is in it: it stays
     if paths["unit"] in present:
-        _systemctl("daemon-reload", check=False)
+        run_systemctl("daemon-reload", check=False)
     return {"changes": changes, "comment": f"Mirror {mirror} removed" + comment}
 
 
@@ -355,8 +374,8 @@ def uninstall(conf, test=False):
         for path in (
             binary_path(conf),
             record_path(conf),
-            _paths(conf, "x")["supervise"],
-            _paths(conf, "x")["credential_helper"],
+            mirror_paths(conf, "x")["supervise"],
+            mirror_paths(conf, "x")["credential_helper"],
         )
         if conf["install"]["method"] == "archive" and os.path.exists(path)
     ]
@@ -373,9 +392,11 @@ def orphan(conf, name):
     in pillar), or None when it has none."""
     # The name becomes file names in config_dir, unit_dir, init_dir: "../x" would not.
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SaltInvocationError(f"{_shown(name)} is not a mirror name: give one of pillar's or of hub_mirror.orphans")
-    paths = _paths(conf, name)
-    text = _read(paths["config"])
+        raise SaltInvocationError(
+            f"{show_value(name)} is not a mirror name: give one of pillar's or of hub_mirror.orphans"
+        )
+    paths = mirror_paths(conf, name)
+    text = read_file(paths["config"])
     if text is None and not os.path.exists(paths["init"]) and not os.path.exists(paths["unit"]):
         return None
     try:

@@ -66,7 +66,7 @@ def is_ip(host):
     return "%" not in host or bool(HOST_RE.fullmatch(host.partition("%")[2]))
 
 
-def _is_loopback(host):
+def is_loopback_host(host):
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -11,7 +11,7 @@ import time
 from salt.exceptions import CommandExecutionError
 
 from .net import hostport, parse_hostport
-from .settings import _paths, probe_url
+from .settings import mirror_paths, probe_url
 from .units import iso
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def check_listen_free(conf, spec):
                 error = exc
         if error.errno == errno.EADDRINUSE:
             if ours is None:
-                ours = set(mirror_processes(_paths(conf, spec["name"])))
+                ours = set(mirror_processes(mirror_paths(conf, spec["name"])))
             holders = _listeners(port)
             if holders and holders <= ours:
                 continue
@@ -193,5 +193,5 @@ def _process_start(pid):
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _which(name):
+def find_program(name):
     return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + SYSTEM_PATH)

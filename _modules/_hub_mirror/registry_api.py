@@ -5,16 +5,18 @@ import json
 import logging
 import os
 import re
+import socket
+import ssl
 import time
 import urllib.parse
 
 import requests
 from salt.exceptions import CommandExecutionError
 
-from .fsutil import _read
+from .fsutil import read_file
 from .net import http_get, redact_url, same_site
 from .settings import probe_url
-from .units import _size
+from .units import size_report
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,15 @@ def check_upstream(spec, timeout=10):
             query = {"service": params["service"]} if params.get("service") else {}
             check = requests.get(realm, params=query, auth=auth, timeout=timeout)
         else:
-            return [f"mirror {spec['name']}: the credential was not checked (the upstream asks for {scheme or 'no'} auth at {redact_url(realm) or 'no realm'})"]
+            return [
+                f"mirror {spec['name']}: the credential was not checked (the upstream asks for "
+                f"{scheme or 'no'} auth at {redact_url(realm) or 'no realm'})"
+            ]
     except requests.RequestException as exc:
-        return [f"mirror {spec['name']}: the upstream's token service does not answer ({type(exc).__name__}); the credential was not checked"]
+        return [
+            f"mirror {spec['name']}: the upstream's token service does not answer ({type(exc).__name__}); "
+            "the credential was not checked"
+        ]
     if check.status_code in (401, 403):
         raise CommandExecutionError(
             f"hub_mirror:mirrors:{spec['name']}:token: the upstream {upstream} refuses the credential "
@@ -59,14 +67,69 @@ def check_upstream(spec, timeout=10):
     return []
 
 
-def answers(base_url, timeout):
+def probe(url, timeout, ca_file="", deadline=None):
+    """None when ``url`` answers ``/v2/`` like a registry before ``deadline``, else why not.
+
+    A raw HTTP/1.1 exchange with every socket wait bounded by the time left, so a mirror
+    that trickles bytes cannot stretch the probe (an HTTP library's timeout is per read).
+    Salt's proxy environment is ignored: the probe goes where the clients go.
+    """
+    deadline = deadline if deadline is not None else time.monotonic() + timeout
+    parsed = urllib.parse.urlparse(url)
+    https = parsed.scheme == "https"
+    port = parsed.port or (443 if https else 80)
+
+    def left():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("deadline")
+        return remaining
+
     try:
-        response = requests.get(f"{base_url}/v2/", timeout=timeout)
-    except requests.RequestException:
-        return False
-    return response.status_code in (200, 401) and response.headers.get(
-        "Docker-Distribution-Api-Version", ""
-    ).startswith("registry/2")
+        sock = socket.create_connection((parsed.hostname, port), timeout=left())
+        try:
+            if https:
+                context = ssl.create_default_context(cafile=ca_file or None)
+                sock.settimeout(left())
+                sock = context.wrap_socket(sock, server_hostname=parsed.hostname)
+            request = (
+                f"GET /v2/ HTTP/1.1\r\nHost: {parsed.netloc}\r\nUser-Agent: hub_mirror-probe\r\n"
+                "Accept: */*\r\nConnection: close\r\n\r\n"
+            )
+            sock.settimeout(left())
+            sock.sendall(request.encode("ascii"))
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                sock.settimeout(left())
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        finally:
+            sock.close()
+    except (socket.timeout, TimeoutError):
+        return f"no answer within {timeout}s"
+    except ssl.SSLCertVerificationError as exc:
+        return f"its TLS certificate is not trusted ({exc.verify_message}): set hub_mirror:client:ca_file"
+    except ssl.SSLError as exc:
+        return f"TLS failed ({exc.reason})"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError:
+        return "unreachable"
+    status_line, _, headers = head.decode("latin-1").partition("\r\n")
+    match = re.match(r"HTTP/1\.[01] (\d{3})", status_line)
+    if not match:
+        return "answered, but not as a registry"
+    if match.group(1) not in ("200", "401"):
+        return f"answered HTTP {match.group(1)}"
+    api = re.search(r"^docker-distribution-api-version:[ \t]*registry/2", headers, re.I | re.M)
+    return None if api else "answered, but not as a registry"
+
+
+def answers(base_url, timeout):
+    """True when ``base_url`` answers ``/v2/`` like a registry within ``timeout``."""
+    return probe(base_url, timeout) is None
 
 
 def wait_serving(spec, timeout):
@@ -134,7 +197,7 @@ def cached_tags(storage, repository):
     except FileNotFoundError:
         return tags
     for tag in entries:
-        link = _read(os.path.join(tags_dir, tag, "current", "link"))
+        link = read_file(os.path.join(tags_dir, tag, "current", "link"))
         if link:
             tags[tag] = link.strip()
     return tags
@@ -198,7 +261,7 @@ def proxy_counters(expvar=None, metrics=None, dialect="3"):
             "hits": hits,
             "misses": misses,
             "hit_ratio": round(hits / requests_, 3) if requests_ else None,
-            "pulled": _size(pulled),
+            "pulled": size_report(pulled),
         }
         if note:
             counters[plural]["note"] = note

@@ -12,9 +12,9 @@ from .release import binary_version
 from .settings import (
     CREDENTIAL_LIFETIME,
     SECRET_CONFIG_KEYS,
-    _dialect,
-    _paths,
     binary_path,
+    dialect_of,
+    mirror_paths,
 )
 from .supervisor import program_text, supervise_settings
 from .validate import MAX_DEPTH, too_deep
@@ -26,8 +26,8 @@ def config_dialect(conf):
     """The dialect to render: the package's installed version, else the pillar version."""
     if conf["install"]["method"] == "package":
         installed = binary_version(binary_path(conf)) if os.path.exists(binary_path(conf)) else None
-        return _dialect(installed or "2.8.0")
-    return _dialect(conf["version"])
+        return dialect_of(installed or "2.8.0")
+    return dialect_of(conf["version"])
 
 
 def render_config(mirror, dialect, credential_helper=None):
@@ -58,9 +58,7 @@ def render_config(mirror, dialect, credential_helper=None):
             **_storage_driver(mirror, dialect),
             # Without delete, TTL expiry fails and cached content stays on disk forever.
             "delete": {"enabled": True},
-            "maintenance": {
-                "uploadpurging": {"enabled": True, "age": "168h", "interval": "24h", "dryrun": False}
-            },
+            "maintenance": {"uploadpurging": {"enabled": True, "age": "168h", "interval": "24h", "dryrun": False}},
         },
         "http": {
             "addr": hostport(mirror["listen_host"], mirror["listen_port"]),
@@ -79,9 +77,9 @@ def render_config(mirror, dialect, credential_helper=None):
 
 
 def _storage_driver(mirror, dialect):
-    storage = _s3_driver(mirror["s3"], dialect) if mirror["s3"] else {
-        "filesystem": {"rootdirectory": mirror["storage"]}
-    }
+    storage = (
+        _s3_driver(mirror["s3"], dialect) if mirror["s3"] else {"filesystem": {"rootdirectory": mirror["storage"]}}
+    )
     if mirror["redis"]:
         storage["cache"] = {"blobdescriptor": "redis"}
     return storage
@@ -173,9 +171,9 @@ def _flatten(config, limit=10000):
     return out
 
 
-def _config_files(conf, spec):
+def render_config_files(conf, spec):
     """{paths key: text} of every file ``configure`` writes for a mirror (token included)."""
-    paths = _paths(conf, spec["name"])
+    paths = mirror_paths(conf, spec["name"])
     rendered = render_config(spec, config_dialect(conf), paths["credential_helper"])
     texts = {
         "config": _config_text(spec["name"], rendered),
@@ -184,7 +182,5 @@ def _config_files(conf, spec):
     }
     if "exec" in rendered["proxy"]:
         texts["credential_helper"] = program_text("credential_helper.py")
-        texts["credentials"] = json.dumps(
-            {"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True
-        )
+        texts["credentials"] = json.dumps({"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True)
     return texts

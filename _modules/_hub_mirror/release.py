@@ -14,14 +14,14 @@ import urllib.parse
 import requests
 from salt.exceptions import CommandExecutionError
 
-from .fsutil import _makedirs, sha256_file, write_atomic
+from .fsutil import ensure_dir, sha256_file, write_atomic
 from .net import redact_text, redact_url
 from .settings import (
     RELEASE_ARCHES_2,
     RELEASE_ARCHES_3,
     RELEASE_URL,
-    _dialect,
     binary_path,
+    dialect_of,
     record_path,
 )
 from .supervisor import disable_package_service, package_service_active
@@ -64,9 +64,7 @@ def _read_record(conf):
 def binary_version(binary):
     """The version ``registry --version`` prints, e.g. ``2.8.2+ds1``; None if it won't run."""
     try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     words = out.split()
@@ -79,7 +77,7 @@ def asset_url(version, arch, source=RELEASE_URL):
 
 
 def _check_arch_supported(version, arch, grains):
-    arches = RELEASE_ARCHES_2 if _dialect(version) == "2" else RELEASE_ARCHES_3
+    arches = RELEASE_ARCHES_2 if dialect_of(version) == "2" else RELEASE_ARCHES_3
     if arch is None or arch not in arches:
         shown = arch or f"{grains.get('osarch')}/{grains.get('cpuarch')}"
         raise CommandExecutionError(
@@ -113,9 +111,7 @@ def _expected_digest(version, arch, source_hash):
         ) from exc
     match = re.search(r"\b([0-9a-fA-F]{64})\b", text)
     if not match:
-        raise CommandExecutionError(
-            f"hub_mirror:install:source_hash: {redact_url(url)} holds no sha256 digest"
-        )
+        raise CommandExecutionError(f"hub_mirror:install:source_hash: {redact_url(url)} holds no sha256 digest")
     return match.group(1).lower()
 
 
@@ -202,9 +198,7 @@ def _install_archive(conf, grains, test):
     # The record keeps a digest of the URL, not the URL: it may hold a token.
     wanted = {"version": version, "arch": arch, "source_sha256": hashlib.sha256(url.encode()).hexdigest()}
     installed = {k: record.get(k) for k in wanted}
-    if installed == wanted and os.path.isfile(binary) and record.get("binary_sha256") == (
-        sha256_file(binary)
-    ):
+    if installed == wanted and os.path.isfile(binary) and record.get("binary_sha256") == (sha256_file(binary)):
         return {"changes": {}, "comment": f"registry {version} ({arch}) is installed"}
 
     old = f"{record['version']} ({record['arch']})" if record.get("version") else ""
@@ -216,7 +210,7 @@ def _install_archive(conf, grains, test):
         return {"changes": changes, "comment": f"registry {version} ({arch}) would be installed"}
 
     bin_dir = os.path.dirname(binary)
-    _makedirs(bin_dir, 0o755)
+    ensure_dir(bin_dir, 0o755)
     with tempfile.TemporaryDirectory(dir=bin_dir, prefix=".download-") as work:
         tarball = os.path.join(work, os.path.basename(urllib.parse.urlparse(url).path))
         try:

@@ -14,8 +14,7 @@ DEFAULT_VERSION = "3.0.0"
 
 
 RELEASE_URL = (
-    "https://github.com/distribution/distribution/releases/download/"
-    "v{version}/registry_{version}_linux_{arch}.tar.gz"
+    "https://github.com/distribution/distribution/releases/download/v{version}/registry_{version}_linux_{arch}.tar.gz"
 )
 
 
@@ -148,7 +147,7 @@ def release_arch(grains):
     return None
 
 
-def _dialect(version):
+def dialect_of(version):
     """``"2"`` or ``"3"``: the registry's config keys differ by major version."""
     match = re.match(r"^v?(\d+)\.\d+", str(version))
     return match.group(1) if match else "3"
@@ -190,7 +189,7 @@ def record_path(conf):
     return os.path.join(conf["lookup"]["prefix"], "install.json")
 
 
-def _paths(conf, name):
+def mirror_paths(conf, name):
     lookup = conf["lookup"]
     return {
         "config": os.path.join(lookup["config_dir"], f"{name}.yml"),

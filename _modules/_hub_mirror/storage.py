@@ -10,10 +10,10 @@ import time
 from salt.exceptions import CommandExecutionError
 
 from .accounts import service_user_kwargs
-from .fsutil import _makedirs, open_below, open_dir
+from .fsutil import ensure_dir, open_below, open_dir
 from .registry_api import cached_tags, v2_root
-from .supervisor import _python
-from .units import _size, iso, parse_go_time, parse_size, platform_name
+from .supervisor import service_python
+from .units import iso, parse_go_time, parse_size, platform_name, size_report
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,13 @@ STORAGE_MARKER = ".hub-mirror-cache"
 
 # The directories the registry writes into, from the storage root down (what it creates
 # itself; a chown of these, not of the whole cache, gives a mirror its storage back).
-_REGISTRY_DIRS = ("docker", "docker/registry", "docker/registry/v2", "docker/registry/v2/blobs", "docker/registry/v2/repositories")
+_REGISTRY_DIRS = (
+    "docker",
+    "docker/registry",
+    "docker/registry/v2",
+    "docker/registry/v2/blobs",
+    "docker/registry/v2/repositories",
+)
 
 
 def storage_plan(spec, ids):
@@ -41,7 +47,9 @@ def storage_plan(spec, ids):
     if not os.path.lexists(path):
         return {"old": "", "new": path}
     if not os.path.isdir(path):
-        raise CommandExecutionError(f"{key}: {path} exists and is not a directory; give a directory (nothing was changed)")
+        raise CommandExecutionError(
+            f"{key}: {path} exists and is not a directory; give a directory (nothing was changed)"
+        )
     info = os.stat(path)
     marked = os.path.exists(os.path.join(path, STORAGE_MARKER))
     if not marked and os.listdir(path) and (ids is None or info.st_uid != ids[0]):
@@ -60,7 +68,10 @@ def storage_plan(spec, ids):
     if not marked:
         return {"old": f"{path} (not marked as a hub_mirror cache)", "new": "marked, owned by the service user"}
     if stale or info.st_mode & 0o700 != 0o700:
-        return {"old": f"not owned by the service user: {', '.join(stale) or 'mode ' + oct(info.st_mode & 0o777)}", "new": "owned by the service user"}
+        return {
+            "old": f"not owned by the service user: {', '.join(stale) or 'mode ' + oct(info.st_mode & 0o777)}",
+            "new": "owned by the service user",
+        }
     return None
 
 
@@ -71,7 +82,7 @@ def own_storage(path, uid, gid, key="hub_mirror:mirrors:storage"):
     write a parent of the storage (or, inside it, the service user) could otherwise swap a
     directory for a link between validation and the chown, and be handed /etc.
     """
-    _makedirs(path, 0o750)
+    ensure_dir(path, 0o750)
     fd = open_dir(path, key)
     try:
         os.fchown(fd, uid, gid)
@@ -102,9 +113,17 @@ def storage_writable(conf, spec):
         for relative in _REGISTRY_DIRS
         if os.path.isdir(os.path.join(spec["storage"], relative))
     ]
-    check = "import os, sys; bad = [d for d in sys.argv[1:] if not os.access(d, os.W_OK | os.X_OK)]; print(*bad); sys.exit(bool(bad))"
+    check = (
+        "import os, sys; bad = [d for d in sys.argv[1:] if not os.access(d, os.W_OK | os.X_OK)]; "
+        "print(*bad); sys.exit(bool(bad))"
+    )
     proc = subprocess.run(
-        [_python(), "-c", check, *dirs], capture_output=True, text=True, timeout=60, check=False, **service_user_kwargs(conf)
+        [service_python(), "-c", check, *dirs],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **service_user_kwargs(conf),
     )
     if proc.returncode != 0:
         raise CommandExecutionError(
@@ -290,15 +309,13 @@ class CacheView:
         }
         if children or isinstance(doc.get("manifests"), list):
             info["platforms"] = [
-                platform_name(child.get("platform"))
-                for child in children
-                if self.complete(repo, child["digest"])
+                platform_name(child.get("platform")) for child in children if self.complete(repo, child["digest"])
             ]
             info["platforms_available"] = [platform_name(child.get("platform")) for child in children]
         else:
             config = self.document(blobs[0]) if blobs and "config" in doc else None
             info["platforms"] = [platform_name(config)] if config and self.complete(repo, digest) else []
-        info["size"] = _size(self.bytes_of(self.closure(repo, digest)))
+        info["size"] = size_report(self.bytes_of(self.closure(repo, digest)))
         return info
 
     def blob_files(self):
@@ -364,20 +381,20 @@ def storage_view(spec):
     return CacheView(storage)
 
 
-def _usage(view, spec):
+def storage_usage(view, spec):
     blobs = view.blob_files()
     cap = parse_size(spec["max_size"])
     used = tree_bytes(view.storage) if os.path.isdir(view.storage) else 0
     try:
         disk = shutil.disk_usage(view.storage)
-        filesystem = {"free": _size(disk.free), "total": _size(disk.total)}
+        filesystem = {"free": size_report(disk.free), "total": size_report(disk.total)}
     except OSError:
         filesystem = None
     return {
         "storage": view.storage,
-        "used": _size(used),
-        "blobs": {"count": len(blobs), "size": _size(sum(blobs.values()))},
+        "used": size_report(used),
+        "blobs": {"count": len(blobs), "size": size_report(sum(blobs.values()))},
         "filesystem": filesystem,
-        "max_size": _size(cap),
+        "max_size": size_report(cap),
         "over_cap": bool(cap and used > cap),
     }, blobs

@@ -10,39 +10,38 @@ import sys
 from salt.exceptions import CommandExecutionError
 
 from .checks import has_control
-from .fsutil import _read
+from .fsutil import read_file
 from .processes import SYSTEM_PATH, mirror_processes, port_closed, stop_leftovers
-from .settings import _paths, binary_path, probe_url
+from .settings import binary_path, mirror_paths, probe_url
 
 log = logging.getLogger(__name__)
 
 
 def package_service_active(conf, service):
     """Whether the distribution's own registry service runs or would start at boot."""
-    if _supervisor(conf) == "systemd":
+    if supervisor_kind(conf) == "systemd":
         return any(
-            _systemctl(verb, "--quiet", f"{service}.service", check=False).returncode == 0
+            run_systemctl(verb, "--quiet", f"{service}.service", check=False).returncode == 0
             for verb in ("is-active", "is-enabled")
         )
     script = os.path.join(conf["lookup"]["init_dir"], service)
-    running = os.path.exists(script) and subprocess.run(
-        [script, "status"], capture_output=True, timeout=60, check=False
-    ).returncode == 0
+    running = (
+        os.path.exists(script)
+        and subprocess.run([script, "status"], capture_output=True, timeout=60, check=False).returncode == 0
+    )
     return running or bool(_rc_links(service))
 
 
 def disable_package_service(conf, service):
     # Salt's service.dead would answer "OFFLINE mode" where systemd is not PID 1.
-    if _supervisor(conf) == "systemd":
-        _systemctl("disable", "--now", "--quiet", f"{service}.service", check=False)
+    if supervisor_kind(conf) == "systemd":
+        run_systemctl("disable", "--now", "--quiet", f"{service}.service", check=False)
         return
     script = os.path.join(conf["lookup"]["init_dir"], service)
     if os.path.exists(script):
         subprocess.run([script, "stop"], capture_output=True, timeout=60, check=False)
     if shutil.which("update-rc.d"):
-        subprocess.run(
-            ["update-rc.d", service, "disable"], capture_output=True, timeout=60, check=False
-        )
+        subprocess.run(["update-rc.d", service, "disable"], capture_output=True, timeout=60, check=False)
 
 
 UNIT_TEMPLATE = """\
@@ -156,7 +155,7 @@ def _systemd_quote(value, exec_line=False):
     return f'"{value}"'
 
 
-def _supervisor(conf):
+def supervisor_kind(conf):
     chosen = conf["lookup"]["supervisor"]
     if chosen:
         return chosen
@@ -172,10 +171,10 @@ def program_text(filename):
     """A program of ``programs/``, with a shebang for this host's Python."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
     with open(os.path.join(here, filename), encoding="utf-8") as handle:
-        return f"#!{_python()}\n" + handle.read()
+        return f"#!{service_python()}\n" + handle.read()
 
 
-def _python():
+def service_python():
     # The service user must be able to run it: a Salt venv under /root is not an option.
     return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -183,7 +182,7 @@ def _python():
 def supervise_settings(conf, spec):
     """What the supervisor needs, as the settings file it reads: pillar values reach it
     only as JSON, never through a unit file, a script or a command line."""
-    paths = _paths(conf, spec["name"])
+    paths = mirror_paths(conf, spec["name"])
     return {
         "binary": binary_path(conf),
         "config": paths["config"],
@@ -192,22 +191,19 @@ def supervise_settings(conf, spec):
         "upstream": spec["upstream"],
         "credentials": paths["credentials"],
         "storage": "" if spec["s3"] else spec["storage"],
-        "log": "" if _supervisor(conf) == "systemd" else paths["log"],
+        "log": "" if supervisor_kind(conf) == "systemd" else paths["log"],
     }
 
 
-def _service_files(conf, spec):
+def render_service_files(conf, spec):
     """The files that define the service, as {path: (text, mode)}."""
-    paths = _paths(conf, spec["name"])
-    command = [_python(), paths["supervise"], paths["supervise_settings"]]
+    paths = mirror_paths(conf, spec["name"])
+    command = [service_python(), paths["supervise"], paths["supervise_settings"]]
     lookup = conf["lookup"]
     files = {paths["supervise"]: (program_text("supervise.py"), 0o755)}
-    if _supervisor(conf) == "systemd":
+    if supervisor_kind(conf) == "systemd":
         if spec["listen_port"] < 1024:
-            capabilities = (
-                "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
-                "AmbientCapabilities=CAP_NET_BIND_SERVICE\n"
-            )
+            capabilities = "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
         else:
             capabilities = "CapabilityBoundingSet=\nAmbientCapabilities=\n"
         files[paths["unit"]] = (
@@ -254,40 +250,32 @@ def _user_mode_emulated():
         return False
 
 
-def _systemctl(*args, check=True):
-    proc = subprocess.run(
-        ["systemctl", *args], capture_output=True, text=True, timeout=120, check=False
-    )
+def run_systemctl(*args, check=True):
+    proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120, check=False)
     if check and proc.returncode != 0:
-        raise CommandExecutionError(
-            f"systemctl {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}"
-        )
+        raise CommandExecutionError(f"systemctl {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
     return proc
 
 
 def _init(conf, name, action, check=True):
-    script = _paths(conf, name)["init"]
-    proc = subprocess.run(
-        [script, action], capture_output=True, text=True, timeout=120, check=False
-    )
+    script = mirror_paths(conf, name)["init"]
+    proc = subprocess.run([script, action], capture_output=True, text=True, timeout=120, check=False)
     if check and proc.returncode != 0:
-        raise CommandExecutionError(
-            f"{script} {action} failed: {(proc.stderr or proc.stdout).strip()}"
-        )
+        raise CommandExecutionError(f"{script} {action} failed: {(proc.stderr or proc.stdout).strip()}")
     return proc
 
 
-def _is_running(conf, name):
-    if _supervisor(conf) == "systemd":
-        return _systemctl("is-active", "--quiet", service_name(name), check=False).returncode == 0
-    if not os.path.exists(_paths(conf, name)["init"]):
+def service_running(conf, name):
+    if supervisor_kind(conf) == "systemd":
+        return run_systemctl("is-active", "--quiet", service_name(name), check=False).returncode == 0
+    if not os.path.exists(mirror_paths(conf, name)["init"]):
         return False
     return _init(conf, name, "status", check=False).returncode == 0
 
 
 def is_enabled(conf, name):
-    if _supervisor(conf) == "systemd":
-        return _systemctl("is-enabled", "--quiet", service_name(name), check=False).returncode == 0
+    if supervisor_kind(conf) == "systemd":
+        return run_systemctl("is-enabled", "--quiet", service_name(name), check=False).returncode == 0
     return bool(_rc_links(service_name(name)))
 
 
@@ -303,16 +291,16 @@ def _rc_links(service):
     ]
 
 
-def _start(conf, name, restart):
-    if _supervisor(conf) == "systemd":
-        _systemctl("restart" if restart else "start", service_name(name))
+def start_service(conf, name, restart):
+    if supervisor_kind(conf) == "systemd":
+        run_systemctl("restart" if restart else "start", service_name(name))
     else:
         _init(conf, name, "restart" if restart else "start")
 
 
 def enable(conf, name):
-    if _supervisor(conf) == "systemd":
-        _systemctl("enable", "--quiet", service_name(name))
+    if supervisor_kind(conf) == "systemd":
+        run_systemctl("enable", "--quiet", service_name(name))
     elif shutil.which("update-rc.d"):
         subprocess.run(
             ["update-rc.d", service_name(name), "defaults"],
@@ -323,7 +311,7 @@ def enable(conf, name):
 
 
 def recent_log(conf, name, lines=15):
-    if _supervisor(conf) == "systemd":
+    if supervisor_kind(conf) == "systemd":
         proc = subprocess.run(
             ["journalctl", "-u", service_name(name), "-n", str(lines), "--no-pager", "-q"],
             capture_output=True,
@@ -332,21 +320,23 @@ def recent_log(conf, name, lines=15):
             check=False,
         )
         return proc.stdout.strip()
-    text = _read(_paths(conf, name)["log"]) or ""
+    text = read_file(mirror_paths(conf, name)["log"]) or ""
     # A Go panic's goroutine dump says little: keep the lines before it.
     text = text.split("\ngoroutine ")[0]
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _stop(conf, spec):
+def stop_service(conf, spec):
     """Stop the service and anything else serving the mirror; True once its port is closed."""
     name = spec["name"]
-    paths = _paths(conf, name)
-    if _supervisor(conf) == "systemd":
-        _systemctl("stop", service_name(name), check=False)
+    paths = mirror_paths(conf, name)
+    if supervisor_kind(conf) == "systemd":
+        run_systemctl("stop", service_name(name), check=False)
     elif os.path.exists(paths["init"]):
         _init(conf, name, "stop", check=False)
     stop_leftovers(paths)
-    return not _is_running(conf, name) and not mirror_processes(paths) and (
-        "listen_port" not in spec or port_closed(spec)
+    return (
+        not service_running(conf, name)
+        and not mirror_processes(paths)
+        and ("listen_port" not in spec or port_closed(spec))
     )

@@ -40,7 +40,7 @@ def human_size(num):
     return None
 
 
-def _size(num):
+def size_report(num):
     return {"bytes": num, "human": human_size(num)} if num is not None else None
 
 

@@ -9,22 +9,22 @@ from .accounts import ACCOUNT_RE, account_problems
 from .checks import (
     PATH_RE,
     Errors,
-    _shown,
     check_keys,
     check_path,
     check_text,
     check_url,
     key_part,
     plain,
+    show_value,
 )
 from .clients.validate import mirror_url_problem, validate_client
 from .net import (
     HOST_RE,
     REDACTED,
-    _is_loopback,
     hostport,
     hosts_overlap,
     is_ip,
+    is_loopback_host,
     parse_hostport,
     redact_url,
     resolve_host,
@@ -37,8 +37,8 @@ from .settings import (
     RELEASE_URL,
     S3_DEFAULTS,
     SECRET_KEYS,
-    _dialect,
     default_debug_port,
+    dialect_of,
     merge,
     mirror_sockets,
     release_arch,
@@ -75,15 +75,41 @@ _USERNAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]{1,255}")
 
 # Storage is owned by the service user and emptied by a purge: never one of these trees...
 _SYSTEM_TREES = (
-    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
-    "/lost+found", "/proc", "/root", "/run", "/sbin", "/snap", "/sys", "/usr",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/lost+found",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/snap",
+    "/sys",
+    "/usr",
 )
 
 
 # ...nor one of these directories itself (a directory of its own inside them is fine).
 _SHARED_DIRS = (
-    "/", "/data", "/media", "/mnt", "/opt", "/srv", "/tmp", "/var", "/var/cache",
-    "/var/lib", "/var/log", "/var/spool", "/var/tmp",
+    "/",
+    "/data",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/srv",
+    "/tmp",
+    "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/log",
+    "/var/spool",
+    "/var/tmp",
 )
 
 
@@ -109,7 +135,11 @@ def _validate_upstream(errors, prefix, mirror, own):
     host = resolve_host(upstream.hostname, {})
     for own_host, own_port in own:
         if port == own_port and host and hosts_overlap(host, own_host):
-            errors.add(key, f"{redact_url(mirror['upstream'])!r} is this mirror's own address", "point it at the registry to mirror")
+            errors.add(
+                key,
+                f"{redact_url(mirror['upstream'])!r} is this mirror's own address",
+                "point it at the registry to mirror",
+            )
 
 
 def _validate_mirror(errors, name, mirror, version, grains):
@@ -117,7 +147,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
     if not NAME_RE.fullmatch(name):
         errors.add(
             prefix,
-            f"{_shown(name)} is not a valid mirror name",
+            f"{show_value(name)} is not a valid mirror name",
             "use 1-32 lowercase letters, digits, '-' or '_', starting with a letter or digit",
         )
     check_keys(errors, prefix, mirror, MIRROR_DEFAULTS)
@@ -142,7 +172,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
         except ValueError:
             errors.add(
                 f"{prefix}:{key}",
-                f"{_shown(mirror[key])} is not HOST:PORT with a port from 1 to 65535",
+                f"{show_value(mirror[key])} is not HOST:PORT with a port from 1 to 65535",
                 "write e.g. 127.0.0.1:5000, [::1]:5000 or eth0:5000",
             )
             continue
@@ -154,7 +184,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
                 f"{host!r} is neither an IP address nor an interface of this host",
                 f"use an IP address or one of the interfaces: {known}",
             )
-        elif key == "debug_listen" and not _is_loopback(resolved):
+        elif key == "debug_listen" and not is_loopback_host(resolved):
             errors.add(
                 f"{prefix}:{key}",
                 f"{mirror[key]!r} is not a loopback address",
@@ -163,8 +193,10 @@ def _validate_mirror(errors, name, mirror, version, grains):
         else:
             bound[key] = (resolved, port)
     # Two listeners on one socket: the registry exits at start, so nothing would serve.
-    if len(bound) == 2 and bound["listen"][1] == bound["debug_listen"][1] and (
-        hosts_overlap(bound["listen"][0], bound["debug_listen"][0])
+    if (
+        len(bound) == 2
+        and bound["listen"][1] == bound["debug_listen"][1]
+        and (hosts_overlap(bound["listen"][0], bound["debug_listen"][0]))
     ):
         errors.add(
             f"{prefix}:debug_listen",
@@ -215,10 +247,10 @@ def _validate_mirror(errors, name, mirror, version, grains):
     if not _DURATION_RE.fullmatch(mirror["ttl"]):
         errors.add(
             f"{prefix}:ttl",
-            f"{_shown(mirror['ttl'])} is not a duration",
+            f"{show_value(mirror['ttl'])} is not a duration",
             "write e.g. 168h, 30m or 0 (never expire)",
         )
-    elif _dialect(version) == "2" and mirror["ttl"] != MIRROR_DEFAULTS["ttl"]:
+    elif dialect_of(version) == "2" and mirror["ttl"] != MIRROR_DEFAULTS["ttl"]:
         errors.add(
             f"{prefix}:ttl",
             f"registry {version} fixes the cache TTL at 168h",
@@ -228,7 +260,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
     if mirror["log_level"] not in _LOG_LEVELS:
         errors.add(
             f"{prefix}:log_level",
-            f"{_shown(mirror['log_level'])} is not a log level",
+            f"{show_value(mirror['log_level'])} is not a log level",
             f"use one of {', '.join(_LOG_LEVELS)}",
         )
     _validate_cache_keys(errors, prefix, mirror)
@@ -258,7 +290,11 @@ def _validate_shared_storage(errors, prefix, mirror, version):
         if not s3.get("bucket"):
             errors.add(f"{prefix}:s3:bucket", "is required with s3", "name the bucket")
         elif isinstance(s3["bucket"], str) and not _BUCKET_RE.fullmatch(s3["bucket"]):
-            errors.add(f"{prefix}:s3:bucket", f"{_shown(s3['bucket'])} is not a bucket name", "use 3-63 lowercase letters, digits, '.' or '-'")
+            errors.add(
+                f"{prefix}:s3:bucket",
+                f"{show_value(s3['bucket'])} is not a bucket name",
+                "use 3-63 lowercase letters, digits, '.' or '-'",
+            )
         if bool(s3.get("accesskey")) != bool(s3.get("secretkey")):
             errors.add(
                 f"{prefix}:s3:secretkey",
@@ -268,17 +304,25 @@ def _validate_shared_storage(errors, prefix, mirror, version):
         if s3.get("endpoint"):
             check_url(errors, f"{prefix}:s3:endpoint", s3["endpoint"])
         if isinstance(s3.get("region", ""), str) and not re.fullmatch(r"[a-z0-9-]{0,64}", s3.get("region", "")):
-            errors.add(f"{prefix}:s3:region", f"{_shown(s3['region'])} is not a region", "write e.g. us-east-1")
+            errors.add(f"{prefix}:s3:region", f"{show_value(s3['region'])} is not a region", "write e.g. us-east-1")
         if isinstance(s3.get("rootdirectory", "/"), str) and not PATH_RE.fullmatch(s3.get("rootdirectory", "/")):
-            errors.add(f"{prefix}:s3:rootdirectory", "is not a key prefix like /mirror", "start it with / and use letters, digits and . _ - /")
+            errors.add(
+                f"{prefix}:s3:rootdirectory",
+                "is not a key prefix like /mirror",
+                "start it with / and use letters, digits and . _ - /",
+            )
     if redis:
         try:
             parse_hostport(redis.get("addr", ""))
         except ValueError:
             errors.add(f"{prefix}:redis:addr", "is not HOST:PORT", "write e.g. 127.0.0.1:6379")
-        if not isinstance(redis.get("db", 0), int) or isinstance(redis.get("db", 0), bool) or not 0 <= redis.get("db", 0) < 1 << 16:
+        if (
+            not isinstance(redis.get("db", 0), int)
+            or isinstance(redis.get("db", 0), bool)
+            or not 0 <= redis.get("db", 0) < 1 << 16
+        ):
             errors.add(f"{prefix}:redis:db", "is not a database number", "use e.g. 0")
-        if _dialect(version) == "2" or mirror["ttl"] != "0":
+        if dialect_of(version) == "2" or mirror["ttl"] != "0":
             errors.add(
                 f"{prefix}:redis",
                 "the blob descriptor cache serves stale descriptors once TTL expiry deletes "
@@ -291,7 +335,7 @@ def validate_storage(errors, key, path, lookup, example):
     """Storage is deleted by a purge and owned by the service user: never a system
     directory or anything inside one, judged after resolving ``..`` and symlinks."""
     real = os.path.realpath(path)
-    shown = path if real == path else f"{path} (which resolves to {_shown(real)})"
+    shown = path if real == path else f"{path} (which resolves to {show_value(real)})"
     # A symlink leads anywhere: what reaches the unit file and rm is where it leads.
     if not PATH_RE.fullmatch(real) or any(len(part) > 255 for part in real.split("/")):
         errors.add(key, f"{shown} is not a path of letters, digits and . _ - + @ /", example)
@@ -335,11 +379,25 @@ def _validate_lookup(errors, lookup):
             errors.add(f"lookup:{name}", "is /", "give a directory of its own")
     for name in ("package", "package_service"):
         if name in lookup:
-            check_text(errors, f"lookup:{name}", lookup[name], pattern=_PACKAGE_RE, fix="give a package or service name")
+            check_text(
+                errors, f"lookup:{name}", lookup[name], pattern=_PACKAGE_RE, fix="give a package or service name"
+            )
     if lookup.get("supervisor", "") not in ("", "systemd", "sysv"):
         errors.add("lookup:supervisor", "must be systemd, sysv or empty", "remove it to detect")
-    user = check_text(errors, "lookup:user", lookup.get("user", DEFAULTS["lookup"]["user"]), pattern=ACCOUNT_RE, fix="use a name like hub-mirror")
-    group = check_text(errors, "lookup:group", lookup.get("group", DEFAULTS["lookup"]["group"]), pattern=ACCOUNT_RE, fix="use a name like hub-mirror")
+    user = check_text(
+        errors,
+        "lookup:user",
+        lookup.get("user", DEFAULTS["lookup"]["user"]),
+        pattern=ACCOUNT_RE,
+        fix="use a name like hub-mirror",
+    )
+    group = check_text(
+        errors,
+        "lookup:group",
+        lookup.get("group", DEFAULTS["lookup"]["group"]),
+        pattern=ACCOUNT_RE,
+        fix="use a name like hub-mirror",
+    )
     if user and group:
         for key, problem in account_problems(user, group):
             errors.add(key, problem, "use a dedicated account hub_mirror creates, e.g. hub-mirror (the default)")
@@ -389,7 +447,7 @@ def _validate(raw, grains):
     if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
         errors.add(
             "version",
-            f"{_shown(version)} is not a release version like '3.0.0'",
+            f"{show_value(version)} is not a release version like '3.0.0'",
             "quote it in YAML (3.0 unquoted is a number) and give all three parts",
         )
         version = DEFAULT_VERSION
@@ -401,26 +459,26 @@ def _validate(raw, grains):
     check_keys(errors, "install", install, DEFAULTS["install"])
     method = install.get("method", "archive")
     if method not in ("archive", "package"):
-        errors.add("install:method", f"{_shown(method)} is not supported", "use archive or package")
+        errors.add("install:method", f"{show_value(method)} is not supported", "use archive or package")
     source = install.get("source", RELEASE_URL)
     check_url(errors, "install:source", source, ("http", "https", "file"), credentials=True, placeholders=True)
     source_hash = install.get("source_hash", "")
-    if not isinstance(source_hash, str) or (source_hash and not DIGEST_RE.fullmatch(source_hash) and not re.match(r"(https?|file)://", source_hash)):
+    if not isinstance(source_hash, str) or (
+        source_hash and not DIGEST_RE.fullmatch(source_hash) and not re.match(r"(https?|file)://", source_hash)
+    ):
         errors.add(
             "install:source_hash",
-            f"{_shown(redact_url(source_hash))} is neither a sha256 digest nor a URL",
+            f"{show_value(redact_url(source_hash))} is neither a sha256 digest nor a URL",
             "give 64 hex digits (optionally 'sha256:' first) or the URL of a .sha256 file",
         )
     elif source_hash and not DIGEST_RE.fullmatch(source_hash):
-        check_url(errors, "install:source_hash", source_hash, ("http", "https", "file"), credentials=True, placeholders=True)
+        check_url(
+            errors, "install:source_hash", source_hash, ("http", "https", "file"), credentials=True, placeholders=True
+        )
 
     probe_timeout = raw.get("probe_timeout", DEFAULTS["probe_timeout"])
-    if not isinstance(probe_timeout, (int, float)) or isinstance(probe_timeout, bool) or not (
-        0 < probe_timeout <= 600
-    ):
-        errors.add(
-            "probe_timeout", f"{_shown(probe_timeout)} is not a number of seconds", "use e.g. 30"
-        )
+    if not isinstance(probe_timeout, (int, float)) or isinstance(probe_timeout, bool) or not (0 < probe_timeout <= 600):
+        errors.add("probe_timeout", f"{show_value(probe_timeout)} is not a number of seconds", "use e.g. 30")
 
     clean = raw.get("clean", {})
     if not isinstance(clean, dict) or not isinstance(clean.get("purge_storage", False), bool):
@@ -443,7 +501,7 @@ def _validate(raw, grains):
     sockets, storages = [], {}
     for name, mirror in mirrors.items():
         if not isinstance(name, str):
-            errors.add(f"mirrors:{_shown(name)}", f"the mirror name is a {type(name).__name__}", "quote it in YAML")
+            errors.add(f"mirrors:{show_value(name)}", f"the mirror name is a {type(name).__name__}", "quote it in YAML")
             continue
         mirror = mirror if mirror is not None else {}
         if not isinstance(mirror, dict):
@@ -527,7 +585,7 @@ def _validate_cache_keys(errors, prefix, mirror):
     except ValueError:
         errors.add(
             f"{prefix}:max_size",
-            f"{_shown(mirror.get('max_size'))} is not a size",
+            f"{show_value(mirror.get('max_size'))} is not a size",
             "write e.g. 50G, 500M or a number of bytes; empty for no cap",
         )
 

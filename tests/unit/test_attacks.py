@@ -9,6 +9,7 @@ import pwd
 import pytest
 import yaml
 from salt.exceptions import CommandExecutionError, SaltInvocationError
+
 from tests.support.modules import lib
 
 accounts = lib("accounts")
@@ -230,7 +231,7 @@ def test_a_process_that_only_looks_like_ours_is_not_ours(hub_mirror, monkeypatch
     # own images behind a green apply) and root killed it as a leftover.
     hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": mirror()}}}
     conf = hub_mirror.settings()
-    paths = settings_lib._paths(conf, "dockerhub")
+    paths = settings_lib.mirror_paths(conf, "dockerhub")
     fake = [
         (4001, ["/usr/bin/python3", "-c", "pass", "serve", paths["config"]]),
         (4002, ["/opt/hub-mirror/bin/registry", "serve", paths["config"]]),
@@ -280,7 +281,7 @@ def test_configure_does_not_chown_a_symlink_swapped_in_for_the_storage(hub_mirro
     # The upstream check (up to 10 s) sits between the storage plan and the chown.
     storage, victim, swap = swapped_storage
     monkeypatch.setattr(mirror_lib, "check_listen_free", lambda conf, spec: None)
-    monkeypatch.setattr(mirror_lib, "_ids", lambda conf, required=True: (54321, 54321))
+    monkeypatch.setattr(mirror_lib, "service_ids", lambda conf, required=True: (54321, 54321))
     monkeypatch.setattr(mirror_lib, "check_upstream", lambda spec, timeout=10: swap() or [])
     with pytest.raises(CommandExecutionError, match="storage"):
         hub_mirror.configure("dockerhub")
@@ -293,9 +294,9 @@ def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(hub_mirror
     storage, victim, swap = swapped_storage
     (storage / "docker").mkdir()
     (storage / storage_lib.STORAGE_MARKER).write_text("ours\n")
-    monkeypatch.setattr(mirror_lib, "_is_running", lambda conf, name: False)
+    monkeypatch.setattr(mirror_lib, "service_running", lambda conf, name: False)
     monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
-    monkeypatch.setattr(mirror_lib, "_stop", lambda conf, spec: swap() or True)
+    monkeypatch.setattr(mirror_lib, "stop_service", lambda conf, spec: swap() or True)
     with pytest.raises(CommandExecutionError, match="storage"):
         hub_mirror.remove("dockerhub", purge_storage=True)
     assert (victim / "docker" / "precious").exists()
@@ -309,9 +310,9 @@ def test_absent_takes_only_a_mirror_name(hub_mirror, tmp_path, monkeypatch):
     os.makedirs(lookup["config_dir"])
     (tmp_path / "victim.yml").write_text("precious: true\n")
     hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror()}}}
-    monkeypatch.setattr(mirror_lib, "_is_running", lambda conf, name: False)
+    monkeypatch.setattr(mirror_lib, "service_running", lambda conf, name: False)
     monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
-    monkeypatch.setattr(mirror_lib, "_stop", lambda conf, spec: True)
+    monkeypatch.setattr(mirror_lib, "stop_service", lambda conf, spec: True)
     with pytest.raises(SaltInvocationError):
         hub_mirror.remove("../victim")
     assert (tmp_path / "victim.yml").exists()

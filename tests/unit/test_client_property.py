@@ -13,8 +13,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.support.modules import load
-from tests.support.modules import lib
+from tests.support.modules import lib, load
 
 client_docker = lib("clients.docker")
 client_files = lib("clients.files")

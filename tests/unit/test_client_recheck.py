@@ -4,6 +4,7 @@ same calls here; tests/integration/test_recheck.py runs the real scheduler)."""
 
 import pytest
 from salt.exceptions import CommandExecutionError, SaltInvocationError
+
 from tests.support.modules import lib
 
 discovery = lib("clients.discovery")

@@ -8,7 +8,6 @@ import pytest
 import yaml
 from salt.exceptions import SaltInvocationError
 
-from _modules import hub_mirror
 from tests.support.modules import lib
 
 render = lib("clients.render")

@@ -16,9 +16,9 @@ import yaml
 from salt.exceptions import SaltInvocationError
 
 from tests.support.clients import TLSFront, make_hub_identity
-from tests.support.netutil import TricklingMirror
-from tests.unit.test_client_property import hm, make_client, snapshot
 from tests.support.modules import lib
+from tests.support.netutil import TricklingMirror
+from tests.unit.test_client_property import make_client, snapshot
 
 discovery = lib("clients.discovery")
 client_files = lib("clients.files")

@@ -1,6 +1,7 @@
 """Per-runtime bounds on what a black-holed mirror costs, where the file format has one."""
 
 import tomllib
+
 from tests.support.modules import lib
 
 render = lib("clients.render")

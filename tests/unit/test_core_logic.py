@@ -6,6 +6,7 @@ import hashlib
 import pytest
 import yaml
 from salt.exceptions import CommandExecutionError, SaltInvocationError
+
 from tests.support.modules import lib
 
 registry_api = lib("registry_api")
@@ -170,13 +171,13 @@ def test_next_link(hub_mirror, header, target):
     "version,dialect", [("2.8.3", "2"), ("2.8.2+ds1", "2"), ("v2.8.1", "2"), ("3.0.0", "3"), ("3.1.1", "3")]
 )
 def test_dialect_follows_the_major_version(hub_mirror, version, dialect):
-    assert settings_lib._dialect(version) == dialect
+    assert settings_lib.dialect_of(version) == dialect
 
 
 def test_unprivileged_ports_drop_every_capability(hub_mirror):
     conf = settings_lib.merge(settings_lib.DEFAULTS, {})
     conf["lookup"]["supervisor"] = "systemd"
-    files = supervisor._service_files(conf, _mirror(hub_mirror))
+    files = supervisor.render_service_files(conf, _mirror(hub_mirror))
     unit = files["/etc/systemd/system/hub-mirror-dockerhub.service"][0]
     assert "CapabilityBoundingSet=\n" in unit
     assert "User=hub-mirror" in unit

@@ -6,6 +6,7 @@ test_fleet.py reads a real one through a salt-master."""
 
 import pytest
 from salt.exceptions import SaltInvocationError
+
 from tests.support.modules import lib
 
 client_validate = lib("clients.validate")

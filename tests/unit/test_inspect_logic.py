@@ -10,8 +10,7 @@ import os
 import pytest
 from salt.exceptions import SaltInvocationError
 
-from tests.support.modules import REPO
-from tests.support.modules import lib
+from tests.support.modules import REPO, lib
 
 maintenance = lib("maintenance")
 registry_api = lib("registry_api")

@@ -19,6 +19,7 @@ import urllib.parse
 
 import pytest
 import yaml
+
 from tests.support.modules import lib
 
 render = lib("clients.render")

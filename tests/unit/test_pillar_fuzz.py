@@ -22,8 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from salt.exceptions import SaltInvocationError
 
-from tests.support.modules import load
-from tests.support.modules import lib
+from tests.support.modules import lib, load
 
 registry_config = lib("registry_config")
 settings_lib = lib("settings")
@@ -199,16 +198,16 @@ def assert_sinks_read_back(hub_mirror, conf):
     for name, spec in conf["mirrors"].items():
         for supervisor in ("systemd", "sysv"):
             conf["lookup"]["supervisor"] = supervisor
-            paths = settings_lib._paths(conf, name)
-            texts = registry_config._config_files(conf, spec)
+            paths = settings_lib.mirror_paths(conf, name)
+            texts = registry_config.render_config_files(conf, spec)
             rendered = registry_config.render_config(spec, registry_config.config_dialect(conf), paths["credential_helper"])
             assert texts["config"].startswith(registry_config.config_header(name))
             assert yaml.safe_load(texts["config"]) == rendered
             assert rendered["proxy"]["remoteurl"] == spec["upstream"]
             assert rendered["storage"].get("filesystem", {}).get("rootdirectory", spec["storage"]) == spec["storage"]
             assert json.loads(texts["supervise_settings"]) == supervisor_lib.supervise_settings(conf, spec)
-            files = supervisor_lib._service_files(conf, spec)
-            command = [supervisor_lib._python(), paths["supervise"], paths["supervise_settings"]]
+            files = supervisor_lib.render_service_files(conf, spec)
+            command = [supervisor_lib.service_python(), paths["supervise"], paths["supervise_settings"]]
             if supervisor == "systemd":
                 assert_unit_reads_back(files[paths["unit"]][0], command, spec["storage"], conf["lookup"])
             else:
@@ -227,11 +226,11 @@ def test_unit_and_init_script_quote_any_path(module, prefix, config_dir, run_dir
     conf["lookup"].update(prefix=prefix, config_dir=config_dir, run_dir=run_dir, log_dir=log_dir)
     spec = validate.complete_mirror("m1", {"listen": "127.0.0.1:5000"}, conf["lookup"], module.__grains__)
     spec["storage"] = storage
-    paths = settings_lib._paths(conf, "m1")
-    command = [supervisor_lib._python(), paths["supervise"], paths["supervise_settings"]]
+    paths = settings_lib.mirror_paths(conf, "m1")
+    command = [supervisor_lib.service_python(), paths["supervise"], paths["supervise_settings"]]
     for supervisor in ("systemd", "sysv"):
         conf["lookup"]["supervisor"] = supervisor
-        files = supervisor_lib._service_files(conf, spec)
+        files = supervisor_lib.render_service_files(conf, spec)
         if supervisor == "systemd":
             assert_unit_reads_back(files[paths["unit"]][0], command, storage, conf["lookup"])
         else:

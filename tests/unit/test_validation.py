@@ -4,6 +4,7 @@ message ever shows the token, wherever a user put it."""
 
 import pytest
 from salt.exceptions import SaltInvocationError
+
 from tests.support.modules import lib
 
 net = lib("net")

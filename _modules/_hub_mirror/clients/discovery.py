@@ -1,12 +1,10 @@
 """clients.discovery."""
 
 import logging
-import re
-import socket
 import threading
 import time
-import urllib.parse
 
+from ..registry_api import probe
 from .render import REGISTRY_HOST_RE
 from .validate import mirror_url_problem
 
@@ -21,67 +19,6 @@ RECHECK_JOB = "hub_mirror-client-recheck"
 # -- host side: probe, detect, record, write ------------------------------------------------
 
 
-def _probe_mirror(url, deadline, timeout, ca_file=""):
-    """None when ``url`` answers ``/v2/`` like a registry before ``deadline``, else why not.
-
-    A raw HTTP/1.1 exchange with every socket wait bounded by the time left, so a mirror
-    that trickles bytes cannot stretch the probe (an HTTP library's timeout is per read).
-    Salt's proxy environment is ignored: the probe goes where the clients go.
-    """
-    import ssl  # pylint: disable=import-outside-toplevel  # only the probe needs it
-
-    parsed = urllib.parse.urlparse(url)
-    https = parsed.scheme == "https"
-    port = parsed.port or (443 if https else 80)
-
-    def left():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("deadline")
-        return remaining
-
-    try:
-        sock = socket.create_connection((parsed.hostname, port), timeout=left())
-        try:
-            if https:
-                context = ssl.create_default_context(cafile=ca_file or None)
-                sock.settimeout(left())
-                sock = context.wrap_socket(sock, server_hostname=parsed.hostname)
-            request = (
-                f"GET /v2/ HTTP/1.1\r\nHost: {parsed.netloc}\r\nUser-Agent: hub_mirror-probe\r\n"
-                "Accept: */*\r\nConnection: close\r\n\r\n"
-            )
-            sock.settimeout(left())
-            sock.sendall(request.encode("ascii"))
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < 65536:
-                sock.settimeout(left())
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-        finally:
-            sock.close()
-    except (socket.timeout, TimeoutError):
-        return f"no answer within {timeout}s"
-    except ssl.SSLCertVerificationError as exc:
-        return f"its TLS certificate is not trusted ({exc.verify_message}): set hub_mirror:client:ca_file"
-    except ssl.SSLError as exc:
-        return f"TLS failed ({exc.reason})"
-    except ConnectionRefusedError:
-        return "connection refused"
-    except OSError:
-        return "unreachable"
-    status_line, _, headers = head.decode("latin-1").partition("\r\n")
-    match = re.match(r"HTTP/1\.[01] (\d{3})", status_line)
-    if not match:
-        return "answered, but not as a registry"
-    if match.group(1) not in ("200", "401"):
-        return f"answered HTTP {match.group(1)}"
-    api = re.search(r"^docker-distribution-api-version:[ \t]*registry/2", headers, re.I | re.M)
-    return None if api else "answered, but not as a registry"
-
-
 def probe_mirrors(urls, timeout, ca_file=""):
     """{url: None or why it does not answer}, probed in parallel and bounded by
     ``timeout`` in total: a probe still running then (e.g. stuck in a name lookup) is
@@ -89,10 +26,10 @@ def probe_mirrors(urls, timeout, ca_file=""):
     deadline = time.monotonic() + timeout
     results = {}
 
-    def probe(url):
-        results[url] = _probe_mirror(url, deadline, timeout, ca_file)
+    def run(url):
+        results[url] = probe(url, timeout, ca_file, deadline)
 
-    threads = [threading.Thread(target=probe, args=(url,), daemon=True) for url in urls]
+    threads = [threading.Thread(target=run, args=(url,), daemon=True) for url in urls]
     for thread in threads:
         thread.start()
     for thread in threads:

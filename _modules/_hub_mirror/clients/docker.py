@@ -11,9 +11,9 @@ import socket
 import subprocess
 import time
 
-from ..fsutil import makedirs_recorded, read_exact, remove_exact, write_exact
-from ..processes import _which
-from ..supervisor import _systemctl
+from ..fsutil import ensure_dir, read_file, remove_exact, write_exact
+from ..processes import find_program
+from ..supervisor import run_systemctl
 from .render import json_member_value, json_set_member
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 def _dockerd_pid(client):
     """The pid of the running dockerd named by the pidfile, or None."""
-    pid_text = (read_exact(client["paths"]["docker_pidfile"]) or "").strip()
+    pid_text = (read_file(client["paths"]["docker_pidfile"], strict=True) or "").strip()
     if not pid_text.isdigit():
         return None
     try:
-        comm = read_exact(f"/proc/{pid_text}/comm")
+        comm = read_file(f"/proc/{pid_text}/comm", strict=True)
     except OSError:
         return None
     return int(pid_text) if (comm or "").strip() == "dockerd" else None
@@ -52,7 +52,7 @@ def _docker_unit_args(client):
     exec_starts = []
     for path in ([unit] if unit else []) + [dropins[name] for name in sorted(dropins)]:
         try:
-            text = read_exact(path) or ""
+            text = read_file(path, strict=True) or ""
         except (OSError, ValueError):
             continue
         for line in text.replace("\\\n", " ").splitlines():
@@ -61,7 +61,7 @@ def _docker_unit_args(client):
                 exec_starts = exec_starts + [(path, value.split())] if value.strip() else []
     found += exec_starts
     try:
-        default = read_exact(paths["docker_default"]) or ""
+        default = read_file(paths["docker_default"], strict=True) or ""
     except (OSError, ValueError):
         default = ""
     for line in default.splitlines():
@@ -78,9 +78,7 @@ def _docker_args_blocked(client, where, args):
             "(dockerd refuses registry-mirrors set in both); move its mirrors into daemon.json"
         )
     config_files = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config-file=")]
-    if config_files and os.path.realpath(config_files[-1]) != os.path.realpath(
-        client["paths"]["docker_daemon_json"]
-    ):
+    if config_files and os.path.realpath(config_files[-1]) != os.path.realpath(client["paths"]["docker_daemon_json"]):
         return (
             f"dockerd {where} reads {config_files[-1]}, not {client['paths']['docker_daemon_json']}: "
             "set hub_mirror:client:paths:docker_daemon_json to it"
@@ -113,17 +111,20 @@ def _docker_reload(client, test):
     pid = _dockerd_pid(client)
     if pid is None:
         return None
-    systemctl = _which("systemctl") if os.path.isdir("/run/systemd/system") else None
+    systemctl = find_program("systemctl") if os.path.isdir("/run/systemd/system") else None
     if systemctl:
         # Only when docker.service is the dockerd of our pidfile: another one (a second
         # daemon, or client:paths pointing elsewhere) gets its own SIGHUP.
         main = subprocess.run(
             [systemctl, "show", "--property=MainPID", "--value", "docker"],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         ).stdout.strip()
         if main == str(pid):
             if not test:
-                _systemctl("reload", "docker")
+                run_systemctl("reload", "docker")
             return "systemctl reload docker"
     if not test:
         os.kill(pid, signal.SIGHUP)
@@ -185,7 +186,7 @@ def docker_apply(client, old_ours, test):
         return None, ["dockerd is not running: it reads daemon.json when it starts"]
     if test:
         return how, []
-    final = read_exact(path)
+    final = read_file(path, strict=True)
     _, expected = json_member_value(final, "registry-mirrors") if final else (None, None)
     if expected is None:
         running = _dockerd_mirrors(socket_path)
@@ -199,7 +200,7 @@ def docker_apply(client, old_ours, test):
         if not set(running) & set(old_ours):
             _docker_reload(client, test=False)
             return how, []
-        created = makedirs_recorded(os.path.dirname(path))
+        created = ensure_dir(os.path.dirname(path))
         write_exact(path, json_set_member(final or "{}\n", "registry-mirrors", "[]"))
         try:
             _docker_reload(client, test=False)
@@ -219,8 +220,5 @@ def docker_apply(client, old_ours, test):
     if seen is None:
         return how, [f"could not ask dockerd at {socket_path} whether it applied daemon.json"]
     if seen != expected:
-        return how, [
-            f"dockerd still uses mirrors {seen} after the reload: see its log, it refused "
-            "daemon.json"
-        ]
+        return how, [f"dockerd still uses mirrors {seen} after the reload: see its log, it refused daemon.json"]
     return how, []

@@ -6,8 +6,8 @@ import logging
 import os
 
 from ..fsutil import (
-    makedirs_recorded,
-    read_exact,
+    ensure_dir,
+    read_file,
     remove_exact,
     sha256_text,
     write_atomic,
@@ -95,7 +95,7 @@ class ClientRecord:
 
     def original(self, path):
         try:
-            return read_exact(self._original_path(path))
+            return read_file(self._original_path(path))
         except (OSError, ValueError):
             return None
 
@@ -171,7 +171,7 @@ def plan_file(kind, entry, current, original, mirrors, **render_args):
 def read_marked(path):
     """A client file's text if it may hold a block of ours, else ""."""
     try:
-        return read_exact(path) or ""
+        return read_file(path, strict=True) or ""
     except (OSError, ValueError):
         return ""
 
@@ -231,7 +231,7 @@ def apply_file(record, runtime, path, kind, plan, current, test):
             remove_exact(path)
             emptied = dirs
         else:
-            dirs += makedirs_recorded(os.path.dirname(os.path.realpath(path)))
+            dirs += ensure_dir(os.path.dirname(os.path.realpath(path)))
             write_exact(path, desired)
     if mirrors and desired is not None:
         new_entry = {

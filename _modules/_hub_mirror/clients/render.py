@@ -27,9 +27,7 @@ BLOCK_BEGIN = "# BEGIN hub_mirror: managed by Salt; `state.apply hub_mirror.clie
 BLOCK_END = "# END hub_mirror"
 
 
-REGISTRY_HOST_RE = re.compile(
-    r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?$"
-)
+REGISTRY_HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?$")
 
 
 # A DNS name (any case, as the reference grammars allow) or an IPv4 address.
@@ -37,7 +35,7 @@ MIRROR_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za
 
 
 # Characters that end or escape a string in JSON, TOML or YAML, or no URL host has.
-URL_FORBIDDEN = set('\\"\'<>`{}|^')
+URL_FORBIDDEN = set("\\\"'<>`{}|^")
 
 
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
@@ -261,7 +259,7 @@ def hosts_toml_conflict(base, mirrors):
     tables = _toml_tables(base)
     taken = [url for urls in mirrors.values() for url in urls if f'host."{url}"' in tables]
     if taken:
-        return f"it already has a [host.\"{taken[0]}\"] table of its own"
+        return f'it already has a [host."{taken[0]}"] table of its own'
     return None
 
 
@@ -291,7 +289,9 @@ def render_buildkitd_toml(base, mirrors, ca_file=""):
         hosts = [_mirror_host(url) for url in urls]
         tables.setdefault(upstream, []).append(f"  mirrors = {_toml_array(hosts)}")
     for url in (url for urls in mirrors.values() for url in urls):
-        setting = "  http = true" if url.startswith("http://") else f"  ca = [{_toml_str(ca_file)}]" if ca_file else None
+        setting = (
+            "  http = true" if url.startswith("http://") else f"  ca = [{_toml_str(ca_file)}]" if ca_file else None
+        )
         table = tables.setdefault(_mirror_host(url), [])
         if setting and not any(line.split("=")[0] == setting.split("=")[0] for line in table):
             table.append(setting)
@@ -326,9 +326,7 @@ def _registries_yaml_data(text):
     if not isinstance(data, dict) or not isinstance(data.get("mirrors") or {}, dict):
         raise ValueError("it does not hold a mapping with a mirrors mapping: fix it")
     for upstream, entry in (data.get("mirrors") or {}).items():
-        if entry is not None and (
-            not isinstance(entry, dict) or not isinstance(entry.get("endpoint") or [], list)
-        ):
+        if entry is not None and (not isinstance(entry, dict) or not isinstance(entry.get("endpoint") or [], list)):
             raise ValueError(f"its mirrors.{upstream} is not a mapping with an endpoint list: fix it")
     return data
 

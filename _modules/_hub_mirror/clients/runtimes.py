@@ -8,8 +8,8 @@ import subprocess
 
 from salt.exceptions import CommandExecutionError
 
-from ..fsutil import read_exact
-from ..processes import _which
+from ..fsutil import read_file
+from ..processes import find_program
 from ..settings import DOCKER_HUB
 from .discovery import describe, probe_mirrors
 from .docker import docker_apply, docker_blocked
@@ -37,7 +37,7 @@ def _runtime_present(runtime, paths):
         "k3s": (("k3s",), os.path.dirname(paths["k3s_registries"])),
         "rke2": (("rke2",), os.path.dirname(paths["rke2_registries"])),
     }[runtime]
-    if any(_which(program) for program in programs) or os.path.exists(marker):
+    if any(find_program(program) for program in programs) or os.path.exists(marker):
         return None
     return f"not installed (no {' or '.join(programs)} on PATH, no {marker})"
 
@@ -60,13 +60,11 @@ def _cri_config_paths(text):
 
 
 def _containerd_major():
-    program = _which("containerd")
+    program = find_program("containerd")
     if not program:
         return None
     try:
-        out = subprocess.run(
-            [program, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
+        out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"\s v?(\d+)\.\d+", out)
@@ -77,13 +75,13 @@ def _containerd_note(client):
     """Whether the CRI plugin (kubelet, crictl) reads the certs.d hub_mirror writes."""
     config = client["paths"]["containerd_config"]
     certs_d = client["paths"]["containerd_certs_d"]
-    configured = _cri_config_paths(read_exact(config))
+    configured = _cri_config_paths(read_file(config, strict=True))
     if configured is None and (_containerd_major() or 1) >= 2:
         configured = "/etc/containerd/certs.d:/etc/docker/certs.d"
     if certs_d in (configured or "").split(":"):
         return f"the CRI plugin reads {certs_d}: nothing to restart"
     return (
-        f"the CRI plugin does not read {certs_d}: set config_path = \"{certs_d}\" under "
+        f'the CRI plugin does not read {certs_d}: set config_path = "{certs_d}" under '
         f'[plugins."io.containerd.grpc.v1.cri".registry] in {config} (and drop any '
         "registry.mirrors there), then restart containerd; ctr --hosts-dir and nerdctl "
         "use the hosts already"
@@ -103,7 +101,7 @@ def _user_registries_confs(client):
     texts = []
     for path in candidates:
         try:
-            text = read_exact(path)
+            text = read_file(path, strict=True)
         except (OSError, ValueError):
             continue
         if text:
@@ -206,18 +204,28 @@ def _runtime_files(runtime, client, alive):
         # from the next host): an IPv6 mirror only costs it a detour.
         v6 = [url for urls in alive.values() for url in urls if is_ipv6_url(url)]
         if v6:
-            notes.append(f"left out {', '.join(dict.fromkeys(v6))}: containerd does not use an IPv6 address as a mirror host, give it a host name")
+            notes.append(
+                f"left out {', '.join(dict.fromkeys(v6))}: containerd does not use an IPv6 address "
+                "as a mirror host, give it a host name"
+            )
         alive = {up: [url for url in urls if url not in v6] for up, urls in alive.items()}
         alive = {up: urls for up, urls in alive.items() if urls}
         for upstream in client["mirrors"]:
             directory = os.path.join(paths["containerd_certs_d"], upstream)
             certs = _docker_style_certs(directory)
             if certs and upstream in alive:
-                names = ", ".join(os.path.basename(p) for p in certs.get("ca", []) + [c[0] for c in certs.get("client", [])])
+                names = ", ".join(
+                    os.path.basename(p) for p in certs.get("ca", []) + [c[0] for c in certs.get("client", [])]
+                )
                 notes.append(f"kept containerd using {names} in {directory}: hosts.toml names it for {upstream}")
             mirrors = {upstream: alive[upstream]} if upstream in alive else {}
             files.append(
-                (os.path.join(directory, "hosts.toml"), "hosts_toml", mirrors, {"ca_file": ca_file, "server_certs": certs})
+                (
+                    os.path.join(directory, "hosts.toml"),
+                    "hosts_toml",
+                    mirrors,
+                    {"ca_file": ca_file, "server_certs": certs},
+                )
             )
         return files, notes
     if runtime == "podman":
@@ -232,7 +240,10 @@ def _runtime_files(runtime, client, alive):
             # fails every pull of the upstream ("invalid reference format").
             v6 = [url for url in urls if is_ipv6_url(url)]
             if v6:
-                notes.append(f"left out {', '.join(v6)}: podman/skopeo cannot use an IPv6 address as a mirror, give it a host name")
+                notes.append(
+                    f"left out {', '.join(v6)}: podman/skopeo cannot use an IPv6 address as a mirror, "
+                    "give it a host name"
+                )
             if len(v6) < len(urls):
                 mirrors[upstream] = [url for url in urls if url not in v6]
         path = os.path.join(paths["registries_conf_d"], REGISTRIES_DROPIN)
@@ -277,7 +288,7 @@ def _runtime_notes(runtime, client, alive, changes, configured, test):
         )
     elif runtime in ("k3s", "rke2") and changes:
         notes.append(f"{runtime} reads registries.yaml at start: restart {runtime} to apply it")
-    elif runtime == "podman" and changes and _which("crio"):
+    elif runtime == "podman" and changes and find_program("crio"):
         notes.append("cri-o re-reads registries.conf on reload: systemctl reload crio")
     return notes
 
@@ -314,7 +325,7 @@ def _plan_runtime(record, client, runtime, alive, wanted, cleaning=False):
         try:
             if os.path.isdir(path):
                 raise ValueError("it is a directory")
-            current = read_exact(path)
+            current = read_file(path, strict=True)
             base, desired, written, note, separated = plan_file(
                 kind, entry, current, record.original(path) if entry else None, mirrors, **render_args
             )
@@ -432,17 +443,15 @@ def _save_record(record, test):
 
 
 def client_configure(client, discover, test=False):
-    """Point this host's container clients at the mirrors in ``hub_mirror:client:mirrors``, but only at those that answer ``GET /v2/`` within ``client:probe_timeout`` right now."""
+    """Point this host's container clients at the mirrors in ``hub_mirror:client:mirrors``, but
+    only at those that answer ``GET /v2/`` within ``client:probe_timeout`` right now."""
     lines = []
     if client["discover"]:
         client["mirrors"], line = discover(client)
         lines.append(line)
     urls = list(dict.fromkeys(url for urls in client["mirrors"].values() for url in urls))
     probed = probe_mirrors(urls, client["probe_timeout"], client.get("ca_file") or "")
-    alive = {
-        upstream: [url for url in urls if probed[url] is None]
-        for upstream, urls in client["mirrors"].items()
-    }
+    alive = {upstream: [url for url in urls if probed[url] is None] for upstream, urls in client["mirrors"].items()}
     alive = {upstream: urls for upstream, urls in alive.items() if urls}
 
     if urls:
@@ -457,7 +466,10 @@ def client_configure(client, discover, test=False):
 
 
 def client_remove(client, test=False):
-    """Give every client config file ``hub_mirror.client_configure`` touched back to its owner: a file still exactly as hub_mirror left it gets its original bytes back (or is removed, when hub_mirror created it); a file edited since loses only hub_mirror's part. dockerd is reloaded when daemon.json changes."""
+    """Give every client config file ``hub_mirror.client_configure`` touched back to its owner:
+    a file still exactly as hub_mirror left it gets its original bytes back (or is removed,
+    when hub_mirror created it); a file edited since loses only hub_mirror's part. dockerd
+    is reloaded when daemon.json changes."""
     record = ClientRecord(client["record_dir"])
     changes, lines = _sync_all(client, record, {}, test, cleaning=True)
     return {

@@ -53,7 +53,10 @@ CLIENT_DEFAULTS = {
         "k3s_registries": "/etc/rancher/k3s/registries.yaml",
         "rke2_registries": "/etc/rancher/rke2/registries.yaml",
         # Where docker.service and its drop-ins may be (first match wins, as in systemd).
-        "systemd_units": "/etc/systemd/system:/run/systemd/system:/usr/local/lib/systemd/system:/usr/lib/systemd/system:/lib/systemd/system",
+        "systemd_units": (
+            "/etc/systemd/system:/run/systemd/system:/usr/local/lib/systemd/system:"
+            "/usr/lib/systemd/system:/lib/systemd/system"
+        ),
         "docker_default": "/etc/default/docker",
     },
 }
@@ -74,8 +77,17 @@ DISCOVER_DEFAULTS = {
 
 # The target types the master's mine lookup understands.
 DISCOVER_TGT_TYPES = (
-    "glob", "pcre", "list", "grain", "grain_pcre", "pillar", "pillar_pcre", "pillar_exact",
-    "ipcidr", "compound", "nodegroup",
+    "glob",
+    "pcre",
+    "list",
+    "grain",
+    "grain_pcre",
+    "pillar",
+    "pillar_pcre",
+    "pillar_exact",
+    "ipcidr",
+    "compound",
+    "nodegroup",
 )
 
 
@@ -271,7 +283,7 @@ def mirror_url_problem(url):
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return f"{url!r} is not an absolute http or https URL"
     try:
-        parsed.port  # pylint: disable=pointless-statement
+        _ = parsed.port  # raises ValueError: port out of range
     except ValueError:
         return f"{url!r} has an invalid port"
     # Docker's registry-mirrors and buildkit's mirrors take a host, nothing more.

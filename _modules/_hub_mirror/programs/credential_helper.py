@@ -21,7 +21,6 @@ import sys
 NOT_FOUND = "credentials not found in native keychain"
 
 
-
 def get(server, path):
     with open(path, encoding="utf-8") as handle:
         stored = json.load(handle)

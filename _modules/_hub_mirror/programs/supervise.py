@@ -32,7 +32,6 @@ import urllib.error
 import urllib.request
 
 
-
 def log(message):
     print(f"hub-mirror-supervise: {message}", file=sys.stderr, flush=True)
 
