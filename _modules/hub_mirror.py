@@ -16,7 +16,6 @@ command line. Commands that show configuration redact it.
 :configuration: the ``hub_mirror`` pillar; see ``pillar.example``.
 """
 
-import logging
 import os
 import sys
 
@@ -65,7 +64,6 @@ from _hub_mirror.clients.validate import client_conf  # noqa: E402
 
 _hub_mirror.LOADED_FROM = _FILES
 
-log = logging.getLogger(__name__)
 
 __virtualname__ = "hub_mirror"
 

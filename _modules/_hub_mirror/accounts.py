@@ -1,16 +1,14 @@
-"""accounts."""
+"""
+The service account: whose it is (only hub_mirror's own is accepted), its ids, and
+how a command runs as it.
+"""
 
-import logging
 import os
 import re
 
 from salt.exceptions import CommandExecutionError
 
-log = logging.getLogger(__name__)
-
-
 ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-
 
 # Groups whose members are as good as root, or read what they must not.
 _PRIVILEGED_GROUPS = (
@@ -26,7 +24,6 @@ _PRIVILEGED_GROUPS = (
     "systemd-journal",
     "wheel",
 )
-
 
 # The GECOS of the account config.sls creates (user.present fullname).
 SERVICE_GECOS = "hub_mirror registry"

@@ -1,6 +1,8 @@
-"""checks."""
+"""
+The error collector and the checks every pillar value goes through: keys, text,
+paths, URLs.
+"""
 
-import logging
 import os
 import re
 import string
@@ -10,9 +12,6 @@ import urllib.parse
 from salt.exceptions import SaltInvocationError
 
 from .net import HOST_RE, is_ip, redact_url
-
-log = logging.getLogger(__name__)
-
 
 # Paths reach unit files, init scripts and rm: letters, digits and . _ - + @ / only.
 PATH_RE = re.compile(r"/[A-Za-z0-9._@+/-]{0,4095}")

@@ -1,13 +1,10 @@
 """The one way hub_mirror reads, writes and creates files and directories."""
 
 import hashlib
-import logging
 import os
 import tempfile
 
 from salt.exceptions import CommandExecutionError
-
-log = logging.getLogger(__name__)
 
 
 def sha256_file(path):

@@ -1,6 +1,7 @@
-"""inspect."""
+"""
+Reading a mirror: catalog, tags, usage, status and the Docker Hub rate limit.
+"""
 
-import logging
 import os
 import time
 
@@ -22,10 +23,8 @@ from .registry_api import (
 from .release import binary_version
 from .settings import binary_path, dialect_of, mirror_paths, probe_url
 from .storage import CacheView, storage_usage, storage_view
-from .supervisor import service_running
+from .supervisor import supervisor_for
 from .units import iso, parse_image, parse_size, size_report
-
-log = logging.getLogger(__name__)
 
 
 def catalog(spec, tags=False, sizes=False, source="api"):
@@ -119,7 +118,7 @@ def _mirror_status(conf, spec, installed, images):
     name = spec["name"]
     paths = mirror_paths(conf, name)
     process = registry_process(paths)
-    running = service_running(conf, name)
+    running = supervisor_for(conf).running(name)
     serving = answers(probe_url(spec), 3)
     debug_url = f"http://{spec['debug_listen']}"
     counters = None

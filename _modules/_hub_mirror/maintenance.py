@@ -1,10 +1,12 @@
-"""maintenance."""
+"""
+Changing what is cached: warm (pull images through the mirror), gc (registry
+garbage-collect) and prune (expire the oldest images by the registry's own means).
+"""
 
 import concurrent.futures
 import http.client
 import http.server
 import json
-import logging
 import os
 import subprocess
 import tempfile
@@ -22,7 +24,7 @@ from .registry_api import answers, fetch_blob, get_manifest, wait_serving
 from .registry_config import config_dialect
 from .settings import binary_path, mirror_paths, probe_url
 from .storage import CacheView, read_schedule, storage_view, tree_bytes
-from .supervisor import recent_log, service_running, start_service, stop_service
+from .supervisor import stop_service, supervisor_for
 from .units import (
     GC_ELIGIBLE_RE,
     as_list,
@@ -33,9 +35,6 @@ from .units import (
     platform_wanted,
     size_report,
 )
-
-log = logging.getLogger(__name__)
-
 
 # Go parses this as a time long past: the registry's scheduler expires such entries at once.
 EXPIRED = "1970-01-01T00:00:00Z"
@@ -205,7 +204,8 @@ def _while_stopped(conf, spec, action):
     """
     name = spec["name"]
     paths = mirror_paths(conf, name)
-    was_running = service_running(conf, name)
+    supervisor = supervisor_for(conf)
+    was_running = supervisor.running(name)
     began = time.monotonic()
     if was_running or mirror_processes(paths):
         stop_service(conf, spec)
@@ -218,13 +218,13 @@ def _while_stopped(conf, spec, action):
         result = action()
     finally:
         if was_running:
-            start_service(conf, name, restart=False)
+            supervisor.start(name)
             serving = wait_serving(spec, conf["probe_timeout"])
         stopped = time.monotonic() - began
     if was_running and not serving:
         raise CommandExecutionError(
             f"mirror {name} did not answer again within {conf['probe_timeout']}s after the "
-            f"maintenance. Recent log:\n{recent_log(conf, name)}"
+            f"maintenance. Recent log:\n{supervisor.recent_log(name)}"
         )
     return result, {"stopped": round(stopped, 1) if was_running else None, "serving": serving}
 

@@ -1,12 +1,13 @@
-"""mirror."""
+"""
+One mirror's life on a host: configure, deploy (start or restart only on change, roll
+back a config that does not serve), start, stop, remove, and the orphans pillar dropped.
+"""
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import stat
-import subprocess
 import urllib.parse
 
 import yaml
@@ -25,23 +26,10 @@ from .registry_config import (
     render_config_files,
 )
 from .release import asset_url
-from .settings import binary_path, mirror_paths, probe_url, record_path
+from .settings import DOCKER_HUB, DOCKER_HUB_HOSTS, binary_path, mirror_paths, probe_url, record_path
 from .storage import STORAGE_MARKER, own_storage, storage_plan, storage_writable
-from .supervisor import (
-    enable,
-    is_enabled,
-    recent_log,
-    render_service_files,
-    run_systemctl,
-    service_name,
-    service_running,
-    start_service,
-    stop_service,
-    supervisor_kind,
-)
+from .supervisor import render_service_files, stop_service, supervisor_for
 from .validate import NAME_RE, validate_storage
-
-log = logging.getLogger(__name__)
 
 
 def configure(conf, spec, test=False):
@@ -119,7 +107,8 @@ def deploy(conf, spec, test=False):
         )
     files = render_service_files(conf, spec)
     stale = {path: entry for path, entry in files.items() if read_file(path) != entry[0]}
-    is_running = service_running(conf, mirror)
+    supervisor = supervisor_for(conf)
+    is_running = supervisor.running(mirror)
     fingerprint = _fingerprint(conf, spec, files)
     changed = fingerprint != (read_file(paths["fingerprint"]) or "").strip()
     # Serving without its service: what a supervisor killed by older versions left behind.
@@ -129,7 +118,7 @@ def deploy(conf, spec, test=False):
     changes = {}
     for path in stale:
         changes[path] = "updated" if os.path.exists(path) else "created"
-    if not is_enabled(conf, mirror):
+    if not supervisor.enabled(mirror):
         changes["enabled"] = True
     if leftovers:
         changes["unsupervised"] = {
@@ -149,16 +138,16 @@ def deploy(conf, spec, test=False):
 
     for path, (text, mode) in stale.items():
         write_atomic(path, text, mode)
-    if stale and supervisor_kind(conf) == "systemd":
-        run_systemctl("daemon-reload")
+    if stale:
+        supervisor.files_changed()
     if "enabled" in changes:
-        enable(conf, mirror)
+        supervisor.enable(mirror)
     if leftovers and not stop_leftovers(paths):
         raise CommandExecutionError(
             f"mirror {mirror}: processes {leftovers} serving it without a supervisor do not stop"
         )
     if "started" in changes or "restarted" in changes:
-        start_service(conf, mirror, restart=is_running)
+        supervisor.start(mirror, restart=is_running)
     if not wait_serving(spec, conf["probe_timeout"]):
         raise CommandExecutionError(_rollback(conf, spec, paths))
     # 0600: a digest over the rendered config is still derived from the token.
@@ -188,7 +177,7 @@ def _rollback(conf, spec, paths):
     name = spec["name"]
     message = (
         f"mirror {name} did not answer {probe_url(spec)}/v2/ within "
-        f"{conf['probe_timeout']}s. Recent log:\n{recent_log(conf, name)}"
+        f"{conf['probe_timeout']}s. Recent log:\n{supervisor_for(conf).recent_log(name)}"
     )
     try:
         with open(paths["last_good"], encoding="utf-8") as handle:
@@ -202,9 +191,10 @@ def _rollback(conf, spec, paths):
         shutil.copy2(paths["config"], paths["config"] + ".failed")
     for path, saved in restore.items():
         write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
+    supervisor = supervisor_for(conf)
     if paths["unit"] in restore:
-        run_systemctl("daemon-reload")
-    start_service(conf, name, restart=True)
+        supervisor.files_changed()
+    supervisor.start(name, restart=True)
     # The restored config serves on its own address, which may not be the new one.
     host, port = parse_hostport(yaml.safe_load(snapshot[paths["config"]]["text"])["http"]["addr"])
     restored = wait_serving(dict(spec, listen_host=host, listen_port=port), conf["probe_timeout"])
@@ -242,7 +232,7 @@ def orphans(conf):
 def _registry_host(upstream):
     """The name clients use for an upstream: docker.io for Docker Hub's endpoint."""
     host = urllib.parse.urlparse(upstream).netloc
-    return "docker.io" if host in ("registry-1.docker.io", "index.docker.io") else host
+    return DOCKER_HUB if host in DOCKER_HUB_HOSTS else host
 
 
 def endpoint(conf):
@@ -278,9 +268,10 @@ def stop(conf, spec):
 def start(conf, spec):
     """Start ``mirror``'s registry and wait until it answers ``/v2/``."""
     mirror = spec["name"]
-    if not service_running(conf, mirror):
+    supervisor = supervisor_for(conf)
+    if not supervisor.running(mirror):
         stop_leftovers(mirror_paths(conf, mirror))
-        start_service(conf, mirror, restart=False)
+        supervisor.start(mirror)
     return wait_serving(spec, conf["probe_timeout"])
 
 
@@ -318,7 +309,8 @@ def remove(conf, spec, purge_storage=False, test=False):
     candidates += [paths["config"] + ".failed"]
     present = [path for path in candidates if os.path.exists(path)]
     purge = _purge_targets(spec["storage"]) if purge_storage else []
-    is_running = service_running(conf, mirror) or bool(mirror_processes(paths))
+    supervisor = supervisor_for(conf)
+    is_running = supervisor.running(mirror) or bool(mirror_processes(paths))
     changes = {path: "removed" for path in present}
     comment = ""
     if purge:
@@ -331,15 +323,7 @@ def remove(conf, spec, purge_storage=False, test=False):
         comment = (f"Mirror {mirror} would be removed" if changes else f"Mirror {mirror} is absent") + comment
         return {"changes": changes, "comment": comment}
     stopped = stop_service(conf, spec)
-    if supervisor_kind(conf) == "systemd":
-        run_systemctl("disable", "--quiet", service_name(mirror), check=False)
-    elif shutil.which("update-rc.d") and os.path.exists(paths["init"]):
-        subprocess.run(
-            ["update-rc.d", "-f", service_name(mirror), "remove"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+    supervisor.disable(mirror)
     if not stopped:
         raise CommandExecutionError(f"mirror {mirror} still serves after its service was stopped: nothing was removed")
     # Stopping takes seconds: the storage chosen before must still be that directory.
@@ -363,7 +347,7 @@ def remove(conf, spec, purge_storage=False, test=False):
         except OSError:
             pass  # something of the user's is in it: it stays
     if paths["unit"] in present:
-        run_systemctl("daemon-reload", check=False)
+        supervisor.files_changed(check=False)
     return {"changes": changes, "comment": f"Mirror {mirror} removed" + comment}
 
 

@@ -1,18 +1,16 @@
-"""net."""
+"""
+Addresses and URLs: host:port parsing, interface names, loopback, and redaction of
+credentials in URLs and messages.
+"""
 
 import ipaddress
-import logging
 import re
 import socket
 import urllib.parse
 
 import requests
 
-log = logging.getLogger(__name__)
-
-
 REDACTED = "<redacted>"
-
 
 HOST_RE = re.compile(r"[A-Za-z0-9_.@-]{1,253}")
 

@@ -1,7 +1,9 @@
-"""processes."""
+"""
+Finding processes: who listens on a port, which registries serve a mirror's config,
+and stopping the ones no supervisor owns.
+"""
 
 import errno
-import logging
 import os
 import shutil
 import signal
@@ -13,8 +15,6 @@ from salt.exceptions import CommandExecutionError
 from .net import hostport, parse_hostport
 from .settings import mirror_paths, probe_url
 from .units import iso
-
-log = logging.getLogger(__name__)
 
 
 def check_listen_free(conf, spec):

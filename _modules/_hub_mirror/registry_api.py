@@ -1,8 +1,10 @@
-"""registry_api."""
+"""
+Talking to a registry over HTTP: the one ``/v2/`` probe, catalog paging, manifests
+and blobs, the proxy counters, and the upstream's credential check.
+"""
 
 import hashlib
 import json
-import logging
 import os
 import re
 import socket
@@ -17,8 +19,6 @@ from .fsutil import read_file
 from .net import http_get, redact_url, same_site
 from .settings import probe_url
 from .units import size_report
-
-log = logging.getLogger(__name__)
 
 
 def check_upstream(spec, timeout=10):
@@ -205,18 +205,15 @@ def cached_tags(storage, repository):
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
-
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
 
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
-
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 MANIFEST_ACCEPT = ", ".join((MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_MANIFEST))
-
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
 

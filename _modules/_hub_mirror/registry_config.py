@@ -1,8 +1,10 @@
-"""registry_config."""
+"""
+The registry's config file for each dialect (2.x and 3.x), the offline config, and
+the files written beside it.
+"""
 
 import copy
 import json
-import logging
 import os
 
 import yaml
@@ -18,8 +20,6 @@ from .settings import (
 )
 from .supervisor import program_text, supervise_settings
 from .validate import MAX_DEPTH, too_deep
-
-log = logging.getLogger(__name__)
 
 
 def config_dialect(conf):

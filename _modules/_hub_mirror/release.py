@@ -1,8 +1,10 @@
-"""release."""
+"""
+Installing the registry: the release for this CPU, its verified digest, download,
+extract, swap in; or the distribution's package.
+"""
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -24,11 +26,8 @@ from .settings import (
     dialect_of,
     record_path,
 )
-from .supervisor import disable_package_service, package_service_active
+from .supervisor import supervisor_for
 from .units import DIGEST_RE
-
-log = logging.getLogger(__name__)
-
 
 # Published SHA-256 of the release tarballs (REGISTRY_FACTS.md).
 KNOWN_DIGESTS = {
@@ -177,10 +176,11 @@ def _install_package(conf, test, pkg_version, pkg_install):
             changes["package"]["new"] = f"{package} {current}"
     # The package's own service serves its own config on :5000, on every interface.
     service = conf["lookup"]["package_service"]
-    if package_service_active(conf, service) or not current:
+    supervisor = supervisor_for(conf)
+    if supervisor.package_active(service) or not current:
         changes["package_service"] = {"old": "running or enabled", "new": "stopped and disabled"}
         if not test:
-            disable_package_service(conf, service)
+            supervisor.package_disable(service)
     if not changes:
         return {"changes": {}, "comment": f"Package {package} {current} is installed, its service off"}
     verb = "would be" if test else "was"

@@ -1,22 +1,19 @@
-"""settings."""
+"""
+The settings' defaults and the names derived from them: paths of a mirror's files,
+the release's URL and arch, Docker Hub's names.
+"""
 
 import copy
-import logging
 import os
 import re
 
 from .net import hostport, parse_hostport, resolve_host
 
-log = logging.getLogger(__name__)
-
-
 DEFAULT_VERSION = "3.0.0"
-
 
 RELEASE_URL = (
     "https://github.com/distribution/distribution/releases/download/v{version}/registry_{version}_linux_{arch}.tar.gz"
 )
-
 
 # Release asset arch for each name the osarch (dpkg/rpm) and cpuarch (uname -m) grains use.
 RELEASE_ARCH = {
@@ -36,13 +33,16 @@ RELEASE_ARCH = {
     "riscv64": "riscv64",
 }
 
-
 # riscv64 builds start with 3.0.
 RELEASE_ARCHES_2 = ("amd64", "arm64", "armv6", "armv7", "ppc64le", "s390x")
 
-
 RELEASE_ARCHES_3 = RELEASE_ARCHES_2 + ("riscv64",)
 
+
+# Docker Hub: the name clients pull it by, the endpoint they reach, and every name of it.
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
 
 DEFAULTS = {
     "version": DEFAULT_VERSION,
@@ -69,9 +69,8 @@ DEFAULTS = {
     },
 }
 
-
 MIRROR_DEFAULTS = {
-    "upstream": "https://registry-1.docker.io",
+    "upstream": DOCKER_HUB_URL,
     "listen": "127.0.0.1:5000",
     # The URL other hosts reach this mirror at, as hub_mirror.endpoint publishes it to the
     # mine (a DNS name, or the address in front of a NAT). Empty: the listen address.
@@ -96,7 +95,6 @@ MIRROR_DEFAULTS = {
     "redis": {},
 }
 
-
 S3_DEFAULTS = {
     "bucket": "",
     "region": "us-east-1",
@@ -111,13 +109,11 @@ S3_DEFAULTS = {
     "path_style": True,
 }
 
-
 REDIS_DEFAULTS = {"addr": "", "password": "", "db": 0}
 
 
 # Rendered-config keys that hold secrets: shown as <redacted> in every change report.
 SECRET_CONFIG_KEYS = ("proxy.password", "storage.s3.secretkey", "redis.password")
-
 
 SECRET_KEYS = ("token",)
 
@@ -214,9 +210,3 @@ def probe_url(spec):
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     return f"http://{hostport(host, spec['listen_port'])}"
-
-
-DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
-
-
-DOCKER_HUB = "docker.io"

@@ -1,7 +1,9 @@
-"""storage."""
+"""
+The cache on disk: owning and marking the storage directory, and reading what the
+registry stored (repositories, tags, blobs, the expiry schedule, usage) without it running.
+"""
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -15,12 +17,8 @@ from .registry_api import cached_tags, v2_root
 from .supervisor import service_python
 from .units import iso, parse_go_time, parse_size, platform_name, size_report
 
-log = logging.getLogger(__name__)
-
-
 # What marks a storage directory as a hub_mirror cache: a purge deletes nothing elsewhere.
 STORAGE_MARKER = ".hub-mirror-cache"
-
 
 # The directories the registry writes into, from the storage root down (what it creates
 # itself; a chown of these, not of the whole cache, gives a mirror its storage back).

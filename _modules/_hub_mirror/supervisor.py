@@ -1,6 +1,10 @@
-"""supervisor."""
+"""
+Running a mirror under a supervisor: a hardened systemd unit, or, where systemd is not
+PID 1 (containers, CI machines), an init script that runs the supervisor program under
+start-stop-daemon. ``supervisor_for(conf)`` picks one; both answer the same questions.
+The distribution's own registry service is handled here too.
+"""
 
-import logging
 import os
 import shlex
 import shutil
@@ -13,36 +17,6 @@ from .checks import has_control
 from .fsutil import read_file
 from .processes import SYSTEM_PATH, mirror_processes, port_closed, stop_leftovers
 from .settings import binary_path, mirror_paths, probe_url
-
-log = logging.getLogger(__name__)
-
-
-def package_service_active(conf, service):
-    """Whether the distribution's own registry service runs or would start at boot."""
-    if supervisor_kind(conf) == "systemd":
-        return any(
-            run_systemctl(verb, "--quiet", f"{service}.service", check=False).returncode == 0
-            for verb in ("is-active", "is-enabled")
-        )
-    script = os.path.join(conf["lookup"]["init_dir"], service)
-    running = (
-        os.path.exists(script)
-        and subprocess.run([script, "status"], capture_output=True, timeout=60, check=False).returncode == 0
-    )
-    return running or bool(_rc_links(service))
-
-
-def disable_package_service(conf, service):
-    # Salt's service.dead would answer "OFFLINE mode" where systemd is not PID 1.
-    if supervisor_kind(conf) == "systemd":
-        run_systemctl("disable", "--now", "--quiet", f"{service}.service", check=False)
-        return
-    script = os.path.join(conf["lookup"]["init_dir"], service)
-    if os.path.exists(script):
-        subprocess.run([script, "stop"], capture_output=True, timeout=60, check=False)
-    if shutil.which("update-rc.d"):
-        subprocess.run(["update-rc.d", service, "disable"], capture_output=True, timeout=60, check=False)
-
 
 UNIT_TEMPLATE = """\
 # Managed by Salt (hub_mirror). Local changes are overwritten.
@@ -155,12 +129,13 @@ def _systemd_quote(value, exec_line=False):
     return f'"{value}"'
 
 
-def supervisor_kind(conf):
+def supervisor_for(conf):
+    """The supervisor of this host: ``lookup:supervisor``, else systemd where it is PID 1."""
     chosen = conf["lookup"]["supervisor"]
-    if chosen:
-        return chosen
     # Salt's own test (salt.utils.systemd.booted); systemctl alone proves nothing.
-    return "systemd" if os.path.isdir("/run/systemd/system") else "sysv"
+    if not chosen:
+        chosen = "systemd" if os.path.isdir("/run/systemd/system") else "sysv"
+    return Systemd(conf) if chosen == "systemd" else Sysv(conf)
 
 
 def service_name(name):
@@ -191,7 +166,8 @@ def supervise_settings(conf, spec):
         "upstream": spec["upstream"],
         "credentials": paths["credentials"],
         "storage": "" if spec["s3"] else spec["storage"],
-        "log": "" if supervisor_kind(conf) == "systemd" else paths["log"],
+        # systemd's journal takes the output; an init script has only a file.
+        "log": "" if supervisor_for(conf).kind == "systemd" else paths["log"],
     }
 
 
@@ -199,45 +175,33 @@ def render_service_files(conf, spec):
     """The files that define the service, as {path: (text, mode)}."""
     paths = mirror_paths(conf, spec["name"])
     command = [service_python(), paths["supervise"], paths["supervise_settings"]]
-    lookup = conf["lookup"]
     files = {paths["supervise"]: (program_text("supervise.py"), 0o755)}
-    if supervisor_kind(conf) == "systemd":
-        if spec["listen_port"] < 1024:
-            capabilities = "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
-        else:
-            capabilities = "CapabilityBoundingSet=\nAmbientCapabilities=\n"
-        files[paths["unit"]] = (
-            UNIT_TEMPLATE.format(
-                name=spec["name"],
-                command=" ".join(_systemd_quote(word, exec_line=True) for word in command),
-                read_write=_systemd_quote(spec["storage"]),
-                capabilities=capabilities,
-                # qemu-user cannot set up an IPC namespace (226/NAMESPACE); nothing here
-                # uses SysV IPC and RemoveIPC= stays, so only emulated hosts go without.
-                private_ipc="" if _user_mode_emulated() else "PrivateIPC=yes\n",
-                user=lookup["user"],
-                group=lookup["group"],
-            ),
-            0o644,
-        )
-    else:
-        quote = shlex.quote
-        files[paths["init"]] = (
-            INIT_TEMPLATE.format(
-                name=spec["name"],
-                pidfile=quote(paths["pidfile"]),
-                log=quote(paths["log"]),
-                run_dir=quote(lookup["run_dir"]),
-                log_dir=quote(lookup["log_dir"]),
-                owner=quote(f"{lookup['user']}:{lookup['group']}"),
-                path=quote(SYSTEM_PATH),
-                python=quote(command[0]),
-                supervise=quote(command[1]),
-                settings=quote(command[2]),
-            ),
-            0o755,
-        )
+    files.update(supervisor_for(conf).files(spec, command))
     return files
+
+
+def stop_service(conf, spec):
+    """Stop the service and anything else serving the mirror; True once its port is closed."""
+    supervisor = supervisor_for(conf)
+    paths = mirror_paths(conf, spec["name"])
+    supervisor.stop(spec["name"])
+    stop_leftovers(paths)
+    return (
+        not supervisor.running(spec["name"])
+        and not mirror_processes(paths)
+        and ("listen_port" not in spec or port_closed(spec))
+    )
+
+
+def _run(command, check=True, timeout=120):
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise CommandExecutionError(f"{' '.join(command)} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def run_systemctl(*args, check=True):
+    return _run(["systemctl", *args], check=check)
 
 
 def _user_mode_emulated():
@@ -250,33 +214,144 @@ def _user_mode_emulated():
         return False
 
 
-def run_systemctl(*args, check=True):
-    proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120, check=False)
-    if check and proc.returncode != 0:
-        raise CommandExecutionError(f"systemctl {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
-    return proc
+class Systemd:
+    """A hardened unit ``hub-mirror-<name>.service`` per mirror."""
 
+    kind = "systemd"
 
-def _init(conf, name, action, check=True):
-    script = mirror_paths(conf, name)["init"]
-    proc = subprocess.run([script, action], capture_output=True, text=True, timeout=120, check=False)
-    if check and proc.returncode != 0:
-        raise CommandExecutionError(f"{script} {action} failed: {(proc.stderr or proc.stdout).strip()}")
-    return proc
+    def __init__(self, conf):
+        self.conf = conf
 
+    def files(self, spec, command):
+        lookup = self.conf["lookup"]
+        if spec["listen_port"] < 1024:
+            capabilities = "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+        else:
+            capabilities = "CapabilityBoundingSet=\nAmbientCapabilities=\n"
+        text = UNIT_TEMPLATE.format(
+            name=spec["name"],
+            command=" ".join(_systemd_quote(word, exec_line=True) for word in command),
+            read_write=_systemd_quote(spec["storage"]),
+            capabilities=capabilities,
+            # qemu-user cannot set up an IPC namespace (226/NAMESPACE); nothing here
+            # uses SysV IPC and RemoveIPC= stays, so only emulated hosts go without.
+            private_ipc="" if _user_mode_emulated() else "PrivateIPC=yes\n",
+            user=lookup["user"],
+            group=lookup["group"],
+        )
+        return {mirror_paths(self.conf, spec["name"])["unit"]: (text, 0o644)}
 
-def service_running(conf, name):
-    if supervisor_kind(conf) == "systemd":
+    def files_changed(self, check=True):
+        run_systemctl("daemon-reload", check=check)
+
+    def running(self, name):
         return run_systemctl("is-active", "--quiet", service_name(name), check=False).returncode == 0
-    if not os.path.exists(mirror_paths(conf, name)["init"]):
-        return False
-    return _init(conf, name, "status", check=False).returncode == 0
 
-
-def is_enabled(conf, name):
-    if supervisor_kind(conf) == "systemd":
+    def enabled(self, name):
         return run_systemctl("is-enabled", "--quiet", service_name(name), check=False).returncode == 0
-    return bool(_rc_links(service_name(name)))
+
+    def enable(self, name):
+        run_systemctl("enable", "--quiet", service_name(name))
+
+    def disable(self, name):
+        run_systemctl("disable", "--quiet", service_name(name), check=False)
+
+    def start(self, name, restart=False):
+        run_systemctl("restart" if restart else "start", service_name(name))
+
+    def stop(self, name):
+        run_systemctl("stop", service_name(name), check=False)
+
+    def recent_log(self, name, lines=15):
+        command = ["journalctl", "-u", service_name(name), "-n", str(lines), "--no-pager", "-q"]
+        return _run(command, check=False, timeout=30).stdout.strip()
+
+    def package_active(self, service):
+        """Whether the distribution's own registry service runs or would start at boot."""
+        return any(
+            run_systemctl(verb, "--quiet", f"{service}.service", check=False).returncode == 0
+            for verb in ("is-active", "is-enabled")
+        )
+
+    def package_disable(self, service):
+        run_systemctl("disable", "--now", "--quiet", f"{service}.service", check=False)
+
+
+class Sysv:
+    """An init script per mirror, with start links where ``update-rc.d`` exists."""
+
+    kind = "sysv"
+
+    def __init__(self, conf):
+        self.conf = conf
+
+    def files(self, spec, command):
+        lookup = self.conf["lookup"]
+        paths = mirror_paths(self.conf, spec["name"])
+        quote = shlex.quote
+        text = INIT_TEMPLATE.format(
+            name=spec["name"],
+            pidfile=quote(paths["pidfile"]),
+            log=quote(paths["log"]),
+            run_dir=quote(lookup["run_dir"]),
+            log_dir=quote(lookup["log_dir"]),
+            owner=quote(f"{lookup['user']}:{lookup['group']}"),
+            path=quote(SYSTEM_PATH),
+            python=quote(command[0]),
+            supervise=quote(command[1]),
+            settings=quote(command[2]),
+        )
+        return {paths["init"]: (text, 0o755)}
+
+    def files_changed(self, check=True):
+        pass  # an init script is read anew on each call
+
+    def _script(self, name, action, check=True):
+        script = mirror_paths(self.conf, name)["init"]
+        if not check and not os.path.exists(script):
+            return None
+        return _run([script, action], check=check)
+
+    def running(self, name):
+        proc = self._script(name, "status", check=False)
+        return proc is not None and proc.returncode == 0
+
+    def enabled(self, name):
+        return bool(_rc_links(service_name(name)))
+
+    def enable(self, name):
+        if shutil.which("update-rc.d"):
+            _run(["update-rc.d", service_name(name), "defaults"], check=False, timeout=60)
+
+    def disable(self, name):
+        if shutil.which("update-rc.d") and os.path.exists(mirror_paths(self.conf, name)["init"]):
+            _run(["update-rc.d", "-f", service_name(name), "remove"], check=False, timeout=60)
+
+    def start(self, name, restart=False):
+        self._script(name, "restart" if restart else "start")
+
+    def stop(self, name):
+        self._script(name, "stop", check=False)
+
+    def recent_log(self, name, lines=15):
+        text = read_file(mirror_paths(self.conf, name)["log"]) or ""
+        # A Go panic's goroutine dump says little: keep the lines before it.
+        text = text.split("\ngoroutine ")[0]
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def package_active(self, service):
+        """Whether the distribution's own registry service runs or would start at boot."""
+        script = os.path.join(self.conf["lookup"]["init_dir"], service)
+        running = os.path.exists(script) and _run([script, "status"], check=False, timeout=60).returncode == 0
+        return running or bool(_rc_links(service))
+
+    def package_disable(self, service):
+        # Salt's service.dead would answer "OFFLINE mode" where systemd is not PID 1.
+        script = os.path.join(self.conf["lookup"]["init_dir"], service)
+        if os.path.exists(script):
+            _run([script, "stop"], check=False, timeout=60)
+        if shutil.which("update-rc.d"):
+            _run(["update-rc.d", service, "disable"], check=False, timeout=60)
 
 
 def _rc_links(service):
@@ -289,54 +364,3 @@ def _rc_links(service):
         for entry in os.listdir(path)
         if entry.startswith("S") and entry[3:] == service
     ]
-
-
-def start_service(conf, name, restart):
-    if supervisor_kind(conf) == "systemd":
-        run_systemctl("restart" if restart else "start", service_name(name))
-    else:
-        _init(conf, name, "restart" if restart else "start")
-
-
-def enable(conf, name):
-    if supervisor_kind(conf) == "systemd":
-        run_systemctl("enable", "--quiet", service_name(name))
-    elif shutil.which("update-rc.d"):
-        subprocess.run(
-            ["update-rc.d", service_name(name), "defaults"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-
-
-def recent_log(conf, name, lines=15):
-    if supervisor_kind(conf) == "systemd":
-        proc = subprocess.run(
-            ["journalctl", "-u", service_name(name), "-n", str(lines), "--no-pager", "-q"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        return proc.stdout.strip()
-    text = read_file(mirror_paths(conf, name)["log"]) or ""
-    # A Go panic's goroutine dump says little: keep the lines before it.
-    text = text.split("\ngoroutine ")[0]
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def stop_service(conf, spec):
-    """Stop the service and anything else serving the mirror; True once its port is closed."""
-    name = spec["name"]
-    paths = mirror_paths(conf, name)
-    if supervisor_kind(conf) == "systemd":
-        run_systemctl("stop", service_name(name), check=False)
-    elif os.path.exists(paths["init"]):
-        _init(conf, name, "stop", check=False)
-    stop_leftovers(paths)
-    return (
-        not service_running(conf, name)
-        and not mirror_processes(paths)
-        and ("listen_port" not in spec or port_closed(spec))
-    )

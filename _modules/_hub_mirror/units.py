@@ -1,29 +1,25 @@
-"""units."""
+"""
+Parsing and showing the values the registry and Docker Hub use: sizes, Go times,
+image references, platforms.
+"""
 
-import logging
 import re
 import time
 import urllib.parse
 
-from .settings import DOCKER_HUB_HOSTS
-
-log = logging.getLogger(__name__)
-
+from .settings import DOCKER_HUB_HOSTS, DOCKER_HUB_URL
 
 DIGEST_RE = re.compile(r"(?:sha256[:=])?([0-9a-fA-F]{64})")
-
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 _GO_TIME_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
-
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
 
 GC_ELIGIBLE_RE = re.compile(r"^(blob|manifest) eligible for deletion: (sha256:[0-9a-f]{64})", re.MULTILINE)
 
@@ -110,7 +106,7 @@ def _is_docker_hub(upstream):
     return (urllib.parse.urlparse(upstream).hostname or "") in DOCKER_HUB_HOSTS
 
 
-def parse_image(image, upstream="https://registry-1.docker.io"):
+def parse_image(image, upstream=DOCKER_HUB_URL):
     """
     ``(repository, reference)`` for an image as users write it: ``alpine``,
     ``alpine:3.20``, ``docker.io/library/alpine``, ``ghcr.io/org/app@sha256:...``.

@@ -1,6 +1,8 @@
-"""validate."""
+"""
+Every rule a ``hub_mirror`` pillar value must pass, and the settings built from a
+valid pillar. Each value is allow-listed where it enters; errors name the key and the fix.
+"""
 
-import logging
 import os
 import re
 import urllib.parse
@@ -46,29 +48,22 @@ from .settings import (
 )
 from .units import DIGEST_RE, parse_image, parse_size
 
-log = logging.getLogger(__name__)
-
-
 # Patterns are used with fullmatch: "$" would also match before a trailing newline.
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-
 
 _VERSION_RE = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})")
 
 
 _DURATION_RE = re.compile(r"0|([0-9]{1,9}(\.[0-9]{1,9})?(ns|us|ms|s|m|h)){1,6}")
 
-
 _PACKAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9@+._-]{0,127}")
 
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
-
 # HTTP Basic (requests encodes it as latin-1, raising on anything else) and every registry's
 # tokens: printable ASCII; a space is a folded YAML scalar, ':' ends a Basic username.
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
-
 
 _USERNAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]{1,255}")
 
@@ -94,7 +89,6 @@ _SYSTEM_TREES = (
     "/usr",
 )
 
-
 # ...nor one of these directories itself (a directory of its own inside them is fine).
 _SHARED_DIRS = (
     "/",
@@ -111,7 +105,6 @@ _SHARED_DIRS = (
     "/var/spool",
     "/var/tmp",
 )
-
 
 _LOG_LEVELS = ("error", "warn", "info", "debug")
 
@@ -407,7 +400,6 @@ def _validate_lookup(errors, lookup):
 # hundred levels (or a YAML alias that contains itself) are a RecursionError. Aliases also
 # multiply: nine levels of ten make a billion values.
 MAX_DEPTH = 16
-
 
 _MAX_VALUES = 100000
 

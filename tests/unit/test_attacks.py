@@ -18,6 +18,7 @@ registry_config = lib("registry_config")
 settings_lib = lib("settings")
 storage_lib = lib("storage")
 mirror_lib = lib("mirror")
+supervisor_lib = lib("supervisor")
 
 TOKEN = "dckr_pat_ATTACK0123456789abcdefXYZ"
 M = "hub_mirror:mirrors:dockerhub"
@@ -294,7 +295,8 @@ def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(hub_mirror
     storage, victim, swap = swapped_storage
     (storage / "docker").mkdir()
     (storage / storage_lib.STORAGE_MARKER).write_text("ours\n")
-    monkeypatch.setattr(mirror_lib, "service_running", lambda conf, name: False)
+    for supervisor in (supervisor_lib.Systemd, supervisor_lib.Sysv):
+        monkeypatch.setattr(supervisor, "running", lambda self, name: False)
     monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
     monkeypatch.setattr(mirror_lib, "stop_service", lambda conf, spec: swap() or True)
     with pytest.raises(CommandExecutionError, match="storage"):
@@ -310,7 +312,8 @@ def test_absent_takes_only_a_mirror_name(hub_mirror, tmp_path, monkeypatch):
     os.makedirs(lookup["config_dir"])
     (tmp_path / "victim.yml").write_text("precious: true\n")
     hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror()}}}
-    monkeypatch.setattr(mirror_lib, "service_running", lambda conf, name: False)
+    for supervisor in (supervisor_lib.Systemd, supervisor_lib.Sysv):
+        monkeypatch.setattr(supervisor, "running", lambda self, name: False)
     monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
     monkeypatch.setattr(mirror_lib, "stop_service", lambda conf, spec: True)
     with pytest.raises(SaltInvocationError):

@@ -1,15 +1,14 @@
-"""clients.discovery."""
+"""
+Finding mirrors for clients: probing them in parallel, ranking the ones the Salt mine
+publishes, and the recheck schedule entry.
+"""
 
-import logging
 import threading
 import time
 
 from ..registry_api import probe
 from .render import REGISTRY_HOST_RE
 from .validate import mirror_url_problem
-
-log = logging.getLogger(__name__)
-
 
 # The Salt schedule entry client_recheck manages, and its shortest interval: each run
 # probes every mirror, and one that hangs costs probe_timeout.

@@ -1,9 +1,11 @@
-"""clients.docker."""
+"""
+dockerd: its daemon.json, whether its command line already sets mirrors, and a
+reload (never a restart).
+"""
 
 import http.client
 import http.server
 import json
-import logging
 import os
 import re
 import signal
@@ -15,8 +17,6 @@ from ..fsutil import ensure_dir, read_file, remove_exact, write_exact
 from ..processes import find_program
 from ..supervisor import run_systemctl
 from .render import json_member_value, json_set_member
-
-log = logging.getLogger(__name__)
 
 
 def _dockerd_pid(client):

@@ -1,8 +1,10 @@
-"""clients.files."""
+"""
+The record of every client file hub_mirror touched (original bytes, what it wrote),
+and planning and applying a change to one such file.
+"""
 
 import hashlib
 import json
-import logging
 import os
 
 from ..fsutil import (
@@ -24,8 +26,6 @@ from .render import (
     strip_block,
 )
 from .validate import CLIENT_RUNTIMES
-
-log = logging.getLogger(__name__)
 
 
 class ClientRecord:

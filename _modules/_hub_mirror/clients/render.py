@@ -1,31 +1,27 @@
-"""clients.render."""
+"""
+Pure renderers of each client's config: daemon.json, hosts.toml, registries.conf,
+buildkitd.toml, registries.yaml, and the marked blocks inside user files.
+"""
 
 import json
-import logging
 import re
 import urllib.parse
 
 import yaml
 
-from ..settings import DOCKER_HUB
-
-log = logging.getLogger(__name__)
-
+from ..settings import DOCKER_HUB, DOCKER_HUB_URL
 
 # containerd >= 2.1 gives up connecting to a black-holed mirror host after this, instead
 # of the kernel's SYN retries (about 2 min); older containerd ignores the key.
 HOSTS_TOML_DIAL_TIMEOUT = "2s"
 
-
 # Loaded in name order after registries.conf; a user file sorting later can override it.
 REGISTRIES_DROPIN = "50-hub-mirror.conf"
-
 
 BLOCK_BEGIN = "# BEGIN hub_mirror: managed by Salt; `state.apply hub_mirror.client.clean` removes it"
 
 
 BLOCK_END = "# END hub_mirror"
-
 
 REGISTRY_HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?$")
 
@@ -33,16 +29,13 @@ REGISTRY_HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:
 # A DNS name (any case, as the reference grammars allow) or an IPv4 address.
 MIRROR_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
-
 # Characters that end or escape a string in JSON, TOML or YAML, or no URL host has.
 URL_FORBIDDEN = set("\\\"'<>`{}|^")
-
 
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
 
 
 TOML_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\[\]#]+?)\s*\]\]?\s*(?:#.*)?$")
-
 
 V1_REGISTRIES_RE = re.compile(r"^\s*\[\s*registries\s*\.\s*(search|insecure|block)\s*\]", re.M)
 
@@ -185,14 +178,15 @@ def _strip_block_file(current, record):
     return text
 
 
+def toml_table(line):
+    """The normalised header (quotes and spacing unified) if ``line`` opens a TOML table."""
+    match = TOML_HEADER_RE.match(line)
+    return re.sub(r"\s*\.\s*", ".", match.group(1).replace("'", '"')) if match else None
+
+
 def _toml_tables(text):
-    """Normalised headers of the TOML tables in ``text`` (quotes and spacing unified)."""
-    tables = set()
-    for line in (text or "").splitlines():
-        match = TOML_HEADER_RE.match(line)
-        if match:
-            tables.add(re.sub(r"\s*\.\s*", ".", match.group(1).replace("'", '"')))
-    return tables
+    """Normalised headers of the TOML tables in ``text``."""
+    return {table for table in map(toml_table, (text or "").splitlines()) if table}
 
 
 def _mirror_host(url):
@@ -226,7 +220,7 @@ def _toml_array(value):
 
 def upstream_server(upstream):
     """The URL a client pulls ``upstream`` from when no mirror is configured."""
-    return "https://registry-1.docker.io" if upstream == DOCKER_HUB else f"https://{upstream}"
+    return DOCKER_HUB_URL if upstream == DOCKER_HUB else f"https://{upstream}"
 
 
 def render_hosts_toml(base, mirrors, ca_file="", server_certs=None):
@@ -380,7 +374,6 @@ CLIENT_KINDS = {
     "buildkitd_toml": (render_buildkitd_toml, _strip_block_file),
     "registries_yaml": (render_registries_yaml, _strip_registries_yaml),
 }
-
 
 # Kinds where hub_mirror's part is a marked block: found and taken out by its markers
 # even when the record of it is lost.

@@ -1,7 +1,9 @@
-"""clients.runtimes."""
+"""
+Per runtime (docker, containerd, podman, buildkit, k3s): which files it reads, what
+the user's own config already decides, and syncing them with the answering mirrors.
+"""
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -20,11 +22,10 @@ from .render import (
     TOML_HEADER_RE,
     V1_REGISTRIES_RE,
     is_ipv6_url,
+    toml_table,
     utf8,
 )
 from .validate import CLIENT_RUNTIMES
-
-log = logging.getLogger(__name__)
 
 
 def _runtime_present(runtime, paths):
@@ -46,9 +47,9 @@ def _cri_config_paths(text):
     """The CRI plugin's registry ``config_path`` set in a containerd config.toml, or None."""
     table = ""
     for line in (text or "").splitlines():
-        header = TOML_HEADER_RE.match(line)
+        header = toml_table(line)
         if header:
-            table = re.sub(r"\s*\.\s*", ".", header.group(1).replace("'", '"'))
+            table = header
             continue
         match = re.match(r"""^\s*((?:registry\s*\.\s*)?)config_path\s*=\s*["']([^"']*)["']""", line)
         if not match:

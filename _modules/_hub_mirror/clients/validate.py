@@ -1,7 +1,8 @@
-"""clients.validate."""
+"""
+The ``hub_mirror:client`` pillar: its defaults and rules.
+"""
 
 import ipaddress
-import logging
 import os
 import unicodedata
 import urllib.parse
@@ -9,9 +10,6 @@ import urllib.parse
 from ..checks import check_keys
 from ..settings import merge
 from .render import MIRROR_HOST_RE, REGISTRY_HOST_RE, URL_FORBIDDEN
-
-log = logging.getLogger(__name__)
-
 
 # The client side runs on build hosts and VMs that may not run a mirror themselves. It
 # never fails a run because a mirror is down: it configures only mirrors that answer now,
@@ -24,7 +22,6 @@ log = logging.getLogger(__name__)
 # hub_mirror's endpoints in a registries.yaml).
 
 CLIENT_RUNTIMES = ("docker", "containerd", "podman", "buildkit", "k3s", "rke2")
-
 
 CLIENT_DEFAULTS = {
     # Upstream registry host -> mirror URLs, in preference order.
@@ -61,7 +58,6 @@ CLIENT_DEFAULTS = {
     },
 }
 
-
 DISCOVER_DEFAULTS = {
     # The mirror hosts whose mine to read, e.g. 'G@role:mirror and G@zone:a'.
     "tgt": "",
@@ -73,7 +69,6 @@ DISCOVER_DEFAULTS = {
     # Minion ids that come first, in this order (before the same_grain matches).
     "prefer": [],
 }
-
 
 # The target types the master's mine lookup understands.
 DISCOVER_TGT_TYPES = (
@@ -89,7 +84,6 @@ DISCOVER_TGT_TYPES = (
     "compound",
     "nodegroup",
 )
-
 
 RECHECK_MIN = 5
 
