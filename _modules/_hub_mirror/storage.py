@@ -213,16 +213,19 @@ class CacheView:
         return entry[0] if entry else None
 
     def live(self, repo, digest):
-        if not os.path.exists(self._link(repo, "manifest", digest)) or self.blob_size(digest) is None:
-            return False
-        expires = self.expires(repo, digest)
-        return expires is None or expires > self.now
+        """Whether the manifest ``digest`` of ``repo`` is cached and not expired."""
+        return self._cached(repo, "manifest", digest)
 
     def live_revisions(self, repo):
         return [digest for digest in self.revisions(repo) if self.live(repo, digest)]
 
     def layer_cached(self, repo, digest):
-        if not os.path.exists(self._link(repo, "blob", digest)) or self.blob_size(digest) is None:
+        """Whether the blob ``digest`` of ``repo`` is cached and not expired."""
+        return self._cached(repo, "blob", digest)
+
+    def _cached(self, repo, kind, digest):
+        # The link and the data both, as the registry needs them to serve it from disk.
+        if not os.path.exists(self._link(repo, kind, digest)) or self.blob_size(digest) is None:
             return False
         expires = self.expires(repo, digest)
         return expires is None or expires > self.now

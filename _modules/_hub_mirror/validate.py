@@ -377,19 +377,15 @@ def _validate_lookup(errors, lookup):
             )
     if lookup.get("supervisor", "") not in ("", "systemd", "sysv"):
         errors.add("lookup:supervisor", "must be systemd, sysv or empty", "remove it to detect")
-    user = check_text(
-        errors,
-        "lookup:user",
-        lookup.get("user", DEFAULTS["lookup"]["user"]),
-        pattern=ACCOUNT_RE,
-        fix="use a name like hub-mirror",
-    )
-    group = check_text(
-        errors,
-        "lookup:group",
-        lookup.get("group", DEFAULTS["lookup"]["group"]),
-        pattern=ACCOUNT_RE,
-        fix="use a name like hub-mirror",
+    user, group = (
+        check_text(
+            errors,
+            f"lookup:{key}",
+            lookup.get(key, DEFAULTS["lookup"][key]),
+            pattern=ACCOUNT_RE,
+            fix="use a name like hub-mirror",
+        )
+        for key in ("user", "group")
     )
     if user and group:
         for key, problem in account_problems(user, group):

@@ -375,6 +375,22 @@ CLIENT_KINDS = {
     "registries_yaml": (render_registries_yaml, _strip_registries_yaml),
 }
 
+# Each runtime hub_mirror configures: the kind of file it gets, and what shows it is on
+# this host (one of its programs on PATH, or the path of its config in client:paths,
+# whose directory is enough for k3s and rke2: the file itself is what hub_mirror writes).
+RUNTIMES = {
+    "docker": {"kind": "daemon_json", "programs": ("dockerd",), "marker": ("docker_daemon_json", False)},
+    "containerd": {"kind": "hosts_toml", "programs": ("containerd",), "marker": ("containerd_config", False)},
+    "podman": {
+        "kind": "registries_conf",
+        "programs": ("podman", "buildah", "skopeo", "crio"),
+        "marker": ("registries_conf", False),
+    },
+    "buildkit": {"kind": "buildkitd_toml", "programs": ("buildkitd",), "marker": ("buildkitd_toml", False)},
+    "k3s": {"kind": "registries_yaml", "programs": ("k3s",), "marker": ("k3s_registries", True)},
+    "rke2": {"kind": "registries_yaml", "programs": ("rke2",), "marker": ("rke2_registries", True)},
+}
+
 # Kinds where hub_mirror's part is a marked block: found and taken out by its markers
 # even when the record of it is lost.
 BLOCK_KINDS = ("hosts_toml", "registries_conf", "buildkitd_toml")

@@ -19,6 +19,7 @@ from .files import ClientRecord, apply_file, block_span, plan_file, read_marked
 from .render import (
     BLOCK_KINDS,
     REGISTRIES_DROPIN,
+    RUNTIMES,
     TOML_HEADER_RE,
     V1_REGISTRIES_RE,
     is_ipv6_url,
@@ -30,17 +31,12 @@ from .validate import CLIENT_RUNTIMES
 
 def _runtime_present(runtime, paths):
     """None when ``runtime`` is on this host (its program or its config), else why not."""
-    programs, marker = {
-        "docker": (("dockerd",), paths["docker_daemon_json"]),
-        "containerd": (("containerd",), paths["containerd_config"]),
-        "podman": (("podman", "buildah", "skopeo", "crio"), paths["registries_conf"]),
-        "buildkit": (("buildkitd",), paths["buildkitd_toml"]),
-        "k3s": (("k3s",), os.path.dirname(paths["k3s_registries"])),
-        "rke2": (("rke2",), os.path.dirname(paths["rke2_registries"])),
-    }[runtime]
-    if any(find_program(program) for program in programs) or os.path.exists(marker):
+    known = RUNTIMES[runtime]
+    key, directory = known["marker"]
+    marker = os.path.dirname(paths[key]) if directory else paths[key]
+    if any(find_program(program) for program in known["programs"]) or os.path.exists(marker):
         return None
-    return f"not installed (no {' or '.join(programs)} on PATH, no {marker})"
+    return f"not installed (no {' or '.join(known['programs'])} on PATH, no {marker})"
 
 
 def _cri_config_paths(text):
@@ -254,15 +250,6 @@ def _runtime_files(runtime, client, alive):
     return [(paths[f"{runtime}_registries"], "registries_yaml", alive, {})], []
 
 
-def _kind_of(runtime):
-    return {
-        "docker": "daemon_json",
-        "containerd": "hosts_toml",
-        "podman": "registries_conf",
-        "buildkit": "buildkitd_toml",
-    }.get(runtime, "registries_yaml")
-
-
 def _runtime_notes(runtime, client, alive, changes, configured, test):
     """What the user should know about ``runtime`` after this run: reloads, restarts."""
     notes = []
@@ -314,7 +301,7 @@ def _plan_runtime(record, client, runtime, alive, wanted, cleaning=False):
             if kind in BLOCK_KINDS and path not in record.files and block_span(read_marked(path))
         ]
     plan["notes"] += notes
-    files += [(path, _kind_of(runtime), {}, {}) for path in recorded if path not in {f[0] for f in files}]
+    files += [(path, RUNTIMES[runtime]["kind"], {}, {}) for path in recorded if path not in {f[0] for f in files}]
     if wanted and runtime == "podman":
         plan["blocked"] = _podman_blocked(client)
     elif wanted and runtime == "docker":

@@ -9,7 +9,7 @@ import urllib.parse
 
 from ..checks import check_keys
 from ..settings import merge
-from .render import MIRROR_HOST_RE, REGISTRY_HOST_RE, URL_FORBIDDEN
+from .render import MIRROR_HOST_RE, REGISTRY_HOST_RE, RUNTIMES, URL_FORBIDDEN
 
 # The client side runs on build hosts and VMs that may not run a mirror themselves. It
 # never fails a run because a mirror is down: it configures only mirrors that answer now,
@@ -21,7 +21,7 @@ from .render import MIRROR_HOST_RE, REGISTRY_HOST_RE, URL_FORBIDDEN
 # edited since loses only hub_mirror's part (a daemon.json key, a marked block, or
 # hub_mirror's endpoints in a registries.yaml).
 
-CLIENT_RUNTIMES = ("docker", "containerd", "podman", "buildkit", "k3s", "rke2")
+CLIENT_RUNTIMES = tuple(RUNTIMES)
 
 CLIENT_DEFAULTS = {
     # Upstream registry host -> mirror URLs, in preference order.
