@@ -4,9 +4,10 @@ Docker Hub pull-through caches with the CNCF distribution ``registry``.
 This is hub_mirror's execution module: the user commands, each a thin call into the
 private library ``_hub_mirror`` beside it (synced with it by ``saltutil.sync_modules``).
 It is the only code that reads Salt's loader data (pillar, grains, opts, other modules);
-the library takes what it needs as arguments. The states in ``_states/hub_mirror.py``
-call the commands that change the host with ``test=True`` to plan, then without it, so
-``test=True`` predicts a live run exactly.
+the library takes what it needs as arguments. Each command that changes the host plans
+first and applies the plan unless ``test=True``: the same code path in both modes, so a
+test run predicts a live run exactly. The states in ``_states/hub_mirror.py`` pass Salt's
+test flag through.
 
 Secrets: each mirror's upstream token is read from pillar here (never passed through
 SLS), written only to the mirror's 0600 files, and never returned, logged or put on a

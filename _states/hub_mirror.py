@@ -113,7 +113,7 @@ def warmed(name, images=None, platforms=None, parallel=4):
 
     .. code-block:: yaml
 
-        hub_mirror-cache-dockerhub-cached:
+        hub_mirror-cache-dockerhub-warmed:
           hub_mirror.warmed:
             - name: dockerhub
     """
@@ -129,7 +129,7 @@ def pruned(name, max_size=None):
 
     .. code-block:: yaml
 
-        hub_mirror-cache-dockerhub-capped:
+        hub_mirror-cache-dockerhub-pruned:
           hub_mirror.pruned:
             - name: dockerhub
     """

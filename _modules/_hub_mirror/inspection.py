@@ -43,7 +43,7 @@ def catalog(spec, tags=False, sizes=False, source="api"):
             reason = "no connection" if isinstance(exc, requests.ConnectionError) else str(exc)
             raise CommandExecutionError(
                 f"mirror {mirror} does not answer at {base_url} ({reason}); is it running? "
-                f"(salt-call hub_mirror.running mirror={mirror}), or read the storage "
+                f"(salt-call hub_mirror.deploy mirror={mirror}), or read the storage "
                 "directly with source=disk"
             ) from exc
         view = CacheView(spec["storage"])
@@ -173,7 +173,7 @@ def _mirror_status(conf, spec, installed, images):
     if disk["over_cap"]:
         comment += (
             f"; storage use {disk['used']['human']} exceeds max_size {disk['max_size']['human']}"
-            f" (apply hub_mirror.capped or run hub_mirror.prune mirror={name})"
+            f" (apply hub_mirror.pruned or run hub_mirror.prune mirror={name})"
         )
     report["comment"] = comment
     return report

@@ -84,9 +84,9 @@ MIRROR_DEFAULTS = {
     # 3.x only (2.8 fixes it at 168h); 0 keeps cached content forever.
     "ttl": "168h",
     "log_level": "info",
-    # Images hub_mirror.cached keeps in the cache, e.g. [library/alpine:3.20].
+    # Images the state hub_mirror.warmed keeps in the cache, e.g. [library/alpine:3.20].
     "warm": [],
-    # Cap on the storage directory (e.g. 50G); empty: none. hub_mirror.capped enforces it.
+    # Cap on the storage directory (e.g. 50G); empty: none. the state hub_mirror.pruned enforces it.
     "max_size": "",
     # Shared storage: the registry's S3 driver instead of the storage directory, so that
     # several mirror hosts serve one cache. Empty: local filesystem.
