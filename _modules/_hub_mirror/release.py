@@ -29,7 +29,7 @@ from .settings import (
 from .supervisor import supervisor_for
 from .units import DIGEST_RE
 
-# Published SHA-256 of the release tarballs (REGISTRY_FACTS.md).
+# Published SHA-256 of the release tarballs (docs/facts.md).
 KNOWN_DIGESTS = {
     "2.8.3": {
         "amd64": "b1f750ecbe09f38e2143e22c61a25e3da2afe1510d9522859230b480e642ceff",

@@ -150,7 +150,7 @@ def read_schedule(storage):
 class CacheView:
     """
     A read-only view of a mirror's storage, laid out as the registry lays it out
-    (REGISTRY_FACTS.md). Content counts as cached while its revision link and data exist
+    (docs/facts.md). Content counts as cached while its revision link and data exist
     and its expiry in ``scheduler-state.json`` has not passed: the registry removes the
     links of expired content but leaves the directories, and expires overdue entries at
     its next start.
