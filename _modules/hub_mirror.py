@@ -17,6 +17,7 @@ command line. Commands that show configuration redact it.
 :configuration: the ``hub_mirror`` pillar; see ``pillar.example``.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -35,10 +36,10 @@ def _library_files(root):
     return found
 
 
-# The loader puts this file's directory on sys.path while it runs it, but caches the
-# library under a plain sys.modules name that it never reloads: a re-synced library would
-# take effect only when the minion restarts. Drop it when it came from another directory
-# or its files changed since, and keep it otherwise.
+# The library is cached under a plain sys.modules name that the loader never reloads: a
+# re-synced library would take effect only when the minion restarts. Drop it when it came
+# from another directory or its files changed since, and keep it otherwise. It is then
+# imported from beside this file by path, whatever else sys.path holds.
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hub_mirror")
 _FILES = _library_files(_ROOT)
 _LOADED = sys.modules.get("_hub_mirror")
@@ -47,6 +48,12 @@ if _LOADED is not None and (
 ):
     for _name in [name for name in sys.modules if name == "_hub_mirror" or name.startswith("_hub_mirror.")]:
         del sys.modules[_name]
+if "_hub_mirror" not in sys.modules:
+    _SPEC = importlib.util.spec_from_file_location(
+        "_hub_mirror", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT]
+    )
+    sys.modules["_hub_mirror"] = importlib.util.module_from_spec(_SPEC)
+    _SPEC.loader.exec_module(sys.modules["_hub_mirror"])
 
 # pylint: disable=wrong-import-position
 import _hub_mirror  # noqa: E402
