@@ -24,7 +24,8 @@ from bench.common import HUB_TOKEN, HUB_USER, archive_pillar, log, mirror_addres
 from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port
 from tests.support.saltcall import unique_name
-from tests.support.saltmaster import SaltCluster, changes_of, states_of, strip_root_log_handlers
+from tests.support.results import changes_of, states_of
+from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
 
 SIZES = (1, 5, 10)
 QUICK_SIZES = (1, 2)

@@ -35,7 +35,8 @@ from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
 from tests.support.netutil import clean_env, free_port
 from tests.support.saltcall import unique_name, world_traversable_dir
-from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, states_of, strip_root_log_handlers
+from tests.support.results import states_of
+from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, strip_root_log_handlers
 
 pytestmark = pytest.mark.integration
 

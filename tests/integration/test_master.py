@@ -14,7 +14,8 @@ from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
 from tests.support.netutil import free_port
 from tests.support.saltcall import unique_name
-from tests.support.saltmaster import SaltCluster, changes_of, states_of, strip_root_log_handlers
+from tests.support.results import changes_of, states_of
+from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
 
 pytestmark = pytest.mark.integration
 

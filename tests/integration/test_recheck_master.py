@@ -17,7 +17,8 @@ from tests.integration.test_master import salt_factories_config  # noqa: F401  (
 from tests.support.registry import RegistryProcess
 from tests.support.runtimes import RECHECK_JOB
 from tests.support.saltcall import unique_name
-from tests.support.saltmaster import SaltCluster, states_of, strip_root_log_handlers
+from tests.support.results import states_of
+from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
 
 pytestmark = pytest.mark.integration
 

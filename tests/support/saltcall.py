@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from .results import StateResult
+
 REPO = Path(__file__).resolve().parents[2]
 SALT_CALL = str(Path(sys.executable).parent / "salt-call")
 
@@ -35,7 +37,9 @@ def world_traversable_dir(path):
     return path
 
 
-class CallResult:
+class CallResult(StateResult):
+    """One ``salt-call --local --out=json`` run; ``.data`` is its ``local`` return."""
+
     def __init__(self, proc):
         self.returncode = proc.returncode
         self.stdout = proc.stdout
@@ -44,21 +48,6 @@ class CallResult:
             self.data = json.loads(proc.stdout)["local"] if proc.stdout.strip() else None
         except (ValueError, KeyError, TypeError):
             self.data = None
-
-    @property
-    def states(self):
-        """{state id: return} of a state run; {} when it did not render."""
-        if not isinstance(self.data, dict):
-            return {}
-        return {key.split("_|-")[1]: value for key, value in self.data.items()}
-
-    @property
-    def changes(self):
-        return {sid: ret["changes"] for sid, ret in self.states.items() if ret["changes"]}
-
-    @property
-    def output(self):
-        return self.stdout + self.stderr
 
     def __repr__(self):
         return f"<CallResult rc={self.returncode} {self.output[-3000:]}>"

@@ -17,17 +17,6 @@ from tests.support.saltcall import REPO, unique_name, world_traversable_dir
 SALT_TIMEOUT = 300
 
 
-def states_of(data):
-    """{state id: return} of a state run; {} when it did not render (data is then a list)."""
-    if not isinstance(data, dict):
-        return {}
-    return {key.split("_|-")[1]: value for key, value in data.items()}
-
-
-def changes_of(data):
-    return {sid: ret["changes"] for sid, ret in states_of(data).items() if ret["changes"]}
-
-
 class ClusterMinion:
     def __init__(self, daemon, lookup, pillar):
         self.daemon = daemon
@@ -104,7 +93,8 @@ class SaltCluster:
 
     def salt(self, minion, *args, timeout=SALT_TIMEOUT):
         """``salt <minion> <args>``; ``minion`` may be a glob instead. The result has
-        ``.returncode``, ``.data`` (``{minion id: return}`` for a glob), ``.stdout``."""
+        ``.returncode``, ``.data`` (``{minion id: return}`` for a glob), ``.stdout``; read a
+        state run's ``.data`` with :func:`tests.support.results.states_of`."""
         tgt = minion if isinstance(minion, str) else minion.id
         result = self.salt_cli.run(*args, minion_tgt=tgt, _timeout=timeout + 30)
         self.outputs.append(result.stdout + result.stderr)

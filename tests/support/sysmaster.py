@@ -33,6 +33,7 @@ import yaml
 
 from .netutil import clean_env
 from .nspawn import wait_until
+from .results import StateResult
 from .saltcall import REPO
 
 SALT_TIMEOUT = 300
@@ -56,7 +57,7 @@ WantedBy=multi-user.target
 """
 
 
-class SaltResult:
+class SaltResult(StateResult):
     """One ``salt`` CLI call: ``.returncode``, ``.stdout``, ``.stderr``, ``.data`` (the
     minion's return, parsed from ``--out=json``; the exit status is non-zero when
     the minion's job failed)."""
@@ -67,25 +68,6 @@ class SaltResult:
         self.stdout = proc.stdout
         self.stderr = proc.stderr
         self.data = _parse_json_stream(proc.stdout).get(minion_id)
-
-    @property
-    def output(self):
-        return self.stdout + self.stderr
-
-    @property
-    def states(self):
-        """{state id: return} of a state run; {} when it did not render."""
-        if not isinstance(self.data, dict):
-            return {}
-        return {key.split("_|-")[1]: value for key, value in self.data.items()}
-
-    @property
-    def changes(self):
-        return {sid: ret["changes"] for sid, ret in self.states.items() if ret["changes"]}
-
-    @property
-    def all_true(self):
-        return bool(self.states) and all(ret["result"] is True for ret in self.states.values())
 
     def __repr__(self):
         failed = {sid: ret.get("comment") for sid, ret in self.states.items() if ret["result"] is not True}
