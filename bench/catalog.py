@@ -24,7 +24,7 @@ import os
 from bench.common import (
     HUB_TOKEN,
     HUB_USER,
-    BenchMinion,
+    bench_minion,
     load_hub_mirror,
     log,
     mirror_config,
@@ -139,7 +139,7 @@ def run(ctx):
     }
     pillar = {"mirrors": {"catalog": mirror}}
     module = load_hub_mirror(pillar)
-    minion = BenchMinion(work / "minion")
+    minion = bench_minion(work / "minion")
     minion.set_pillar(pillar)
     minion.sync()
 

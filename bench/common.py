@@ -24,7 +24,7 @@ import uuid
 import yaml
 
 from tests.support.release import FileServer, make_release_asset
-from tests.support.saltcall import REPO, Masterless, world_traversable_dir
+from tests.support.saltcall import REPO, STATE_TREE, Masterless, world_traversable_dir
 from tests.support.modules import lib
 
 registry_config = lib("registry_config")
@@ -270,21 +270,10 @@ def mirror_addresses():
 # -- masterless Salt with a private extra file_root ----------------------------------------------
 
 
-class BenchMinion(Masterless):
-    """:class:`Masterless` with extra file_roots after the repo's (for the benchmark's own
-    SLS files, which must not live in the repository)."""
-
-    def __init__(self, root, extra_roots=(), **kwargs):
-        super().__init__(root, **kwargs)
-        config_path = self.conf_dir / "minion"
-        config = yaml.safe_load(config_path.read_text())
-        config["file_roots"]["base"] += [str(path) for path in extra_roots]
-        config_path.write_text(yaml.safe_dump(config))
-
-    def set_pillar(self, hub_mirror):
-        super().set_pillar(hub_mirror)
-        # It holds the (stand-in's) token: salt-call runs as root.
-        os.chmod(self.pillar_dir / "hub_mirror.sls", 0o600)
+def bench_minion(root, extra_roots=()):
+    """A masterless minion whose file_roots add ``extra_roots`` after the repo's (for the
+    benchmark's own SLS files, which must not live in the repository)."""
+    return Masterless(root, file_roots=[*STATE_TREE, *extra_roots])
 
 
 def noop_sls(directory, count, name="bench_noop"):

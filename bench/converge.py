@@ -12,7 +12,7 @@ included, as a user sees them.
 from bench.common import (
     HUB_TOKEN,
     HUB_USER,
-    BenchMinion,
+    bench_minion,
     archive_pillar,
     log,
     mirror_addresses,
@@ -46,7 +46,7 @@ def run(ctx):
     ) as hub:
         for run_index in range(ctx.runs):
             root = ctx.dir(f"minion{run_index}")
-            minion = BenchMinion(root, extra_roots=[sls_root])
+            minion = bench_minion(root, extra_roots=[sls_root])
             name = unique_name("b")
             try:
                 minion.sync()

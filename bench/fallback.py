@@ -36,7 +36,7 @@ import socket
 import subprocess
 import time
 
-from bench.common import HUB_TOKEN, HUB_USER, BenchMinion, log, ratio, summary, timed
+from bench.common import HUB_TOKEN, HUB_USER, bench_minion, log, ratio, summary, timed
 from tests.support import oci
 from tests.support.clients import (
     Containerd,
@@ -277,7 +277,7 @@ def run(ctx):
         containerd2 = Containerd2(netns, work / "containerd2", env, {"/etc/hosts": etc_hosts}, tools)
         containerd2.start()
         ctx.defer(containerd2.stop)
-        minion = BenchMinion(ctx.dir("minion"))
+        minion = bench_minion(ctx.dir("minion"))
         masterless_daemon_config(minion)
         minion.sync()
         baseline = Host(ctx.dir("host-none"), cert, netns, tools)

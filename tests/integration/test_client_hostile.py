@@ -15,7 +15,7 @@ from tests.integration.test_client import IMAGE, REF, gets, host, minion, proxy_
 from tests.support.clients import skopeo_copy
 from tests.support.netutil import TricklingMirror, free_port
 from tests.support.registry import RegistryProcess
-from tests.support.saltcall import SALT_CALL, CallResult, unique_name, world_traversable_dir
+from tests.support.saltcall import unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.integration
 def salt_call(host, *args, prefix=()):
     """``state.apply hub_mirror.client`` (or ``args``) run through ``prefix``, e.g. in a
     mount namespace; the test thread is in the network namespace, so salt-call is too."""
-    argv = [SALT_CALL, "-c", str(host.minion.conf_dir), "--local", "--out=json", *(args or ("state.apply", "hub_mirror.client"))]
-    proc = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=300, check=False, cwd=str(host.minion.root))
-    result = CallResult(proc)
+    result = host.minion.run(*(args or ("state.apply", "hub_mirror.client")), prefix=prefix)
     assert result.returncode == 0, result
     if args:
         return result.data

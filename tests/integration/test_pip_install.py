@@ -12,7 +12,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
@@ -20,7 +19,6 @@ from tests.support.netutil import free_port
 from tests.support.saltcall import (
     REPO,
     SALT_CALL,
-    CallResult,
     Masterless,
     unique_name,
     world_traversable_dir,
@@ -114,23 +112,7 @@ class StateTreeOnlyMinion(Masterless):
     ``salt_call`` picks the Salt install that runs it."""
 
     def __init__(self, root, state_tree, salt_call=SALT_CALL):
-        super().__init__(root)
-        config_file = self.conf_dir / "minion"
-        config = yaml.safe_load(config_file.read_text())
-        config["file_roots"] = {"base": [str(state_tree)]}
-        config_file.write_text(yaml.safe_dump(config))
-        self.salt_call = salt_call
-
-    def run(self, *args, timeout=300):
-        proc = subprocess.run(
-            [self.salt_call, "-c", str(self.conf_dir), "--local", "--out=json", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=str(self.root),
-            check=False,
-        )
-        return CallResult(proc)
+        super().__init__(root, file_roots=[state_tree], salt_call=salt_call)
 
     def synced_modules(self):
         return sorted(str(path) for path in self.root.rglob("extmods/*/hub_mirror*.py"))

@@ -5,7 +5,6 @@ format or log level, no log file, no process argument or environment, no world-r
 no Salt cache file and no return of the module's functions."""
 
 import grp
-import os
 import pwd
 import shutil
 import socket
@@ -24,12 +23,6 @@ ROTATED_TOKEN = "dckr_pat_ROTATED9876543210zyxwvuTSR"
 TOKENS = (HUB_TOKEN, ROTATED_TOKEN)
 SERVICE_USER = "hub-mirror"
 REDACTED = "<redacted>"
-
-
-def private_pillar(minion, pillar):
-    """The pillar file is the operator's secret store: keep it as private as /srv/pillar."""
-    minion.set_pillar(pillar)
-    os.chmod(minion.pillar_dir / "hub_mirror.sls", 0o600)
 
 
 def process_snapshot():
@@ -78,7 +71,8 @@ def journey(hub, release_server):
     config_path = Path(minion.lookup["config_dir"]) / f"{name}.yml"
     calls, snapshots = {}, []
     try:
-        private_pillar(minion, first)
+        # Masterless keeps the pillar file 0600: the operator's secret store, like /srv/pillar.
+        minion.set_pillar(first)
         calls["first apply, debug on the console"] = minion.run("-l", "debug", "state.apply", "hub_mirror")
         snapshots.append((process_snapshot(), registry_environments(config_path)))
         calls["re-apply, highstate output"] = minion.run("--out=highstate", "state.apply", "hub_mirror")
@@ -87,18 +81,18 @@ def journey(hub, release_server):
             "--out=highstate", "-l", "debug", "state.apply", "hub_mirror", "test=True"
         )
         hub.token = ROTATED_TOKEN  # Docker Hub now takes the new token: it is checked first
-        private_pillar(minion, rotated)
+        minion.set_pillar(rotated)
         calls["rotation, test"] = minion.apply(test=True)
         calls["rotation, highstate output, debug"] = minion.run("--out=highstate", "-l", "debug", "state.apply", "hub_mirror")
         snapshots.append((process_snapshot(), registry_environments(config_path)))
         calls["rotated re-apply"] = minion.apply()
-        private_pillar(minion, bad_type)
+        minion.set_pillar(bad_type)
         calls["bad type, debug"] = minion.run("-l", "debug", "state.apply", "hub_mirror")
         calls["bad type, highstate output"] = minion.run("--out=highstate", "state.apply", "hub_mirror")
-        private_pillar(minion, port_in_use)
+        minion.set_pillar(port_in_use)
         calls["port in use, debug"] = minion.run("-l", "debug", "state.apply", "hub_mirror")
         calls["port in use, highstate output"] = minion.run("--out=highstate", "state.apply", "hub_mirror")
-        private_pillar(minion, rotated)
+        minion.set_pillar(rotated)
         calls["settings"] = minion.run("hub_mirror.settings")
         calls["config"] = minion.run("hub_mirror.config", f"mirror={name}")
         calls["configure, test"] = minion.run("hub_mirror.configure", f"mirror={name}", "test=True")
@@ -114,7 +108,7 @@ def journey(hub, release_server):
     finally:
         hub.token = HUB_TOKEN
         holder.close()
-        private_pillar(minion, rotated)
+        minion.set_pillar(rotated)
         minion.teardown()
         shutil.rmtree(root, ignore_errors=True)
 

@@ -12,7 +12,7 @@ import logging
 
 import yaml
 
-from tests.support.saltcall import REPO, unique_name, world_traversable_dir
+from tests.support.saltcall import STATE_TREE, unique_name, world_traversable_dir
 
 SALT_TIMEOUT = 300
 
@@ -53,7 +53,7 @@ class SaltCluster:
             unique_name("master-"),
             defaults={"root_dir": str(self.root / "master")},
             overrides={
-                "file_roots": {"base": [str(REPO / "salt"), str(REPO)]},
+                "file_roots": {"base": STATE_TREE},
                 "pillar_roots": {"base": [str(self.pillar_dir)]},
                 "log_level_logfile": "debug",
             },

@@ -34,7 +34,7 @@ import yaml
 from .netutil import clean_env
 from .nspawn import wait_until
 from .results import StateResult
-from .saltcall import REPO
+from .saltcall import STATE_TREE
 
 SALT_TIMEOUT = 300
 PR_SET_PDEATHSIG = 1
@@ -130,7 +130,7 @@ class NetnsMaster:
             "publish_port": self.publish_port,
             "ret_port": self.ret_port,
             "auto_accept": True,
-            "file_roots": {"base": [str(REPO / "salt"), str(REPO)]},
+            "file_roots": {"base": STATE_TREE},
             "pillar_roots": {"base": [str(self.pillar_dir)]},
             "log_file": str(self.log_file),
             "log_level": "warning",
