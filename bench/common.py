@@ -23,18 +23,13 @@ import uuid
 
 import yaml
 
-from tests.support.release import FileServer, make_release_asset
+from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.release import REGISTRY_BINARY, RELEASE_VERSION
 from tests.support.saltcall import REPO, STATE_TREE, Masterless, world_traversable_dir
 from tests.support.modules import lib
 
 registry_config = lib("registry_config")
 
-HUB_USER = "hubuser"
-# A stand-in credential: the stand-in accepts it, nothing else knows it.
-HUB_TOKEN = "dckr_pat_BENCH0123456789abcdefXYZ"
-REGISTRY_BINARY = "/usr/bin/docker-registry"
-# Debian's docker-registry stands in for the release binary: it reports 2.8.2.
-RELEASE_VERSION = "2.8.2"
 MB = 1000 * 1000
 
 
@@ -286,30 +281,6 @@ def noop_sls(directory, count, name="bench_noop"):
     }
     (directory / f"{name}.sls").write_text(yaml.safe_dump(states))
     return name
-
-
-@contextlib.contextmanager
-def release_server(root):
-    """GitHub's release downloads on loopback: the registry asset with its .sha256."""
-    asset = make_release_asset(root, RELEASE_VERSION, "amd64", binary=REGISTRY_BINARY)
-    with FileServer(root) as server:
-        server.asset = asset
-        server.template = server.url + "/v{version}/registry_{version}_linux_{arch}.tar.gz"
-        yield server
-
-
-def archive_pillar(server, mirrors, **extra):
-    """A pillar that installs the release asset from the loopback release server."""
-    return {
-        "version": RELEASE_VERSION,
-        "install": {
-            "method": "archive",
-            "source": server.template,
-            "source_hash": server.template + ".sha256",
-        },
-        "mirrors": mirrors,
-        **extra,
-    }
 
 
 def rmtree(path):

@@ -9,21 +9,9 @@ right after the re-apply. All are wall times of the ``salt-call`` process, start
 included, as a user sees them.
 """
 
-from bench.common import (
-    HUB_TOKEN,
-    HUB_USER,
-    bench_minion,
-    archive_pillar,
-    log,
-    mirror_addresses,
-    noop_sls,
-    ratio,
-    release_server,
-    rmtree,
-    summary,
-    timed,
-)
+from bench.common import HUB_TOKEN, HUB_USER, bench_minion, log, mirror_addresses, noop_sls, ratio, rmtree, summary, timed
 from tests.support.hub import FakeDockerHub
+from tests.support.release import archive_pillar, serve_releases
 from tests.support.saltcall import unique_name
 
 APPLY_TIMEOUT = 300
@@ -41,7 +29,7 @@ def run(ctx):
     work = ctx.dir("work")
     sls_root = ctx.dir("sls")
     first, again, floor, changes, states = [], [], [], [], []
-    with release_server(ctx.dir("releases")) as server, FakeDockerHub(
+    with serve_releases(ctx.dir("releases")) as server, FakeDockerHub(
         work / "hub", username=HUB_USER, token=HUB_TOKEN, ratelimit=None
     ) as hub:
         for run_index in range(ctx.runs):

@@ -20,9 +20,10 @@ import contextlib
 import logging
 import os
 
-from bench.common import HUB_TOKEN, HUB_USER, archive_pillar, log, mirror_addresses, ratio, release_server, summary, timed
+from bench.common import HUB_TOKEN, HUB_USER, log, mirror_addresses, ratio, summary, timed
 from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar, serve_releases
 from tests.support.saltcall import unique_name
 from tests.support.results import changes_of, states_of
 from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
@@ -92,7 +93,7 @@ def run(ctx):
     sizes = QUICK_SIZES if ctx.quick else SIZES
     first = {n: [] for n in sizes}
     again = {n: [] for n in sizes}
-    with release_server(ctx.dir("releases")) as server, FakeDockerHub(
+    with serve_releases(ctx.dir("releases")) as server, FakeDockerHub(
         work / "hub", username=HUB_USER, token=HUB_TOKEN, ratelimit=None
     ) as hub, factories(ctx.dir("sf")) as manager, contextlib.ExitStack() as daemons:
         cluster_root = ctx.dir("cluster")

@@ -7,15 +7,9 @@ import sys
 import pytest
 
 from tests.support import oci
-from tests.support.hub import FakeDockerHub
-from tests.support.release import FileServer, make_release_asset
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
-
-HUB_USER = "hubuser"
-HUB_TOKEN = "dckr_pat_SECRET0123456789abcdefXYZ"
-# Debian's docker-registry stands in for the release binary: it reports 2.8.2.
-REGISTRY_BINARY = "/usr/bin/docker-registry"
-RELEASE_VERSION = "2.8.2"
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
+from tests.support.release import REGISTRY_BINARY, serve_releases
+from tests.support.saltcall import Masterless, unique_name
 
 
 def pytest_sessionstart(session):
@@ -66,37 +60,16 @@ def clean_hub(hub):
 @pytest.fixture(scope="session")
 def release_server(tmp_path_factory):
     """GitHub's release downloads, on loopback: the 2.8.2 asset for amd64 with its .sha256."""
-    root = tmp_path_factory.mktemp("releases")
-    asset = make_release_asset(root, RELEASE_VERSION, "amd64", binary=REGISTRY_BINARY)
-    with FileServer(root) as server:
-        server.asset = asset
-        server.template = server.url + "/v{version}/registry_{version}_linux_{arch}.tar.gz"
+    with serve_releases(tmp_path_factory.mktemp("releases")) as server:
         yield server
 
 
 @pytest.fixture
-def masterless(tmp_path_factory):
+def masterless():
     """A masterless minion with its own config, pillar and lookup paths; mirrors stopped after."""
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    minion = Masterless(root)
-    minion.sync()
+    minion = Masterless.fresh()
     yield minion
-    minion.teardown()
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def archive_pillar(release_server, mirrors, **extra):
-    """A pillar that installs the release asset from the loopback release server."""
-    return {
-        "version": RELEASE_VERSION,
-        "install": {
-            "method": "archive",
-            "source": release_server.template,
-            "source_hash": release_server.template + ".sha256",
-        },
-        "mirrors": mirrors,
-        **extra,
-    }
+    minion.discard()
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
-from tests.support.hub import FakeDockerHub
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
 

@@ -122,11 +122,9 @@ def registry(request, storage):
 
 @pytest.fixture(scope="module")
 def minion(storage):
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    minion = Masterless(root)
-    minion.sync()
+    minion = Masterless.fresh()
     yield minion
-    minion.teardown()
+    minion.discard()
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import HUB_TOKEN, HUB_USER
 from tests.functional.inspect_support import applied_mirror, start_hub, teardown
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 
 pytestmark = pytest.mark.functional
 

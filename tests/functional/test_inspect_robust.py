@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from tests.conftest import archive_pillar
 from tests.functional.inspect_support import Mirror, applied_mirror, start_hub, teardown
 from tests.support import oci
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
 
 pytestmark = pytest.mark.functional

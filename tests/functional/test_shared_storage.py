@@ -11,8 +11,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port, wait_http
 from tests.support.registry import RegistryProcess
 from tests.support.modules import load

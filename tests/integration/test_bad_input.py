@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, REGISTRY_BINARY, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
-from tests.support.release import FileServer, make_release_asset
+from tests.support.release import archive_pillar, serve_releases
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
@@ -49,20 +49,14 @@ def parent_pid(pid):
 def other_releases(tmp_path_factory):
     """Assets the digests will not vouch for: Debian's 2.8.2 build named as 2.8.3 (whose
     built-in digest is upstream's) and as 9.9.9 (which no digest is known for)."""
-    root = tmp_path_factory.mktemp("other-releases")
-    for version in ("2.8.3", "9.9.9"):
-        make_release_asset(root, version, "amd64", binary=REGISTRY_BINARY)
-    with FileServer(root) as server:
-        server.template = server.url + "/v{version}/registry_{version}_linux_{arch}.tar.gz"
+    with serve_releases(tmp_path_factory.mktemp("other-releases"), versions=("2.8.3", "9.9.9")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def serving(hub, release_server, tmp_path_factory):
     """A mirror that serves and has cached library/alpine, and what must stay as it is."""
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    minion = Masterless(root)
-    minion.sync()
+    minion = Masterless.fresh()
     name, port = unique_name("m"), free_port()
     good = archive_pillar(
         release_server,
@@ -92,8 +86,7 @@ def serving(hub, release_server, tmp_path_factory):
         yield state
     finally:
         minion.set_pillar(good)
-        minion.teardown()
-        shutil.rmtree(root, ignore_errors=True)
+        minion.discard()
 
 
 def mirror_key(serving, key):
@@ -367,14 +360,13 @@ def test_test_mode_fails_on_the_same_bad_pillar(serving, hub, release_server, ot
 
 def test_a_cpu_arch_without_a_release_is_refused(serving, tmp_path):
     """The same host and pillar seen through grains of a CPU upstream builds nothing for."""
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
+    mips = Masterless.fresh(lookup=serving["minion"].lookup, grains={"osarch": "mips", "cpuarch": "mips"})
     try:
-        mips = Masterless(root, lookup=serving["minion"].lookup, grains={"osarch": "mips", "cpuarch": "mips"})
-        mips.sync()
         mips.set_pillar(serving["good"])
         result = mips.apply()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        # Its mirror is the serving one: leave it running.
+        mips.discard(stop_mirrors=False)
     assert_failed_clearly(result, "hub_mirror:version", "install:method: package")
     assert "'mips/mips'" in result.output
     assert_mirror_untouched(serving, tmp_path)

@@ -3,8 +3,8 @@ then the state has nothing to do; the cap state is quiet while the cache is unde
 
 import pytest
 
-from tests.conftest import archive_pillar
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,6 @@ import types
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER
 from tests.support.clients import (
     Containerd,
     Dockerd,
@@ -27,7 +26,7 @@ from tests.support.clients import (
     skopeo_copy,
     timed,
 )
-from tests.support.hub import FakeDockerHub
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.registry import RegistryProcess
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
@@ -96,11 +95,9 @@ def world(tmp_path_factory, image_layout):
 def minion():
     """One masterless minion for the module (a sync costs seconds); each test gets its own
     client paths and record directory through pillar."""
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    masterless = Masterless(root)
-    masterless.sync()
+    masterless = Masterless.fresh()
     yield masterless
-    shutil.rmtree(root, ignore_errors=True)
+    masterless.discard(stop_mirrors=False)
 
 
 class ClientHost:

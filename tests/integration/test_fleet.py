@@ -31,9 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import clean_env, free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name, world_traversable_dir
 from tests.support.results import states_of
 from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, strip_root_log_handlers

@@ -9,10 +9,11 @@ import shutil
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.functional.inspect_support import start_hub
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name, world_traversable_dir
 from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, strip_root_log_handlers
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
 from tests.support.processes import alive, cmdline, parent_pid, registry_pids, wait_for
+from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
 from tests.support.results import changes_of, states_of
 from tests.support.saltmaster import SaltCluster, strip_root_log_handlers

@@ -4,9 +4,10 @@ through it with skopeo, and `hub_mirror.catalog` listing what was pulled."""
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, RELEASE_VERSION, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.release import RELEASE_VERSION, archive_pillar
 
 pytestmark = pytest.mark.integration
 

@@ -3,10 +3,10 @@ address, storage, credential and service; changing or removing one touches only 
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
-from tests.support.hub import FakeDockerHub
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
 
 pytestmark = pytest.mark.integration

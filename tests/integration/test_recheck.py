@@ -27,13 +27,12 @@ FOLLOW_TIMEOUT = 6 * RECHECK + 60
 
 @pytest.fixture
 def minion():
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    masterless = Masterless(root)
+    masterless = Masterless.fresh(sync=False)
     # The scheduler needs a running daemon; without a master it must not look for one.
     masterless_daemon_config(masterless)
     masterless.sync()
     yield masterless
-    shutil.rmtree(root, ignore_errors=True)
+    masterless.discard(stop_mirrors=False)
 
 
 def wait_for(what, condition, daemon, timeout=FOLLOW_TIMEOUT):

@@ -14,11 +14,10 @@ import types
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER
 # host: test_client's client host, on this module's world (its mirrors, its namespace).
 from tests.integration.test_client import gets, host, proxy_config  # noqa: F401
 from tests.support.clients import NetNS, TLSFront, make_hub_identity
-from tests.support.hub import FakeDockerHub
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.registry import RegistryProcess
 from tests.support.runtimes import Buildkitd, Containerd2, blackhole_url, go_tools, podman_pull
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
@@ -53,9 +54,7 @@ def registry_environments(config_path):
 @pytest.fixture(scope="module")
 def journey(hub, release_server):
     """Run the whole life of a mirror once; every test below inspects what it left."""
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    minion = Masterless(root)
-    minion.sync()
+    minion = Masterless.fresh()
     name, port = unique_name("m"), free_port()
     mirror = {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}
     first = archive_pillar(release_server, {name: mirror})
@@ -109,8 +108,7 @@ def journey(hub, release_server):
         hub.token = HUB_TOKEN
         holder.close()
         minion.set_pillar(rotated)
-        minion.teardown()
-        shutil.rmtree(root, ignore_errors=True)
+        minion.discard()
 
 
 # What each call must have done, so that a clean output means something.

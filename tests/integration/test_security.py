@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port, loopback_session
+from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
@@ -62,9 +63,7 @@ def listening_sockets(pid):
 def mirror(hub, release_server, tmp_path_factory):
     """One mirror on 127.0.0.2, its debug listener on the default (127.0.0.1, port + 10000),
     with one image pulled through it."""
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    minion = Masterless(root)
-    minion.sync()
+    minion = Masterless.fresh()
     name, port = unique_name("m"), port_free_on_both()
     pillar = archive_pillar(
         release_server,
@@ -94,8 +93,7 @@ def mirror(hub, release_server, tmp_path_factory):
         }
     finally:
         minion.set_pillar(pillar)
-        minion.teardown()
-        shutil.rmtree(root, ignore_errors=True)
+        minion.discard()
 
 
 @pytest.fixture

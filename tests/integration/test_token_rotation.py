@@ -5,9 +5,10 @@ import hashlib
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 
 pytestmark = pytest.mark.integration
 

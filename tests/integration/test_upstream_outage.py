@@ -8,9 +8,10 @@ import time
 import pytest
 import requests
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
 from tests.support import oci
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.release import archive_pillar
 
 pytestmark = pytest.mark.integration
 

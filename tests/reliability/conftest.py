@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, RELEASE_VERSION, archive_pillar
 from tests.support import oci
 from tests.support.faults import FaultyHub
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.integrity import StorageAudit
 from tests.support.modules import load
 from tests.support.netutil import free_port
 from tests.support.registry import RegistryProcess
+from tests.support.release import RELEASE_VERSION, archive_pillar
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 from tests.support.modules import lib
 

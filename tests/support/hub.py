@@ -26,6 +26,10 @@ from . import oci
 from .netutil import free_port
 from .registry import RegistryProcess
 
+# The stand-in's credentials in the tests and the benchmarks: a made-up token that no
+# output may show and nothing else accepts.
+HUB_USER = "hubuser"
+HUB_TOKEN = "dckr_pat_SECRET0123456789abcdefXYZ"
 SERVICE = "registry.docker.io"
 TOKEN_LIFETIME = 300
 RATELIMIT_WINDOW = 21600
@@ -197,6 +201,13 @@ class FakeDockerHub:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+    def mirror_pillar(self, listen, **extra):
+        """The pillar of one mirror of this stand-in, with its credentials, listening on
+        ``listen`` (``host:port``, or a port on 127.0.0.1); ``extra`` adds or replaces keys."""
+        if isinstance(listen, int):
+            listen = f"127.0.0.1:{listen}"
+        return {"upstream": self.url, "listen": listen, "username": self.username, "token": self.token, **extra}
 
     def __repr__(self):
         # No credential in the repr: it ends up in pytest failure output.

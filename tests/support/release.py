@@ -6,6 +6,7 @@ made here from Debian's build of the same program, so installs are exercised
 end to end without the internet.
 """
 
+import contextlib
 import hashlib
 import io
 import pathlib
@@ -18,6 +19,11 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from .netutil import free_port
 
+# Debian's docker-registry stands in for the release binary: it reports 2.8.2.
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+RELEASE_VERSION = "2.8.2"
+# Where upstream's release downloads are, below the server's URL: install:source's form.
+TEMPLATE_PATH = "/v{version}/registry_{version}_linux_{arch}.tar.gz"
 DEB_CACHE = pathlib.Path("/var/cache/hub-mirror-ci/debs")
 APT_TIMEOUT = 600
 # A fixed mtime keeps assets reproducible: same inputs, same sha256.
@@ -39,7 +45,7 @@ def _add_member(tar, name, data, mode):
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_release_asset(out_dir, version, arch, binary="/usr/bin/docker-registry"):
+def make_release_asset(out_dir, version, arch, binary=REGISTRY_BINARY):
     """Write ``<out_dir>/v<version>/registry_<version>_linux_<arch>.tar.gz`` and its ``.sha256``.
 
     The tarball holds ``registry`` (0755), ``README.md`` and ``LICENSE`` at the
@@ -175,6 +181,8 @@ class FileServer:
         self.root_dir = str(root_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The template of install:source for the release assets it serves.
+        self.template = self.url + TEMPLATE_PATH
         self.requests = []
         self.overrides = {}
         self._lock = threading.Lock()
@@ -214,3 +222,32 @@ class FileServer:
     def __exit__(self, *exc_info):
         self.stop()
 
+
+# -- the release server and the pillar that installs from it ----------------------
+
+
+@contextlib.contextmanager
+def serve_releases(root, versions=(RELEASE_VERSION,), arch="amd64", binary=REGISTRY_BINARY):
+    """GitHub's release downloads on loopback: under ``root``, an asset of ``binary``
+    (Debian's build) named as each of ``versions`` for ``arch``, with its .sha256.
+    ``.template`` is the pillar's install:source, ``.asset`` the first version's asset
+    (:func:`make_release_asset`'s answer)."""
+    assets = [make_release_asset(root, version, arch, binary=binary) for version in versions]
+    with FileServer(root) as server:
+        server.asset = assets[0]
+        yield server
+
+
+def archive_pillar(server, mirrors, **extra):
+    """A hub_mirror pillar with ``mirrors`` that installs the release asset from
+    ``server`` (a :class:`FileServer` of release assets); ``extra`` adds top-level keys."""
+    return {
+        "version": RELEASE_VERSION,
+        "install": {
+            "method": "archive",
+            "source": server.template,
+            "source_hash": server.template + ".sha256",
+        },
+        "mirrors": mirrors,
+        **extra,
+    }

@@ -15,12 +15,11 @@ import time
 import pytest
 import requests
 
-from tests.conftest import HUB_TOKEN, HUB_USER, REGISTRY_BINARY, RELEASE_VERSION
 from tests.support import oci
 from tests.support.clients import NetNS
-from tests.support.hub import FakeDockerHub
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.nspawn import reap_stale, wait_until
-from tests.support.release import FileServer, fetch_debian_registry_binary, make_release_asset
+from tests.support.release import REGISTRY_BINARY, RELEASE_VERSION, FileServer, fetch_debian_registry_binary, make_release_asset
 from tests.support.sysmaster import NetnsMaster, free_port_in
 
 
@@ -96,7 +95,6 @@ def sys_releases(sysnet, tmp_path_factory):
     with sysnet.entered():
         server = FileServer(root).start()
     server.assets = assets
-    server.template = server.url + "/v{version}/registry_{version}_linux_{arch}.tar.gz"
     yield server
     server.stop()
 

@@ -13,8 +13,9 @@ import uuid
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.nspawn import TestHost, ensure_root
+from tests.support.release import archive_pillar
 from tests.support.sysmaster import start_minion
 from tests.system.conftest import wait_serving
 

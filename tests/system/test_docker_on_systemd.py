@@ -16,10 +16,9 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import HUB_TOKEN, HUB_USER
 from tests.integration.test_client import proxy_config
 from tests.support.clients import Dockerd, NetNS
-from tests.support.hub import FakeDockerHub
+from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.nspawn import TestHost, ensure_root, wait_until
 from tests.support.registry import RegistryProcess
 from tests.support.saltcall import REPO

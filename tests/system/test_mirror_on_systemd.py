@@ -18,8 +18,9 @@ import uuid
 
 import pytest
 
-from tests.conftest import HUB_TOKEN, HUB_USER, archive_pillar
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.nspawn import TestHost, ensure_root, wait_until
+from tests.support.release import archive_pillar
 from tests.support.sysmaster import start_minion
 from tests.system.conftest import sha256, unblock, wait_serving
 
