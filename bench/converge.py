@@ -39,13 +39,7 @@ def run(ctx):
             try:
                 minion.sync()
                 addresses = mirror_addresses()
-                mirror = {
-                    "upstream": hub.url,
-                    "listen": addresses["listen"],
-                    "debug_listen": addresses["debug_listen"],
-                    "username": HUB_USER,
-                    "token": HUB_TOKEN,
-                }
+                mirror = hub.mirror_pillar(addresses["listen"], debug_listen=addresses["debug_listen"])
                 minion.set_pillar(archive_pillar(server, {name: mirror}))
                 seconds, result = timed(minion.apply, timeout=APPLY_TIMEOUT)
                 _check(result, "first apply")

@@ -101,13 +101,7 @@ def run(ctx):
         minions = []
         for _ in range(max(sizes)):
             addresses = mirror_addresses()
-            mirror = {
-                "upstream": hub.url,
-                "listen": addresses["listen"],
-                "debug_listen": addresses["debug_listen"],
-                "username": HUB_USER,
-                "token": HUB_TOKEN,
-            }
+            mirror = hub.mirror_pillar(addresses["listen"], debug_listen=addresses["debug_listen"])
             minions.append(cluster.add_minion(archive_pillar(server, {unique_name("f"): mirror})))
         for pillar_file in cluster.pillar_dir.glob("*.sls"):
             # They hold the (stand-in's) token: readable by the master, which runs as root.

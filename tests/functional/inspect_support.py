@@ -70,13 +70,8 @@ class Mirror:
         return result.data
 
     def pillar(self, **extra):
-        return {
-            "upstream": self.hub.url,
-            "listen": self.hostport,
-            "username": HUB_USER,
-            "token": HUB_TOKEN,
-            **extra,
-        }
+        """This mirror's pillar, with ``extra`` keys."""
+        return self.hub.mirror_pillar(self.hostport, **extra)
 
     def set_mirror_pillar(self, release_server, **extra):
         self.minion.set_pillar(archive_pillar(release_server, {self.name: self.pillar(**extra)}))

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.netutil import free_port
 from tests.support.registry import RegistryProcess, default_config
-from tests.support.saltcall import REPO, Masterless, unique_name, world_traversable_dir
+from tests.support.saltcall import REPO, Masterless
 from tests.support.modules import lib
 
 registry_api = lib("registry_api")

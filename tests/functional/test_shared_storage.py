@@ -12,7 +12,6 @@ import boto3
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port, wait_http
 from tests.support.registry import RegistryProcess
 from tests.support.modules import load
@@ -82,21 +81,18 @@ def redis_keys(addr):
 
 def mirror_config(module, name, hub, s3_endpoint, redis=None):
     module.__grains__ = {"ip4_interfaces": {}, "ip6_interfaces": {}}
-    spec = settings.merge(settings.MIRROR_DEFAULTS, {
-        "upstream": hub.url,
-        "listen": f"127.0.0.1:{free_port()}",
-        "debug_listen": f"127.0.0.1:{free_port()}",
-        "username": HUB_USER,
-        "token": HUB_TOKEN,
-        "s3": {
+    spec = settings.merge(settings.MIRROR_DEFAULTS, hub.mirror_pillar(
+        free_port(),
+        debug_listen=f"127.0.0.1:{free_port()}",
+        s3={
             "bucket": "hub-cache",
             "endpoint": s3_endpoint,
             "accesskey": "AKIDTEST",
             "secretkey": "SECRETTEST",
             "rootdirectory": "/pool",
         },
-        "redis": {"addr": redis, "password": "REDISPASS"} if redis else {},
-    })
+        redis={"addr": redis, "password": "REDISPASS"} if redis else {},
+    ))
     return registry_config.render_config(validate.complete_mirror(name, spec, settings.DEFAULTS["lookup"], {}), "2")
 
 

@@ -7,7 +7,6 @@ import copy
 import json
 import hashlib
 import pwd
-import shutil
 import socket
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from tests.support import oci
 from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar, serve_releases
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
+from tests.support.saltcall import Masterless, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +59,7 @@ def serving(hub, release_server, tmp_path_factory):
     name, port = unique_name("m"), free_port()
     good = archive_pillar(
         release_server,
-        {name: {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}},
+        {name: hub.mirror_pillar(port)},
     )
     try:
         minion.set_pillar(good)
@@ -416,14 +415,7 @@ def test_config_that_does_not_serve_is_rolled_back(masterless, release_server, c
     port = free_port()
     good = archive_pillar(
         release_server,
-        {
-            mirror_name: {
-                "upstream": clean_hub.url,
-                "listen": f"127.0.0.1:{port}",
-                "username": HUB_USER,
-                "token": HUB_TOKEN,
-            }
-        },
+        {mirror_name: clean_hub.mirror_pillar(port)},
         probe_timeout=10,
         lookup={"supervisor": "sysv"},
     )

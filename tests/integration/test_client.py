@@ -8,7 +8,6 @@ salt-call runs in the namespace too, so its probe sees the mirrors the clients s
 """
 
 import json
-import shutil
 import socket
 import statistics
 import types
@@ -28,7 +27,7 @@ from tests.support.clients import (
 )
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.registry import RegistryProcess
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
+from tests.support.saltcall import Masterless, unique_name
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import clean_env, free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name, world_traversable_dir
@@ -54,13 +54,7 @@ def salt_factories_config():
 
 def add_mirror_host(cluster, hub, release_server, index, address, zone):
     port = free_port(address)
-    mirror = {
-        "upstream": hub.url,
-        "listen": f"{address}:{port}",
-        "advertise": f"http://{address}:{port}",
-        "username": HUB_USER,
-        "token": HUB_TOKEN,
-    }
+    mirror = hub.mirror_pillar(f"{address}:{port}", advertise=f"http://{address}:{port}")
     return cluster.add_minion(
         archive_pillar(release_server, {unique_name("m"): mirror}),
         id_prefix=f"mirror{index}-",

@@ -11,7 +11,7 @@ import pytest
 
 from tests.functional.inspect_support import start_hub
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name, world_traversable_dir
@@ -37,8 +37,7 @@ def own_hub(tmp_path_factory):
 
 def add_mirror_minion(cluster, hub, release_server):
     name, port = unique_name("m"), free_port()
-    mirror = {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}
-    return cluster.add_minion(archive_pillar(release_server, {name: mirror}))
+    return cluster.add_minion(archive_pillar(release_server, {name: hub.mirror_pillar(port)}))
 
 
 @pytest.fixture(scope="module")

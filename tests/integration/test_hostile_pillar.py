@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.processes import alive, cmdline, parent_pid, registry_pids, wait_for
 from tests.support.release import archive_pillar
@@ -36,13 +36,7 @@ class Mirror:
     def __init__(self, minion, release_server, hub, name, **settings):
         self.minion, self.release_server, self.hub, self.name = minion, release_server, hub, name
         self.port = free_port()
-        self.settings = {
-            "upstream": hub.url,
-            "listen": f"127.0.0.1:{self.port}",
-            "username": HUB_USER,
-            "token": HUB_TOKEN,
-            **settings,
-        }
+        self.settings = hub.mirror_pillar(self.port, **settings)
         lookup = minion.lookup
         self.config = Path(lookup["config_dir"]) / f"{name}.yml"
         self.storage = Path(self.settings.get("storage") or Path(lookup["state_dir"]) / name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
@@ -32,13 +32,7 @@ def salt_factories_config():
 
 def mirror_pillar(hub, release_server):
     """One mirror with a unique name and port, its release from the loopback server."""
-    mirror = {
-        "upstream": hub.url,
-        "listen": f"127.0.0.1:{free_port()}",
-        "username": HUB_USER,
-        "token": HUB_TOKEN,
-    }
-    return archive_pillar(release_server, {unique_name("m"): mirror})
+    return archive_pillar(release_server, {unique_name("m"): hub.mirror_pillar(free_port())})
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,11 @@ through it with skopeo, and `hub_mirror.catalog` listing what was pulled."""
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_USER
 from tests.support.netutil import free_port
 from tests.support.release import RELEASE_VERSION, archive_pillar
 
 pytestmark = pytest.mark.integration
-
-
-def mirror_pillar(hub, port, **extra):
-    return {
-        "upstream": hub.url,
-        "listen": f"127.0.0.1:{port}",
-        "username": HUB_USER,
-        "token": HUB_TOKEN,
-        **extra,
-    }
 
 
 @pytest.fixture
@@ -27,7 +17,7 @@ def applied(masterless, release_server, clean_hub, mirror_name):
     """A fresh minion's test=True prediction, then the live first apply."""
     port = free_port()
     masterless.set_pillar(
-        archive_pillar(release_server, {mirror_name: mirror_pillar(clean_hub, port)})
+        archive_pillar(release_server, {mirror_name: clean_hub.mirror_pillar(port)})
     )
     predicted = masterless.apply(test=True)
     first = masterless.apply()

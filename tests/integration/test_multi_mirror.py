@@ -4,7 +4,7 @@ address, storage, credential and service; changing or removing one touches only 
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
+from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
@@ -31,8 +31,8 @@ def test_each_upstream_its_own_mirror_and_changes_stay_local(masterless, release
     hub_name, ghcr_name = unique_name("hub"), unique_name("ghcr")
     hub_port, ghcr_port = free_port(), free_port()
     mirrors = {
-        hub_name: {"upstream": clean_hub.url, "listen": f"127.0.0.1:{hub_port}", "username": HUB_USER, "token": HUB_TOKEN},
-        ghcr_name: {"upstream": ghcr.url, "listen": f"127.0.0.1:{ghcr_port}", "username": GHCR_USER, "token": GHCR_TOKEN},
+        hub_name: clean_hub.mirror_pillar(hub_port),
+        ghcr_name: ghcr.mirror_pillar(ghcr_port),
     }
     masterless.set_pillar(archive_pillar(release_server, mirrors))
     first = masterless.apply()

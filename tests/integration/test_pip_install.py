@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import (
@@ -169,13 +169,7 @@ def test_state_apply_without_sync_serves_pulls(
     pip_minion, release_server, clean_hub, image_layout, tmp_path
 ):
     name, port = unique_name("m"), free_port()
-    mirror = {
-        "upstream": clean_hub.url,
-        "listen": f"127.0.0.1:{port}",
-        "username": HUB_USER,
-        "token": HUB_TOKEN,
-    }
-    pip_minion.set_pillar(archive_pillar(release_server, {name: mirror}))
+    pip_minion.set_pillar(archive_pillar(release_server, {name: clean_hub.mirror_pillar(port)}))
 
     applied = pip_minion.apply()
     assert applied.returncode == 0, applied

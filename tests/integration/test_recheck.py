@@ -7,7 +7,6 @@ every client's config drops it, with no state run; it starts again: it is back. 
 find nothing changed write nothing and reload nothing, and dockerd is never restarted.
 """
 
-import shutil
 import time
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 from tests.integration.test_client import ClientHost, user_daemon_json, world  # noqa: F401  (fixture)
 from tests.support.runtimes import RECHECK_JOB as JOB
 from tests.support.runtimes import SaltMinionDaemon, masterless_daemon_config
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
+from tests.support.saltcall import Masterless
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ no Salt cache file and no return of the module's functions."""
 
 import grp
 import pwd
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
+from tests.support.saltcall import Masterless, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +55,7 @@ def journey(hub, release_server):
     """Run the whole life of a mirror once; every test below inspects what it left."""
     minion = Masterless.fresh()
     name, port = unique_name("m"), free_port()
-    mirror = {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}
+    mirror = hub.mirror_pillar(port)
     first = archive_pillar(release_server, {name: mirror})
     rotated = archive_pillar(release_server, {name: {**mirror, "token": ROTATED_TOKEN}})
     bad_type = archive_pillar(release_server, {name: {**mirror, "token": ROTATED_TOKEN, "listen": 5000}})

@@ -5,7 +5,6 @@ and the registry runs as the unprivileged service user."""
 
 import json
 import pwd
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -14,10 +13,10 @@ import pytest
 import requests
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port, loopback_session
 from tests.support.release import archive_pillar
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
+from tests.support.saltcall import Masterless, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -65,17 +64,7 @@ def mirror(hub, release_server, tmp_path_factory):
     with one image pulled through it."""
     minion = Masterless.fresh()
     name, port = unique_name("m"), port_free_on_both()
-    pillar = archive_pillar(
-        release_server,
-        {
-            name: {
-                "upstream": hub.url,
-                "listen": f"{LISTEN_HOST}:{port}",
-                "username": HUB_USER,
-                "token": HUB_TOKEN,
-            }
-        },
-    )
+    pillar = archive_pillar(release_server, {name: hub.mirror_pillar(f"{LISTEN_HOST}:{port}")})
     try:
         minion.set_pillar(pillar)
         applied = minion.apply()

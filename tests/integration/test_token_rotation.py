@@ -6,7 +6,7 @@ import hashlib
 import pytest
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 
@@ -30,7 +30,7 @@ def test_rotation_restarts_once_and_uses_the_new_token(
 ):
     hub = rotating_hub
     port = free_port()
-    mirror = {"upstream": hub.url, "listen": f"127.0.0.1:{port}", "username": HUB_USER, "token": HUB_TOKEN}
+    mirror = hub.mirror_pillar(port)
     masterless.set_pillar(archive_pillar(release_server, {mirror_name: mirror}))
     assert masterless.apply().returncode == 0
     oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "a"))

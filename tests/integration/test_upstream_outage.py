@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 
@@ -38,17 +38,7 @@ def test_start_during_outage_serves_cache_then_catches_up(
 ):
     port = free_port()
     masterless.set_pillar(
-        archive_pillar(
-            release_server,
-            {
-                mirror_name: {
-                    "upstream": clean_hub.url,
-                    "listen": f"127.0.0.1:{port}",
-                    "username": HUB_USER,
-                    "token": HUB_TOKEN,
-                }
-            },
-        )
+        archive_pillar(release_server, {mirror_name: clean_hub.mirror_pillar(port)})
     )
     assert masterless.apply().returncode == 0
     cached = oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "a"))

@@ -135,7 +135,7 @@ class SaltMirror:
         self.log_path = Path(minion.lookup["log_dir"]) / f"{name}.log"
 
     def set_pillar(self, **extra):
-        mirror = {"upstream": self.hub.url, "listen": self.hostport, "username": HUB_USER, "token": HUB_TOKEN}
+        mirror = self.hub.mirror_pillar(self.hostport)
         if self.storage != Path(self.minion.lookup["state_dir"]) / self.name:
             mirror["storage"] = str(self.storage)
         self.minion.set_pillar(archive_pillar(self.release_server, {self.name: {**mirror, **extra}}))

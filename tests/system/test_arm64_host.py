@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 
-from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.nspawn import TestHost, ensure_root
 from tests.support.release import archive_pillar
 from tests.support.sysmaster import start_minion
@@ -55,8 +54,7 @@ def test_arm64_minion_installs_the_arm64_asset_runs_it_and_serves_a_pull(
     host = arm_host
     assert host.sh("uname -m") == "aarch64"
     hostport = f"127.0.0.1:{sysnet.free_port()}"
-    mirror = {"upstream": sys_hub.url, "listen": hostport, "username": HUB_USER, "token": HUB_TOKEN}
-    sys_master.set_pillar(host.name, archive_pillar(sys_releases, {MIRROR: mirror}))
+    sys_master.set_pillar(host.name, archive_pillar(sys_releases, {MIRROR: sys_hub.mirror_pillar(hostport)}))
 
     # A minion that has never synced is told what to do, before anything changes.
     unsynced = sys_master.salt(host.name, "state.apply", "hub_mirror", timeout=SLOW)

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN
 from tests.support.nspawn import TestHost, ensure_root, wait_until
 from tests.support.release import archive_pillar
 from tests.support.sysmaster import start_minion
@@ -48,9 +48,7 @@ class Site:
         self.token = HUB_TOKEN
 
     def pillar(self, token):
-        mirror = {"upstream": self.hub.url, "listen": self.hostport,
-                  "username": HUB_USER, "token": token}
-        return archive_pillar(self.releases, {MIRROR: mirror})
+        return archive_pillar(self.releases, {MIRROR: self.hub.mirror_pillar(self.hostport, token=token)})
 
     def salt(self, *args, **kwargs):
         return self.master.salt(self.host.name, *args, **kwargs)
