@@ -161,33 +161,6 @@ def machine():
     }
 
 
-def cpu_seconds(pid):
-    """User+system CPU seconds of ``pid`` and its waited-for children, or None."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # utime, stime, cutime, cstime are fields 14-17 (1-based) of stat; after the comm
-    # field is cut off they start at index 11.
-    ticks = sum(int(v) for v in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_seconds(pgid):
-    """CPU seconds of every live process in process group ``pgid``."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 # -- the execution module, loaded directly ---------------------------------------------------
 
 

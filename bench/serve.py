@@ -24,8 +24,6 @@ from bench.common import (
     HUB_TOKEN,
     HUB_USER,
     MB,
-    cpu_seconds,
-    group_cpu_seconds,
     log,
     mirror_config,
     mirror_addresses,
@@ -35,6 +33,7 @@ from bench.common import (
 from tests.support import oci
 from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port, wait_http
+from tests.support.processes import cpu_seconds, process_group
 from tests.support.registry import RegistryProcess, default_config
 
 BLOB_BYTES = 500 * MB
@@ -92,7 +91,8 @@ class Nginx:
         return self
 
     def cpu(self):
-        return group_cpu_seconds(self.proc.pid)
+        """CPU seconds of nginx's master and workers (its own process group)."""
+        return sum(cpu_seconds(pid) or 0.0 for pid in process_group(self.proc.pid))
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -15,6 +15,7 @@ import pytest
 from tests.support import oci
 from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.processes import parent_pid, registry_pids
 from tests.support.release import archive_pillar, serve_releases
 from tests.support.saltcall import Masterless, unique_name
 
@@ -25,23 +26,6 @@ SERVICE_USER = "hub-mirror"
 
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def registry_pids(config_path):
-    """PIDs of registry processes serving ``config_path`` (whatever supervises them)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args[1:3] == [b"serve", str(config_path).encode()]:
-            pids.append(int(proc.name))
-    return sorted(pids)
-
-
-def parent_pid(pid):
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import free_port
+from tests.support.processes import cmdline, environ, parent_pid, pids, registry_pids
 from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name
 
@@ -28,26 +29,14 @@ REDACTED = "<redacted>"
 def process_snapshot():
     """Every process's arguments as ``ps`` shows them (full width) and as /proc holds them."""
     text = subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True, check=True).stdout
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                text += (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") + "\n"
-            except OSError:
-                pass
-    return text
+    return text + "".join(" ".join(cmdline(pid)) + "\n" for pid in pids())
 
 
 def registry_environments(config_path):
     """Environment of the registry serving ``config_path`` and of its supervisor."""
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args[1:3] == [b"serve", str(config_path).encode()]:
-            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            return [(proc / "environ").read_bytes(), Path(f"/proc/{parent}/environ").read_bytes()]
-    raise AssertionError(f"no registry serves {config_path}")
+    serving = registry_pids(config_path)
+    assert serving, f"no registry serves {config_path}"
+    return [environ(serving[0]), environ(parent_pid(serving[0]))]
 
 
 @pytest.fixture(scope="module")

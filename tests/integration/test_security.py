@@ -7,7 +7,6 @@ import json
 import pwd
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +14,7 @@ import requests
 from tests.support import oci
 from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port, loopback_session
+from tests.support.processes import cmdline, parent_pid, registry_pids, status
 from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name
 
@@ -37,19 +37,6 @@ def port_free_on_both():
         if port + 10000 < 65536:
             return port
     raise RuntimeError("no port free on both loopback addresses")
-
-
-def registry_pids(config_path):
-    """PIDs of registry processes serving ``config_path`` (whatever supervises them)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args[1:3] == [b"serve", str(config_path).encode()]:
-            pids.append(int(proc.name))
-    return pids
 
 
 def listening_sockets(pid):
@@ -190,13 +177,11 @@ def test_registry_and_supervisor_run_as_the_service_user(mirror):
     assert service.pw_uid != 0
     pids = registry_pids(mirror["config_path"])
     assert len(pids) == 1, pids
-    supervisor = int(open(f"/proc/{pids[0]}/stat", encoding="ascii").read().rsplit(")", 1)[1].split()[1])
+    supervisor = parent_pid(pids[0])
     for pid in (pids[0], supervisor):
-        status = dict(
-            line.split(":", 1) for line in open(f"/proc/{pid}/status", encoding="ascii").read().splitlines()
-        )
-        assert [int(uid) for uid in status["Uid"].split()] == [service.pw_uid] * 4, (pid, status["Uid"])
-        assert [int(gid) for gid in status["Gid"].split()] == [service.pw_gid] * 4, (pid, status["Gid"])
-        assert int(status["CapEff"], 16) == 0, (pid, status["CapEff"])
-    supervisor_args = open(f"/proc/{supervisor}/cmdline", "rb").read().split(b"\0")
-    assert any(arg.endswith(b"hub-mirror-supervise") for arg in supervisor_args), supervisor_args
+        fields = status(pid)
+        assert [int(uid) for uid in fields["Uid"].split()] == [service.pw_uid] * 4, (pid, fields["Uid"])
+        assert [int(gid) for gid in fields["Gid"].split()] == [service.pw_gid] * 4, (pid, fields["Gid"])
+        assert int(fields["CapEff"], 16) == 0, (pid, fields["CapEff"])
+    supervisor_args = cmdline(supervisor)
+    assert any(arg.endswith("hub-mirror-supervise") for arg in supervisor_args), supervisor_args

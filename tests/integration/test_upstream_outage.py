@@ -3,7 +3,6 @@ when the upstream returns. The registry alone panics at start in that case
 (distribution issue 4038); the supervisor serves the storage read-only meanwhile."""
 
 import subprocess
-import time
 
 import pytest
 import requests
@@ -11,18 +10,10 @@ import requests
 from tests.support import oci
 from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
+from tests.support.processes import wait_for
 from tests.support.release import archive_pillar
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def pull_ok(port, repo, dest):
@@ -65,5 +56,5 @@ def test_start_during_outage_serves_cache_then_catches_up(
         clean_hub.unblock()
 
     # Back in proxy mode within the supervisor's recheck interval (15 s) plus a restart.
-    wait_until(lambda: pull_ok(port, "library/busybox", tmp_path / "e"), 60, "a new pull after the outage")
+    wait_for(lambda: pull_ok(port, "library/busybox", tmp_path / "e"), 60, "a new pull after the outage", interval=0.5)
     assert clean_hub.counts()["blob_get"] > 0

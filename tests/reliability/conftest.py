@@ -8,7 +8,6 @@ part of the scenario, a mirror applied with masterless Salt.
 """
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.integrity import StorageAudit
 from tests.support.modules import load
 from tests.support.netutil import free_port
+from tests.support.processes import registry_pids
 from tests.support.registry import RegistryProcess
 from tests.support.release import RELEASE_VERSION, archive_pillar
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
@@ -147,17 +147,8 @@ class SaltMirror:
 
     def registry_pid(self):
         """The pid of the registry serving this mirror's proxy config, from /proc (or None)."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            args = [arg.decode(errors="replace") for arg in args if arg]
-            if len(args) >= 3 and args[-2] == "serve" and args[-1] == str(self.config_path):
-                return int(entry.name)
-        return None
+        serving = registry_pids(self.config_path)
+        return serving[0] if serving else None
 
     def log(self):
         try:
@@ -191,15 +182,3 @@ def salt_mirror_factory(hub, release_server):
     for minion, root in made:
         minion.teardown()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def wait_until(predicate, timeout, what, interval=0.2):
-    """Poll ``predicate`` until it returns something true; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.reliability.conftest import LOAD_REPOS, load_repo, wait_until
+from tests.reliability.conftest import LOAD_REPOS, load_repo
 from tests.support import oci
 from tests.support.integrity import StorageAudit, http_pull
 from tests.support.netutil import loopback_session
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.functional
 
@@ -71,7 +72,7 @@ def test_200_concurrent_pulls_lose_nothing(hub, mirror, tmp_path):
         audit = StorageAudit(mirror.storage)
         return audit if distinct <= set(audit.blobs) or not audit.sound else None
 
-    audit = wait_until(settled, 60, "every pulled blob in the mirror's storage")
+    audit = wait_for(settled, 60, "every pulled blob in the mirror's storage")
     assert audit.sound, audit
     assert distinct <= set(audit.blobs), audit
 
@@ -121,5 +122,5 @@ def test_one_cold_pull_fetches_each_blob_twice_upstream(hub, mirror, tmp_path):
     gets = Counter(r["ref"] for r in hub.requests if r["authorized"] and r["kind"] == "blob" and r["method"] == "GET")
     print(f"\none cold pull, upstream blob GETs per blob: {dict(gets)}; {hub.counts()}")
     assert gets == {blob: 2 for blob in [image["config_digest"], *image["layer_digests"]]}
-    wait_until(lambda: set(image_blobs(image)) <= set(StorageAudit(mirror.storage).blobs), 30, "the blobs stored")
+    wait_for(lambda: set(image_blobs(image)) <= set(StorageAudit(mirror.storage).blobs), 30, "the blobs stored")
     assert StorageAudit(mirror.storage).sound

@@ -11,10 +11,11 @@ import threading
 
 import pytest
 
-from tests.reliability.conftest import MIB, wait_until
+from tests.reliability.conftest import MIB
 from tests.support import oci
 from tests.support.integrity import StorageAudit
 from tests.support.netutil import loopback_session
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,7 @@ def test_registry_killed_mid_pull_restarts_consistent(hub, salt_mirror_factory, 
     assert "error" in outcome, outcome  # the client saw the mirror die
     sent_at_kill = hub.progress.sent(big)
 
-    new_pid = wait_until(lambda: serving(mirror, pid), 60, "the supervisor to restart the registry", interval=0.5)
+    new_pid = wait_for(lambda: serving(mirror, pid), 60, "the supervisor to restart the registry", interval=0.5)
     assert "restarting" in mirror.log()
 
     audit = StorageAudit(mirror.storage)
@@ -73,7 +74,7 @@ def test_registry_killed_mid_pull_restarts_consistent(hub, salt_mirror_factory, 
         return audit if blobs <= set(audit.blobs) or not audit.sound else None
 
     try:
-        audit = wait_until(stored, 30, "the image stored after the restart")
+        audit = wait_for(stored, 30, "the image stored after the restart")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {StorageAudit(mirror.storage)}\n{mirror.log()[-5000:]}") from None
     assert audit.sound, audit

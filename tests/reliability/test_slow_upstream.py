@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import load_repo, wait_until
+from tests.reliability.conftest import load_repo
 from tests.support import oci
 from tests.support.integrity import StorageAudit
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.functional
 
@@ -27,7 +28,7 @@ def test_slow_upstream_leaves_cached_pulls_by_digest_alone(hub, mirror, tmp_path
     want = image["manifest_digest"]
     assert oci.pull(mirror.hostport, repo, "latest", str(tmp_path / "warm")) == want
     blobs = {image["config_digest"], *image["layer_digests"]}
-    wait_until(lambda: blobs <= set(StorageAudit(mirror.storage).blobs), 30, "the image cached")
+    wait_for(lambda: blobs <= set(StorageAudit(mirror.storage).blobs), 30, "the image cached")
 
     timings = {}
     _, timings["digest, fast upstream"] = timed_pull(mirror, repo, want, tmp_path / "d0")

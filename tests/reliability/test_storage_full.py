@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import FULL_IMAGES, FULL_LAYER, wait_until
+from tests.reliability.conftest import FULL_IMAGES, FULL_LAYER
 from tests.support import oci
 from tests.support.integrity import REPO_ROOT, StorageAudit
+from tests.support.processes import wait_for
 from tests.support.saltcall import unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,7 @@ def layer(hub, name):
 def stored(mirror, digest, timeout):
     """True once ``digest`` is in the mirror's blob store (it stores after serving)."""
     try:
-        wait_until(lambda: digest in StorageAudit(mirror.storage).blobs, timeout, digest)
+        wait_for(lambda: digest in StorageAudit(mirror.storage).blobs, timeout, digest)
         return True
     except AssertionError:
         return False

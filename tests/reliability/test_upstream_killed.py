@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import MIB, wait_until
+from tests.reliability.conftest import MIB
 from tests.support import oci
 from tests.support.integrity import StorageAudit
 from tests.support.netutil import loopback_session
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.functional
 
@@ -68,7 +69,7 @@ def test_upstream_killed_mid_blob_then_retry_succeeds(hub, mirror, tmp_path):
         audit = StorageAudit(mirror.storage)
         return audit if blobs <= set(audit.blobs) or not audit.sound else None
 
-    audit = wait_until(stored, 30, "the blob stored after the retry")
+    audit = wait_for(stored, 30, "the blob stored after the retry")
     assert audit.sound, audit
     print(
         f"\nupstream cut after {sent_before_cut} of {image['layer_sizes'][0]} bytes (both fetches); "

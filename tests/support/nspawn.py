@@ -49,6 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from . import processes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / ".ci" / "build-testhost-root"
 CACHE_BASE = Path(os.environ.get("HM_CI_CACHE", "/var/cache/hub-mirror-ci"))
@@ -724,21 +726,14 @@ class TestHost:
                                 "before the container started")
         children: dict[int, list[int]] = {}
         nspid1: set[int] = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+        for pid in processes.pids():
+            fields = processes.status(pid)
+            if not fields:
                 continue
-            try:
-                with open(f"/proc/{entry}/status", encoding="utf-8") as fh:
-                    status = fh.read()
-            except OSError:
-                continue
-            ppid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
-            children.setdefault(ppid, []).append(int(entry))
-            m = re.search(r"^NSpid:\s+(.*)$", status, re.M)
-            if m:
-                ids = m.group(1).split()
-                if len(ids) > 1 and ids[-1] == "1":
-                    nspid1.add(int(entry))
+            children.setdefault(int(fields["PPid"]), []).append(pid)
+            ids = fields.get("NSpid", "").split()
+            if len(ids) > 1 and ids[-1] == "1":
+                nspid1.add(pid)
         queue = [self.proc.pid]
         while queue:
             pid = queue.pop(0)
@@ -881,14 +876,7 @@ class TestHost:
 
 def _pid_ns_depth(pid: int) -> int:
     """How many pid namespaces a process is in (NSpid has one entry per level)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("NSpid:"):
-                    return len(line.split()) - 1
-    except OSError:
-        pass
-    return 0
+    return len(processes.status(pid).get("NSpid", "").split())
 
 
 def _host_arch() -> str:
