@@ -25,7 +25,6 @@ from bench.common import (
     HUB_TOKEN,
     HUB_USER,
     bench_minion,
-    load_hub_mirror,
     log,
     mirror_config,
     mirror_addresses,
@@ -34,6 +33,7 @@ from bench.common import (
     timed,
 )
 from tests.support.hub import FakeDockerHub
+from tests.support.modules import exec_module
 from tests.support.netutil import loopback_session
 from tests.support.registry import RegistryProcess
 
@@ -138,7 +138,7 @@ def run(ctx):
         "storage": str(storage),
     }
     pillar = {"mirrors": {"catalog": mirror}}
-    module = load_hub_mirror(pillar)
+    module = exec_module(pillar)
     minion = bench_minion(work / "minion")
     minion.set_pillar(pillar)
     minion.sync()

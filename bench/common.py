@@ -8,7 +8,6 @@ anything else on the machine hits both alike.
 
 import contextlib
 import datetime
-import importlib.util
 import os
 import pathlib
 import platform
@@ -24,11 +23,9 @@ import uuid
 import yaml
 
 from tests.support.hub import HUB_TOKEN, HUB_USER
-from tests.support.release import REGISTRY_BINARY, RELEASE_VERSION
-from tests.support.saltcall import REPO, STATE_TREE, Masterless, world_traversable_dir
-from tests.support.modules import lib
-
-registry_config = lib("registry_config")
+from tests.support.release import REGISTRY_BINARY
+from tests.support.saltcall import STATE_TREE, Masterless, world_traversable_dir
+from tests.support.modules import rendered_config
 
 MB = 1000 * 1000
 
@@ -161,29 +158,7 @@ def machine():
     }
 
 
-# -- the execution module, loaded directly ---------------------------------------------------
-
-
-def load_hub_mirror(pillar=None, grains=None):
-    """``_modules/hub_mirror.py`` with the loader's dunders stubbed, as the unit tests do.
-
-    Its pure helpers (``render_config``, ``render_hosts_toml``, ...) and ``settings()``
-    work from here; anything that calls another Salt module does not.
-    """
-    spec = importlib.util.spec_from_file_location("hm_bench_hub_mirror", REPO / "_modules" / "hub_mirror.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.__grains__ = grains or {
-        "kernel": "Linux",
-        "osarch": "amd64",
-        "cpuarch": "x86_64",
-        "ip4_interfaces": {"lo": ["127.0.0.1"]},
-        "ip6_interfaces": {"lo": ["::1"]},
-    }
-    module.__pillar__ = {"hub_mirror": pillar or {}}
-    module.__salt__ = {}
-    module.__opts__ = {}
-    return module
+# -- the registry config hub_mirror renders ---------------------------------------------------
 
 
 def mirror_config(name, upstream, addresses, storage, username=HUB_USER, token=HUB_TOKEN, dialect="2"):
@@ -198,9 +173,7 @@ def mirror_config(name, upstream, addresses, storage, username=HUB_USER, token=H
     }
     if username:
         mirror.update(username=username, token=token)
-    module = load_hub_mirror({"version": RELEASE_VERSION, "mirrors": {name: mirror}})
-    _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
-    return registry_config.render_config(spec, dialect)
+    return rendered_config(name, mirror, dialect)
 
 
 _HANDED_OUT = set()

@@ -6,7 +6,6 @@ repositories whose content has expired are left out. Prints the timings (no asse
 them): ``pytest -s`` shows them."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -16,8 +15,8 @@ import pytest
 
 from tests.support.netutil import free_port
 from tests.support.registry import RegistryProcess, default_config
-from tests.support.saltcall import REPO, Masterless
-from tests.support.modules import lib
+from tests.support.saltcall import Masterless
+from tests.support.modules import exec_module, lib
 
 registry_api = lib("registry_api")
 
@@ -130,16 +129,7 @@ def minion(storage):
 @pytest.fixture
 def module(registry, storage):
     """The execution module in this process, for timings without salt-call's start-up."""
-    spec = importlib.util.spec_from_file_location("hm_scale", REPO / "_modules" / "hub_mirror.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.__grains__ = {"kernel": "Linux", "osarch": "amd64", "ip4_interfaces": {"lo": ["127.0.0.1"]}}
-    module.__pillar__ = {
-        "hub_mirror": {
-            "mirrors": {"scale": {"listen": registry.hostport, "storage": str(storage[0] / "storage")}}
-        }
-    }
-    return module
+    return exec_module({"mirrors": {"scale": {"listen": registry.hostport, "storage": str(storage[0] / "storage")}}})
 
 
 def timed(function, *args, **kwargs):

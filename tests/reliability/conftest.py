@@ -16,15 +16,12 @@ from tests.support import oci
 from tests.support.faults import FaultyHub
 from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.integrity import StorageAudit
-from tests.support.modules import load
+from tests.support.modules import rendered_config
 from tests.support.netutil import free_port
 from tests.support.processes import registry_pids
 from tests.support.registry import RegistryProcess
-from tests.support.release import RELEASE_VERSION, archive_pillar
+from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
-from tests.support.modules import lib
-
-registry_config = lib("registry_config")
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -85,36 +82,12 @@ def hub(fault_hub):
     fault_hub.set_blob_rate(None)
 
 
-def rendered_config(hub, name, port, storage):
-    """The registry config hub_mirror renders for a mirror of ``hub`` (2.8 dialect)."""
-    module = load("hub_mirror")
-    module.__grains__ = {"kernel": "Linux", "ip4_interfaces": {"lo": ["127.0.0.1"]}, "ip6_interfaces": {"lo": ["::1"]}}
-    module.__pillar__ = {
-        "hub_mirror": {
-            "version": RELEASE_VERSION,
-            "mirrors": {
-                name: {
-                    "upstream": hub.url,
-                    "listen": f"127.0.0.1:{port}",
-                    "debug_listen": f"127.0.0.1:{free_port()}",
-                    "username": HUB_USER,
-                    "token": HUB_TOKEN,
-                    "storage": str(storage),
-                }
-            },
-        }
-    }
-    module.__salt__ = {}
-    module.__opts__ = {}
-    _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
-    return registry_config.render_config(spec, "2")
-
-
 @pytest.fixture
 def mirror(hub, tmp_path):
     """A registry on the config hub_mirror renders, with an empty cache; ``.storage`` is its root."""
     storage = tmp_path / "storage"
-    proc = RegistryProcess(tmp_path / "mirror", config=rendered_config(hub, "reliability", free_port(), storage))
+    pillar = hub.mirror_pillar(free_port(), debug_listen=f"127.0.0.1:{free_port()}", storage=str(storage))
+    proc = RegistryProcess(tmp_path / "mirror", config=rendered_config("reliability", pillar))
     proc.storage = storage
     proc.start()
     yield proc

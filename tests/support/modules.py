@@ -1,11 +1,22 @@
-"""Import the extension's code straight from the repo, for tests of pure logic."""
+"""Import the extension's code straight from the repo, for tests of pure logic and for
+registries that tests and benchmarks run themselves on the config hub_mirror renders."""
 
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
 
+from .release import RELEASE_VERSION
+
 REPO = Path(__file__).resolve().parents[2]
+# A loopback-only amd64 Linux host, as the exec module's grains.
+HOST_GRAINS = {
+    "kernel": "Linux",
+    "osarch": "amd64",
+    "cpuarch": "x86_64",
+    "ip4_interfaces": {"lo": ["127.0.0.1"]},
+    "ip6_interfaces": {"lo": ["::1"]},
+}
 # The facade imports its library as the loader lets it: `_hub_mirror` beside it.
 if str(REPO / "_modules") not in sys.path:
     sys.path.insert(0, str(REPO / "_modules"))
@@ -27,3 +38,23 @@ def lib(name):
 def program(name):
     """The path of the program ``_hub_mirror/programs/<name>.py``."""
     return REPO / "_modules" / "_hub_mirror" / "programs" / f"{name}.py"
+
+
+def exec_module(pillar=None, grains=None):
+    """``_modules/hub_mirror.py`` with the loader's dunders stubbed: ``__pillar__`` holds
+    ``pillar`` as hub_mirror's, ``__grains__`` are ``grains`` or :data:`HOST_GRAINS`;
+    ``__salt__`` is empty, so only what calls no other Salt module works."""
+    module = load("hub_mirror")
+    module.__grains__ = grains or dict(HOST_GRAINS)
+    module.__pillar__ = {"hub_mirror": pillar or {}}
+    module.__salt__ = {}
+    module.__opts__ = {}
+    return module
+
+
+def rendered_config(name, mirror, dialect="2"):
+    """The registry config hub_mirror renders for the mirror ``name`` whose pillar is
+    ``mirror`` (at RELEASE_VERSION), for a registry a test or benchmark runs itself."""
+    module = exec_module({"version": RELEASE_VERSION, "mirrors": {name: mirror}})
+    _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
+    return lib("registry_config").render_config(spec, dialect)
