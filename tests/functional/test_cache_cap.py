@@ -7,26 +7,24 @@ import time
 
 import pytest
 
-from tests.functional.inspect_support import applied_mirror, start_hub, teardown
+from tests.functional.inspect_support import applied_mirror
 from tests.support import oci
+from tests.support.hub import stocked_hub
 
 pytestmark = pytest.mark.functional
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    hub, images = start_hub(tmp_path_factory.mktemp("cap-hub"))
-    hub.images = images
-    yield hub
-    hub.stop()
+    with stocked_hub(tmp_path_factory.mktemp("cap-hub")) as hub:
+        yield hub
 
 
 @pytest.fixture
 def mirror(hub, release_server):
     hub.reset_counts()
-    mirror = applied_mirror(hub, release_server)
-    yield mirror
-    teardown(mirror)
+    with applied_mirror(hub, release_server) as mirror:
+        yield mirror
 
 
 def pull(mirror, repo, tmp_path):

@@ -11,26 +11,23 @@ import time
 import pytest
 import requests
 
-from tests.functional.inspect_support import applied_mirror, start_hub, teardown
+from tests.functional.inspect_support import applied_mirror
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.hub import HUB_TOKEN, HUB_USER, stocked_hub
 
 pytestmark = pytest.mark.functional
 
 
 @pytest.fixture(scope="module")
 def own_hub(tmp_path_factory):
-    hub, images = start_hub(tmp_path_factory.mktemp("inspect-hub"))
-    hub.images = images
-    yield hub
-    hub.stop()
+    with stocked_hub(tmp_path_factory.mktemp("inspect-hub")) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
 def mirror(own_hub, release_server):
-    mirror = applied_mirror(own_hub, release_server, warm=["library/busybox"])
-    yield mirror
-    teardown(mirror)
+    with applied_mirror(own_hub, release_server, warm=["library/busybox"]) as mirror:
+        yield mirror
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from tests.functional.inspect_support import Mirror, applied_mirror, start_hub, teardown
+from tests.functional.inspect_support import Mirror, applied_mirror
 from tests.support import oci
+from tests.support.hub import stocked_hub
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
@@ -30,28 +31,25 @@ FUNCTIONS = [
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    hub, images = start_hub(tmp_path_factory.mktemp("robust-hub"))
-    hub.images = images
-    yield hub
-    hub.stop()
+    with stocked_hub(tmp_path_factory.mktemp("robust-hub")) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
 def mirrors(hub, release_server, tmp_path_factory):
     """``full`` has alpine cached, ``empty`` nothing (both running); after the apply the
     pillar also names ``missing``, whose storage directory does not exist."""
-    full = applied_mirror(hub, release_server)
-    oci.pull(full.hostport, "library/alpine", "latest", str(tmp_path_factory.mktemp("pull") / "p"))
-    full.empty = Mirror(full.minion, unique_name("e"), free_port(), hub)
-    full.missing = Mirror(full.minion, unique_name("x"), free_port(), hub)
-    pillar = {full.name: full.pillar(), full.empty.name: full.empty.pillar()}
-    full.minion.set_pillar(archive_pillar(release_server, pillar))
-    applied = full.minion.apply()
-    assert applied.returncode == 0, applied
-    pillar[full.missing.name] = full.missing.pillar(storage=f"{full.root}/no-such-storage")
-    full.minion.set_pillar(archive_pillar(release_server, pillar))
-    yield full
-    teardown(full)
+    with applied_mirror(hub, release_server) as full:
+        oci.pull(full.hostport, "library/alpine", "latest", str(tmp_path_factory.mktemp("pull") / "p"))
+        full.empty = Mirror(full.minion, unique_name("e"), free_port(), hub)
+        full.missing = Mirror(full.minion, unique_name("x"), free_port(), hub)
+        pillar = {full.name: full.pillar(), full.empty.name: full.empty.pillar()}
+        full.minion.set_pillar(archive_pillar(release_server, pillar))
+        applied = full.minion.apply()
+        assert applied.returncode == 0, applied
+        pillar[full.missing.name] = full.missing.pillar(storage=f"{full.minion.root}/no-such-storage")
+        full.minion.set_pillar(archive_pillar(release_server, pillar))
+        yield full
 
 
 def no_traceback(result):

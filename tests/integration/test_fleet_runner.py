@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 
-from tests.functional.inspect_support import start_hub
 from tests.support import oci
-from tests.support.hub import HUB_TOKEN
+from tests.support.hub import HUB_TOKEN, stocked_hub
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name, world_traversable_dir
@@ -29,10 +28,8 @@ def salt_factories_config():
 
 @pytest.fixture(scope="module")
 def own_hub(tmp_path_factory):
-    hub, images = start_hub(tmp_path_factory.mktemp("fleet-hub"))
-    hub.images = images
-    yield hub
-    hub.stop()
+    with stocked_hub(tmp_path_factory.mktemp("fleet-hub")) as hub:
+        yield hub
 
 
 def add_mirror_minion(cluster, hub, release_server):

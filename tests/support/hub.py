@@ -8,11 +8,13 @@ records what it saw (never a secret), and can be slowed down or switched off.
 """
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
 import http.client
 import json
+import pathlib
 import re
 import secrets
 import socket
@@ -553,3 +555,51 @@ class FakeDockerHub:
                 break
             h.wfile.write(chunk)
         h.wfile.flush()
+
+
+# -- a stand-in of a test module's own, stocked with more images ------------------------
+
+
+def build_images(layout):
+    """The images the inspect, cap and fleet tests pull, warm, expire and collect, in one
+    OCI layout: {key: what :func:`oci.build_image` / :func:`oci.build_index` made}."""
+    return {
+        "single": oci.build_image(layout, tag="latest", layer_sizes=(2048, 64 * 1024), seed="single"),
+        "other": oci.build_image(layout, tag="other", layer_sizes=(4096,), seed="other"),
+        "multi": oci.build_index(layout, tag="multi", layer_sizes=(4096,), seed="multi"),
+        "warm": oci.build_image(layout, tag="warm", layer_sizes=(8192, 4096), seed="warm"),
+        "warmmulti": oci.build_index(layout, tag="warmmulti", layer_sizes=(3000,), seed="warmmulti"),
+        "garbage": oci.build_image(layout, tag="garbage", layer_sizes=(32 * 1024,), seed="garbage"),
+        "counted": oci.build_image(layout, tag="counted", layer_sizes=(1024,), seed="counted"),
+    }
+
+
+# Repository: the layout tag it holds (as "latest").
+STOCK_REPOS = {
+    "library/alpine": "latest",
+    "library/busybox": "other",
+    "library/multi": "multi",
+    "library/warmme": "warm",
+    "library/warmmulti": "warmmulti",
+    "library/garbage": "garbage",
+    "library/counted": "counted",
+    # Docker Hub's rate-limit probe repository.
+    "ratelimitpreview/test": "other",
+}
+
+
+@contextlib.contextmanager
+def stocked_hub(workdir):
+    """A stand-in of the caller's own (its own quota and request log) under ``workdir``,
+    holding :data:`STOCK_REPOS`, with the tests' credentials; ``.images`` is
+    :func:`build_images`'s answer. Stopped on exit."""
+    layout = pathlib.Path(workdir) / "layout"
+    images = build_images(layout)
+    hub = FakeDockerHub(pathlib.Path(workdir) / "hub", username=HUB_USER, token=HUB_TOKEN).start()
+    try:
+        for repo, tag in STOCK_REPOS.items():
+            hub.push_image(layout, tag, repo, dest_tag="latest")
+        hub.images = images
+        yield hub
+    finally:
+        hub.stop()
