@@ -4,6 +4,7 @@ serving what it cached, on its old address, from the same config, binary and pro
 A config that validates but does not serve is rolled back to the last one that served."""
 
 import copy
+import dataclasses
 import json
 import hashlib
 import pwd
@@ -273,13 +274,31 @@ CASES = [
 ]
 
 
+@dataclasses.dataclass
 class Context:
-    def __init__(self, serving, hub, release_server, other_releases):
-        self.serving = serving
-        self.hub = hub
-        self.release_server = release_server
-        self.other_releases = other_releases
-        self.cleanup = []
+    """What a case's pillar is made from; ``cleanup`` gets what must be closed after."""
+
+    serving: dict
+    hub: object
+    release_server: object
+    other_releases: object
+    cleanup: list = dataclasses.field(default_factory=list)
+
+
+def apply_case(ctx, case, test=False):
+    """Apply ``case``'s bad pillar to the serving minion (``test=True`` when ``test``),
+    then put the good pillar back: (the run's result, the key and the fix it must name)."""
+    _, make, key, fix = case
+    names = {"mirror": mirror_key(ctx.serving, "")[:-1]}
+    minion = ctx.serving["minion"]
+    try:
+        minion.set_pillar(make(ctx))
+        result = minion.apply(test=test)
+    finally:
+        for close in ctx.cleanup:
+            close()
+        minion.set_pillar(ctx.serving["good"])
+    return result, key.format(**names), fix.format(**names)
 
 
 def assert_mirror_untouched(serving, tmp_path):
@@ -306,18 +325,8 @@ def assert_failed_clearly(result, key, fix):
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_bad_pillar_fails_and_the_mirror_keeps_serving(serving, hub, release_server, other_releases, case, tmp_path):
-    _, make, key, fix = case
-    ctx = Context(serving, hub, release_server, other_releases)
-    names = {"mirror": mirror_key(serving, "")[:-1]}
-    minion = serving["minion"]
-    try:
-        minion.set_pillar(make(ctx))
-        result = minion.apply()
-    finally:
-        for close in ctx.cleanup:
-            close()
-        minion.set_pillar(serving["good"])
-    assert_failed_clearly(result, key.format(**names), fix.format(**names))
+    result, key, fix = apply_case(Context(serving, hub, release_server, other_releases), case)
+    assert_failed_clearly(result, key, fix)
     assert_mirror_untouched(serving, tmp_path)
 
 
@@ -326,18 +335,8 @@ IN_TEST_MODE = ("listen-is-a-number", "listen-port-in-use", "unknown-version-wit
 
 @pytest.mark.parametrize("case", [case for case in CASES if case[0] in IN_TEST_MODE], ids=IN_TEST_MODE)
 def test_test_mode_fails_on_the_same_bad_pillar(serving, hub, release_server, other_releases, case, tmp_path):
-    _, make, key, fix = case
-    ctx = Context(serving, hub, release_server, other_releases)
-    names = {"mirror": mirror_key(serving, "")[:-1]}
-    minion = serving["minion"]
-    try:
-        minion.set_pillar(make(ctx))
-        result = minion.apply(test=True)
-    finally:
-        for close in ctx.cleanup:
-            close()
-        minion.set_pillar(serving["good"])
-    assert_failed_clearly(result, key.format(**names), fix.format(**names))
+    result, key, fix = apply_case(Context(serving, hub, release_server, other_releases), case, test=True)
+    assert_failed_clearly(result, key, fix)
     assert_mirror_untouched(serving, tmp_path)
 
 
