@@ -23,9 +23,9 @@ import uuid
 import yaml
 
 from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.modules import rendered_config
 from tests.support.release import REGISTRY_BINARY
 from tests.support.saltcall import STATE_TREE, Masterless, world_traversable_dir
-from tests.support.modules import rendered_config
 
 MB = 1000 * 1000
 

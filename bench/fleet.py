@@ -24,8 +24,8 @@ from bench.common import HUB_TOKEN, HUB_USER, log, mirror_addresses, ratio, summ
 from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar, serve_releases
-from tests.support.saltcall import unique_name
 from tests.support.results import changes_of, states_of
+from tests.support.saltcall import unique_name
 from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
 
 SIZES = (1, 5, 10)

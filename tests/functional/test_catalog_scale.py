@@ -13,10 +13,10 @@ import time
 
 import pytest
 
+from tests.support.modules import exec_module, lib
 from tests.support.netutil import free_port
 from tests.support.registry import RegistryProcess, default_config
 from tests.support.saltcall import Masterless
-from tests.support.modules import exec_module, lib
 
 registry_api = lib("registry_api")
 

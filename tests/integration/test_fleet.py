@@ -21,9 +21,7 @@ config (registries.conf.d drop-in, containerd certs.d) lives under its own direc
 Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 """
 
-import contextlib
 import json
-import shutil
 import subprocess
 import tomllib
 import types
@@ -35,21 +33,14 @@ from tests.support import oci
 from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import clean_env, free_port
 from tests.support.release import archive_pillar
-from tests.support.saltcall import unique_name, world_traversable_dir
 from tests.support.results import states_of
-from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, strip_root_log_handlers
+from tests.support.saltcall import unique_name, world_traversable_dir
+from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster
 
 pytestmark = pytest.mark.integration
 
 IMAGE = "library/alpine"
 CLIENT_STATE = "hub_mirror-client-clients-configured"
-
-
-@pytest.fixture(scope="session")
-def salt_factories_config():
-    root = world_traversable_dir(f"/tmp/hm-sf-{unique_name('')}")
-    yield {"root_dir": root}
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def add_mirror_host(cluster, hub, release_server, index, address, zone):
@@ -102,27 +93,16 @@ def fleet(salt_factories, hub, release_server):
         cluster, root, 3, "c", {"tgt": "G@role:mirror and G@zone:c", "tgt_type": "compound"},
         static={upstream: [url_of(mirror2)]},
     )
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(cluster.master.started())
-            for minion in cluster.minions.values():
-                stack.enter_context(minion.daemon.started())
-            try:
-                runs = types.SimpleNamespace()
-                runs.synced = cluster.salt("*", "saltutil.sync_all")
-                runs.mirrors = cluster.salt("mirror*", "state.apply", "hub_mirror")
-                runs.mine = cluster.salt("*", "mine.update")
-                runs.clients = cluster.salt("build*", "state.apply", "hub_mirror.client")
-                yield types.SimpleNamespace(
-                    cluster=cluster, runs=runs, upstream=upstream,
-                    mirror1=mirror1, mirror2=mirror2, build1=build1, build2=build2, build3=build3,
-                )
-            finally:
-                for minion in (mirror1, mirror2):
-                    cluster.salt(minion, "hub_mirror.remove", f"mirror={minion.mirror_name}")
-    finally:
-        strip_root_log_handlers()
-        shutil.rmtree(root, ignore_errors=True)
+    with cluster.running():
+        runs = types.SimpleNamespace()
+        runs.synced = cluster.salt("*", "saltutil.sync_all")
+        runs.mirrors = cluster.salt("mirror*", "state.apply", "hub_mirror")
+        runs.mine = cluster.salt("*", "mine.update")
+        runs.clients = cluster.salt("build*", "state.apply", "hub_mirror.client")
+        yield types.SimpleNamespace(
+            cluster=cluster, runs=runs, upstream=upstream,
+            mirror1=mirror1, mirror2=mirror2, build1=build1, build2=build2, build3=build3,
+        )
 
 
 def url_of(minion):

@@ -5,7 +5,6 @@ which images are cached where, total bytes, hit ratio per mirror, mirrors that a
 Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 """
 
-import shutil
 
 import pytest
 
@@ -13,17 +12,10 @@ from tests.support import oci
 from tests.support.hub import HUB_TOKEN, stocked_hub
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
-from tests.support.saltcall import unique_name, world_traversable_dir
-from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster, strip_root_log_handlers
+from tests.support.saltcall import unique_name
+from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def salt_factories_config():
-    root = world_traversable_dir(f"/tmp/hm-sf-{unique_name('')}")
-    yield {"root_dir": root}
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +31,16 @@ def add_mirror_minion(cluster, hub, release_server):
 
 @pytest.fixture(scope="module")
 def fleet(salt_factories, own_hub, release_server):
-    root = f"/tmp/hm-{unique_name('')}"
-    cluster = SaltCluster(salt_factories, root)
+    cluster = SaltCluster(salt_factories, f"/tmp/hm-{unique_name('')}")
     busy = add_mirror_minion(cluster, own_hub, release_server)
     idle = add_mirror_minion(cluster, own_hub, release_server)
-    try:
-        with cluster.master.started(), busy.daemon.started(), idle.daemon.started():
-            try:
-                for minion in (busy, idle):
-                    synced = cluster.salt(minion, "saltutil.sync_all")
-                    assert synced.returncode == 0, synced
-                    applied = cluster.salt(minion, "state.apply", "hub_mirror")
-                    assert applied.returncode == 0, applied
-                yield cluster, busy, idle
-            finally:
-                for minion in (busy, idle):
-                    cluster.salt(minion, "hub_mirror.remove", f"mirror={minion.mirror_name}")
-    finally:
-        strip_root_log_handlers()
-        shutil.rmtree(root, ignore_errors=True)
+    with cluster.running():
+        for minion in (busy, idle):
+            synced = cluster.salt(minion, "saltutil.sync_all")
+            assert synced.returncode == 0, synced
+            applied = cluster.salt(minion, "state.apply", "hub_mirror")
+            assert applied.returncode == 0, applied
+        yield cluster, busy, idle
 
 
 def test_fleet_shows_what_is_cached_where_bytes_ratios_and_the_mirror_that_is_down(fleet, own_hub, tmp_path):

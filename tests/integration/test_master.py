@@ -5,7 +5,6 @@ state tree, the release asset from a loopback server and a pull through the mirr
 Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,11 @@ from tests.support import oci
 from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port
 from tests.support.release import archive_pillar
-from tests.support.saltcall import unique_name
 from tests.support.results import changes_of, states_of
-from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
+from tests.support.saltcall import unique_name
+from tests.support.saltmaster import SaltCluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def salt_factories_config():
-    # The factories' own scripts dir goes under a root of ours too, not a shared /tmp/scripts.
-    root = Path(f"/tmp/hm-sf-{unique_name('')}")
-    root.mkdir()
-    yield {"root_dir": root}
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def mirror_pillar(hub, release_server):
@@ -41,26 +31,11 @@ def cluster(salt_factories, hub, release_server):
     (started, never synced), each with its own mirror name, port and lookup paths."""
     hub.unblock()
     hub.set_delay(0)
-    root = f"/tmp/hm-{unique_name('')}"
-    cluster = SaltCluster(salt_factories, root)
+    cluster = SaltCluster(salt_factories, f"/tmp/hm-{unique_name('')}")
     cluster.main = cluster.add_minion(mirror_pillar(hub, release_server))
     cluster.fresh = cluster.add_minion(mirror_pillar(hub, release_server))
-    try:
-        with (
-            cluster.master.started(),
-            cluster.main.daemon.started(),
-            cluster.fresh.daemon.started(),
-        ):
-            try:
-                yield cluster
-            finally:
-                # Stop the mirrors while their minions still answer; absent is a no-op
-                # for a mirror that never started.
-                for minion in (cluster.main, cluster.fresh):
-                    cluster.salt(minion, "hub_mirror.remove", f"mirror={minion.mirror_name}")
-    finally:
-        strip_root_log_handlers()
-        shutil.rmtree(root, ignore_errors=True)
+    with cluster.running():
+        yield cluster
 
 
 @pytest.fixture(scope="module")

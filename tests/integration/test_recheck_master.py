@@ -7,18 +7,16 @@ test_runtimes.py run real clients in a private namespace), only their config fil
 Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 """
 
-import shutil
 import time
 
 import pytest
 
 from tests.integration.test_client import proxy_config
-from tests.integration.test_master import salt_factories_config  # noqa: F401  (its root under /tmp/hm-sf-*)
 from tests.support.registry import RegistryProcess
+from tests.support.results import states_of
 from tests.support.runtimes import RECHECK_JOB
 from tests.support.saltcall import unique_name
-from tests.support.results import states_of
-from tests.support.saltmaster import SaltCluster, strip_root_log_handlers
+from tests.support.saltmaster import SaltCluster
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +56,7 @@ def test_recheck_through_a_master(salt_factories, clean_hub, tmp_path):
         }
     )
     try:
-        with cluster.master.started(), minion.daemon.started():
+        with cluster.running():
             assert cluster.salt(minion, "saltutil.sync_all").returncode == 0
             applied = cluster.salt(minion, "state.apply", "hub_mirror.client")
             (ret,) = states_of(applied.data).values()
@@ -83,5 +81,3 @@ def test_recheck_through_a_master(salt_factories, clean_hub, tmp_path):
             assert not hosts_toml.exists() and not dropin.exists()
     finally:
         mirror.stop()
-        strip_root_log_handlers()
-        shutil.rmtree(cluster.root, ignore_errors=True)

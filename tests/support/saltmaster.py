@@ -8,7 +8,9 @@ Each minion's ``hub_mirror:lookup`` paths point under the cluster's root, as
 :class:`~tests.support.saltcall.Masterless` does, so tests never touch the host's own mirror.
 """
 
+import contextlib
 import logging
+import shutil
 
 import yaml
 
@@ -99,6 +101,26 @@ class SaltCluster:
         result = self.salt_cli.run(*args, minion_tgt=tgt, _timeout=timeout + 30)
         self.outputs.append(result.stdout + result.stderr)
         return result
+
+    @contextlib.contextmanager
+    def running(self):
+        """The master and every minion added so far, started. On exit, while the minions
+        still answer, each removes the mirrors of its pillar (a no-op for one that never
+        started); then the daemons stop, Salt's log handlers go and the root is deleted."""
+        try:
+            with contextlib.ExitStack() as daemons:
+                daemons.enter_context(self.master.started())
+                for minion in self.minions.values():
+                    daemons.enter_context(minion.daemon.started())
+                try:
+                    yield self
+                finally:
+                    for minion in self.minions.values():
+                        for name in minion.pillar.get("mirrors") or {}:
+                            self.salt(minion, "hub_mirror.remove", f"mirror={name}")
+        finally:
+            strip_root_log_handlers()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def log_files(self):
         return [self.master.config["log_file"]] + [m.log_file for m in self.minions.values()]
