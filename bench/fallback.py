@@ -49,7 +49,7 @@ from tests.support.clients import (
     skopeo_copy,
 )
 from tests.support.hub import FakeDockerHub
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.runtimes import (
     Buildkitd,
     Containerd2,
@@ -226,13 +226,9 @@ class DyingMirror:
         else:
             listen, self.url = f"0.0.0.0:{port}", f"http://{BLACKHOLE_ADDR}:{port}"
         self.hostport = self.url.split("//")[1]
-        config = {
-            "version": 0.1,
-            "log": {"level": "warn"},
-            "storage": {"filesystem": {"rootdirectory": str(work / f"mirror-{name}")}},
-            "http": {"addr": listen},
-            "proxy": {"remoteurl": hub.url, "username": HUB_USER, "password": HUB_TOKEN},
-        }
+        config = proxy_config(work / f"mirror-{name}", hub.url, HUB_USER, HUB_TOKEN)
+        config["http"]["addr"] = listen
+        config["log"]["level"] = "warn"
         self.process = RegistryProcess(work / f"mirror-{name}-run", config=config)
 
     def live(self):

@@ -20,7 +20,7 @@ import requests
 from tests.support import oci
 from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port, loopback_session, wait_http
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.release import FileServer, fetch_debian_registry_binary, make_release_asset
 
 pytestmark = pytest.mark.functional
@@ -58,20 +58,6 @@ def fresh_hub(hub):
     yield hub
     hub.unblock()
     hub.set_delay(0)
-
-
-def proxy_config(storage, remote, username=None, password=None):
-    """A registry 2.8 pull-through cache config, as the mirror would run it."""
-    proxy = {"remoteurl": remote}
-    if username is not None:
-        proxy.update(username=username, password=password)
-    return {
-        "version": 0.1,
-        "log": {"level": "info"},
-        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{free_port()}"},
-        "proxy": proxy,
-    }
 
 
 # -- netutil -------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tests.support.clients import (
     timed,
 )
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.saltcall import Masterless, unique_name
 
 pytestmark = pytest.mark.integration
@@ -36,15 +36,6 @@ REF = f"docker.io/{IMAGE}:latest"
 STATE_ID = "hub_mirror-client-clients-configured"
 CLEAN_ID = "hub_mirror-client-clean-clients-absent"
 SAMPLES = 3
-
-
-def proxy_config(storage, upstream):
-    return {
-        "version": 0.1,
-        "log": {"level": "info", "formatter": "text"},
-        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
-        "proxy": {"remoteurl": upstream, "username": HUB_USER, "password": HUB_TOKEN},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def world(tmp_path_factory, image_layout):
             mirrors = []
             for index in (1, 2):
                 mirror = RegistryProcess(
-                    work / f"mirror{index}", config=proxy_config(work / f"cache{index}", hub.url)
+                    work / f"mirror{index}", config=proxy_config(work / f"cache{index}", hub.url, HUB_USER, HUB_TOKEN)
                 ).start()
                 started.append(mirror)
                 mirrors.append(mirror)

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from tests.integration.test_client import IMAGE, REF, gets, host, minion, proxy_config, user_daemon_json, world  # noqa: F401
+from tests.integration.test_client import IMAGE, REF, gets, host, minion, user_daemon_json, world  # noqa: F401
 from tests.support.clients import skopeo_copy
+from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.netutil import TricklingMirror, free_port
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.saltcall import unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
@@ -109,7 +110,7 @@ def test_user_edits_between_runs_survive_the_clean_and_a_symlink_stays(host, wor
 def ipv6_mirror(world, tmp_path):
     """A mirror listening on every address of the namespace, so http://[::1]:port works."""
     port = free_port()
-    config = proxy_config(tmp_path / "cache6", world.hub.url)
+    config = proxy_config(tmp_path / "cache6", world.hub.url, HUB_USER, HUB_TOKEN)
     config["http"] = {"addr": f":{port}"}
     mirror = RegistryProcess(tmp_path / "mirror6", config=config).start()
     mirror.v6_url = f"http://[::1]:{port}"

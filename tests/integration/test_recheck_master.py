@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.integration.test_client import proxy_config
-from tests.support.registry import RegistryProcess
+from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.results import states_of
 from tests.support.runtimes import RECHECK_JOB
 from tests.support.saltcall import unique_name
@@ -32,7 +32,7 @@ def wait_for(what, condition):
 
 
 def test_recheck_through_a_master(salt_factories, clean_hub, tmp_path):
-    mirror = RegistryProcess(tmp_path / "mirror", config=proxy_config(tmp_path / "cache", clean_hub.url)).start()
+    mirror = RegistryProcess(tmp_path / "mirror", config=proxy_config(tmp_path / "cache", clean_hub.url, HUB_USER, HUB_TOKEN)).start()
     files = tmp_path / "client"
     certs_d, dropin_dir = files / "certs.d", files / "containers" / "registries.conf.d"
     hosts_toml, dropin = certs_d / "docker.io" / "hosts.toml", dropin_dir / "50-hub-mirror.conf"

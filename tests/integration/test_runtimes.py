@@ -15,10 +15,10 @@ import types
 import pytest
 
 # host: test_client's client host, on this module's world (its mirrors, its namespace).
-from tests.integration.test_client import gets, host, proxy_config  # noqa: F401
+from tests.integration.test_client import gets, host  # noqa: F401
 from tests.support.clients import NetNS, TLSFront, make_hub_identity
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.runtimes import Buildkitd, Containerd2, blackhole_url, go_tools, podman_pull
 from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
@@ -47,7 +47,7 @@ def world(tmp_path_factory, image_layout):
             hub.push_image(layout, "other", "library/busybox", dest_tag="latest")
             cert, key = make_hub_identity(work / "tls")
             started.append(TLSFront(hub.port, cert, key).start())
-            mirror = RegistryProcess(work / "mirror", config=proxy_config(work / "cache", hub.url)).start()
+            mirror = RegistryProcess(work / "mirror", config=proxy_config(work / "cache", hub.url, HUB_USER, HUB_TOKEN)).start()
             started.append(mirror)
             refused = socket.socket()
             refused.bind(("127.0.0.1", 0))

@@ -32,6 +32,16 @@ def default_config(storage_dir, port):
     }
 
 
+def proxy_config(storage_dir, remote, username=None, password=None, port=None):
+    """A pull-through cache of ``remote`` (logging in as ``username`` when given) on
+    deletable filesystem storage, listening on 127.0.0.1:``port`` (a free one by default)."""
+    config = default_config(storage_dir, port or free_port())
+    config["proxy"] = {"remoteurl": remote}
+    if username is not None:
+        config["proxy"].update(username=username, password=password)
+    return config
+
+
 def _port_from_addr(addr):
     """Port number from an ``http.addr`` like ``127.0.0.1:5000`` or ``:5000``."""
     return int(str(addr).rsplit(":", 1)[1])

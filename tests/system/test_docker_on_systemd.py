@@ -16,11 +16,10 @@ import time
 import pytest
 import yaml
 
-from tests.integration.test_client import proxy_config
 from tests.support.clients import Dockerd, NetNS
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.nspawn import TestHost, ensure_root, wait_until
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.saltcall import REPO
 
 pytestmark = pytest.mark.system
@@ -75,7 +74,7 @@ def test_docker_under_systemd_is_reloaded_not_restarted_and_pulls_through_the_mi
             hub = FakeDockerHub(tmp_path / "hub", username=HUB_USER, token=HUB_TOKEN).start()
             started.append(hub)
             hub.push_image(layout, "latest", "library/alpine")
-            mirror = RegistryProcess(tmp_path / "mirror", config=proxy_config(tmp_path / "cache", hub.url)).start()
+            mirror = RegistryProcess(tmp_path / "mirror", config=proxy_config(tmp_path / "cache", hub.url, HUB_USER, HUB_TOKEN)).start()
             started.append(mirror)
         host = TestHost(root, network=netns.path, bind_ro={str(REPO): "/srv/hub_mirror", **{p: p for p in DEBIAN_DOCKER}})
         host.start()
