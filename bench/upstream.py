@@ -19,6 +19,7 @@ import sys
 
 from bench.wanlink import DelayRelay
 from tests.support.hub import FakeDockerHub
+from tests.support.processes import stop_group
 
 START_TIMEOUT = 60
 
@@ -145,13 +146,7 @@ class Upstream:
                 return
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc, 10)
         # The stand-in's registry has a session of its own, which a worker that died
         # before its cleanup leaves behind.
         backend = getattr(self, "backend_pid", None)

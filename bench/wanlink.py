@@ -21,6 +21,7 @@ import threading
 import time
 
 from tests.support.clients import NetNS
+from tests.support.netutil import accepted, listening_socket
 
 WAN_ADDR = "10.231.0.1"
 LAN_ADDR = "10.231.0.2"
@@ -131,13 +132,8 @@ class DelayRelay:
         self._lock = threading.Lock()
 
     def start(self):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(self.listen)
-        sock.listen(128)
-        sock.settimeout(0.2)
-        self._sock = sock
-        self.port = sock.getsockname()[1]
+        self._sock = listening_socket(self.listen, 128)
+        self.port = self._sock.getsockname()[1]
         threading.Thread(target=self._accept_loop, daemon=True, name="delay-relay").start()
         return self
 
@@ -151,11 +147,7 @@ class DelayRelay:
             _close(conn)
 
     def _accept_loop(self):
-        while not self._stop.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except (socket.timeout, OSError):
-                continue
+        for client in accepted(self._sock, self._stop):
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client):

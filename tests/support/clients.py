@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import select
-import signal
 import socket
 import ssl
 import shutil
@@ -33,7 +32,8 @@ import threading
 import time
 import uuid
 
-from .netutil import clean_env
+from .netutil import accepted, clean_env, listening_socket
+from .processes import stop_group
 
 CLONE_NEWNET = 0x40000000
 DOCKER_HUB_NAMES = ("registry-1.docker.io", "docker.io", "index.docker.io", "auth.docker.io")
@@ -178,12 +178,7 @@ class TLSFront:
         self._thread = None
 
     def start(self):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(64)
-        sock.settimeout(0.2)
-        self._sock = sock
+        self._sock = listening_socket(("127.0.0.1", self.port), 64)
         self._thread = threading.Thread(target=self._accept_loop, daemon=True, name=f"tlsfront-{self.port}")
         self._thread.start()
         return self
@@ -202,11 +197,7 @@ class TLSFront:
         self.stop()
 
     def _accept_loop(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
-                continue
+        for conn in accepted(self._sock, self._stop):
             self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -237,6 +228,12 @@ class TLSFront:
         finally:
             upstream.close()
             tls.close()
+
+
+def run_client(argv, env, timeout, check=True):
+    """Run a client program, its output captured as text; with ``check``, a non-zero
+    exit raises CalledProcessError, which carries that output."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=check)
 
 
 def client_etc(directory, policy=True):
@@ -318,13 +315,9 @@ class _Daemon:
             return ""
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=STOP_GRACE_SECONDS)
+        """Stop the daemon's process group and drop its run directory."""
+        if self.proc is not None:
+            stop_group(self.proc, STOP_GRACE_SECONDS)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self):
@@ -373,17 +366,8 @@ class Dockerd(_Daemon):
         return self
 
     def docker(self, *args, check=True, timeout=180):
-        result = subprocess.run(
-            [DOCKER_CLI, f"--host=unix://{self.socket}", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
-        return result
+        """The docker CLI against this dockerd (outside the namespace: it talks to the socket)."""
+        return run_client([DOCKER_CLI, f"--host=unix://{self.socket}", *args], self.env, timeout, check)
 
     def info(self):
         return json.loads(self.docker("info", "--format", "{{json .}}").stdout)
@@ -443,17 +427,9 @@ class Containerd(_Daemon):
         return self
 
     def ctr(self, *args, check=True, timeout=180, namespace="hub-mirror"):
-        result = subprocess.run(
-            self.netns.command(["ctr", f"--address={self.socket}", f"--namespace={namespace}", *args], self.binds),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
-        return result
+        """``ctr`` against this containerd, in the namespace, in containerd namespace ``namespace``."""
+        argv = ["ctr", f"--address={self.socket}", f"--namespace={namespace}", *args]
+        return run_client(self.netns.command(argv, self.binds), self.env, timeout, check)
 
     def pull(self, image, hosts_dir, check=True):
         """``ctr images pull --hosts-dir`` into a namespace of its own (nothing cached)."""
@@ -466,24 +442,12 @@ class Containerd(_Daemon):
 def skopeo_copy(netns, image, dest_dir, env, binds, check=True, timeout=180):
     """``skopeo copy docker://IMAGE oci:DEST`` in the namespace; /etc/containers (in
     ``binds``) holds the registries.conf and drop-ins it reads."""
-    result = subprocess.run(
-        netns.command(
-            [
-                "skopeo", "--override-arch=amd64", "--override-os=linux",
-                "copy", "--retry-times=0", "--quiet",
-                f"docker://{image}", f"oci:{dest_dir}:pulled",
-            ],
-            binds,
-        ),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
-    return result
+    argv = [
+        "skopeo", "--override-arch=amd64", "--override-os=linux",
+        "copy", "--retry-times=0", "--quiet",
+        f"docker://{image}", f"oci:{dest_dir}:pulled",
+    ]
+    return run_client(netns.command(argv, binds), env, timeout, check)
 
 
 def timed(function, *args, **kwargs):

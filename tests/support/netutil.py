@@ -120,6 +120,28 @@ def wait_http(url, timeout=20, ok=(200, 401), abort=None):
             time.sleep(0.1)
 
 
+def listening_socket(address, backlog):
+    """A TCP socket listening on ``address`` (host, port) with SO_REUSEADDR, whose
+    accept() times out every 0.2 s so that an accept loop sees its stop flag."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    sock.settimeout(0.2)
+    return sock
+
+
+def accepted(sock, stop):
+    """Each connection accepted on ``sock`` (a :func:`listening_socket`) until the
+    threading.Event ``stop`` is set or the socket is closed under it."""
+    while not stop.is_set():
+        try:
+            conn, _ = sock.accept()
+        except (socket.timeout, OSError):
+            continue
+        yield conn
+
+
 class TricklingMirror:
     """A "registry" on loopback that answers ``GET /v2/`` one byte a second: every read
     returns in time, the whole answer never does. ``sent`` holds, once it hung up, how

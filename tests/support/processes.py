@@ -4,7 +4,10 @@ The one place the tests and the benchmarks look through /proc for processes; a p
 that goes away while it is read is simply not there (never an error).
 """
 
+import contextlib
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -78,6 +81,22 @@ def cpu_seconds(pid):
         return None
     # utime, stime, cutime, cstime: fields 14-17 (1-based) of stat, 11-14 here.
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_group(proc, grace):
+    """Stop the process group ``proc`` leads (a Popen started with start_new_session):
+    SIGTERM, then SIGKILL if ``proc`` has not exited within ``grace`` seconds. Nothing to
+    do once it has exited."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
 
 
 def wait_for(predicate, timeout, what, interval=0.2):

@@ -14,6 +14,7 @@ import time
 import yaml
 
 from .netutil import clean_env, free_port, wait_http
+from .processes import stop_group
 
 DEFAULT_BINARY = "/usr/bin/docker-registry"
 STOP_GRACE_SECONDS = 5
@@ -125,13 +126,7 @@ class RegistryProcess:
         """SIGTERM the process group, SIGKILL it if still alive after 5 s."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self.proc.wait(timeout=STOP_GRACE_SECONDS)
+        stop_group(self.proc, STOP_GRACE_SECONDS)
         self._close_log()
 
     def kill(self):

@@ -33,6 +33,7 @@ import yaml
 
 from .netutil import clean_env
 from .nspawn import wait_until
+from .processes import stop_group
 from .results import StateResult
 from .saltcall import STATE_TREE
 
@@ -158,14 +159,9 @@ class NetnsMaster:
         return self
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        """Stop the master (its process group); nothing to do if it is not running."""
+        if self.proc is not None:
+            stop_group(self.proc, 30)
 
     def __enter__(self):
         return self.start()
