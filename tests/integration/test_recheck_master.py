@@ -7,11 +7,11 @@ test_runtimes.py run real clients in a private namespace), only their config fil
 Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 """
 
-import time
 
 import pytest
 
 from tests.support.hub import HUB_TOKEN, HUB_USER
+from tests.support.processes import wait_for
 from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.results import states_of
 from tests.support.runtimes import RECHECK_JOB
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.integration
 
 RECHECK = 6
 FOLLOW_TIMEOUT = 10 * RECHECK + 60
-
-
-def wait_for(what, condition):
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < FOLLOW_TIMEOUT, f"not within {FOLLOW_TIMEOUT}s: {what}"
-        time.sleep(0.5)
 
 
 def test_recheck_through_a_master(salt_factories, clean_hub, tmp_path):
@@ -69,9 +62,11 @@ def test_recheck_through_a_master(salt_factories, clean_hub, tmp_path):
             assert mirror.hostport in dropin.read_text()
 
             mirror.stop()
-            wait_for("the minion's schedule drops the dead mirror", lambda: not hosts_toml.exists() and not dropin.exists())
+            wait_for(lambda: not hosts_toml.exists() and not dropin.exists(), FOLLOW_TIMEOUT,
+                     "the minion's schedule drops the dead mirror", interval=0.5)
             mirror.start()
-            wait_for("the minion's schedule takes it back", lambda: hosts_toml.exists() and dropin.exists())
+            wait_for(lambda: hosts_toml.exists() and dropin.exists(), FOLLOW_TIMEOUT,
+                     "the minion's schedule takes it back", interval=0.5)
             assert mirror.url in hosts_toml.read_text()
 
             cleaned = cluster.salt(minion, "state.apply", "hub_mirror.client.clean")

@@ -8,19 +8,18 @@ link that swallows the black-holed address), where ``registry-1.docker.io`` is t
 stand-in. containerd 2.x, buildkit and crictl come from .ci/build-go-tools.
 """
 
-import shutil
 import socket
 import types
 
 import pytest
 
-# host: test_client's client host, on this module's world (its mirrors, its namespace).
-from tests.integration.test_client import gets, host  # noqa: F401
+# host and minion: test_client's client host and minion, on this module's world (its
+# mirrors, its namespace).
+from tests.integration.test_client import gets, host, minion  # noqa: F401
 from tests.support.clients import NetNS, TLSFront, make_hub_identity
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.registry import RegistryProcess, proxy_config
 from tests.support.runtimes import Buildkitd, Containerd2, blackhole_url, go_tools, podman_pull
-from tests.support.saltcall import Masterless, unique_name, world_traversable_dir
 
 pytestmark = pytest.mark.integration
 
@@ -62,15 +61,6 @@ def world(tmp_path_factory, image_layout):
             for server in reversed(started):
                 server.stop()
         netns.delete()
-
-
-@pytest.fixture(scope="module")
-def minion():
-    root = world_traversable_dir(f"/tmp/hm-{unique_name('')}")
-    masterless = Masterless(root)
-    masterless.sync()
-    yield masterless
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def configure(host, mirror_url, runtime):
