@@ -9,7 +9,6 @@ How Salt's loader takes hub_mirror, through a real salt-master and salt-minion d
 """
 
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -23,14 +22,6 @@ COMMANDS = {
     "deploy", "endpoint", "gc", "install", "orphans", "probe", "prune", "ratelimit", "release_arch",
     "remove", "settings", "start", "status", "stop", "tags", "uninstall", "usage", "version", "warm",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def salt_factories_config():
-    root = Path(f"/tmp/hm-sf-{unique_name('')}")
-    root.mkdir()
-    yield {"root_dir": root}
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
