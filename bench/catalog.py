@@ -26,8 +26,8 @@ from bench.common import (
     HUB_USER,
     bench_minion,
     log,
-    mirror_config,
     mirror_addresses,
+    mirror_config,
     ratio,
     summary,
     timed,
@@ -165,7 +165,7 @@ def run(ctx):
             if name != "salt_call_test_true" and sorted(found) != names:
                 raise RuntimeError(f"{name} found {len(found)} repositories, not the {count} laid out")
             times[name].append(seconds)
-        log("catalog: run %d: %s" % (run_index + 1, ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())))
+        log(f"catalog: run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
 
     return {
         "repositories": count,

@@ -9,7 +9,18 @@ right after the re-apply. All are wall times of the ``salt-call`` process, start
 included, as a user sees them.
 """
 
-from bench.common import HUB_TOKEN, HUB_USER, bench_minion, log, mirror_addresses, noop_sls, ratio, rmtree, summary, timed
+from bench.common import (
+    HUB_TOKEN,
+    HUB_USER,
+    bench_minion,
+    log,
+    mirror_addresses,
+    noop_sls,
+    ratio,
+    rmtree,
+    summary,
+    timed,
+)
 from tests.support.hub import FakeDockerHub
 from tests.support.release import archive_pillar, serve_releases
 from tests.support.saltcall import unique_name

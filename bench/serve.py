@@ -25,8 +25,8 @@ from bench.common import (
     HUB_USER,
     MB,
     log,
-    mirror_config,
     mirror_addresses,
+    mirror_config,
     ratio,
     summary,
 )

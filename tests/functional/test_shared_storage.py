@@ -12,10 +12,9 @@ import boto3
 import pytest
 
 from tests.support import oci
+from tests.support.modules import lib, load
 from tests.support.netutil import free_port, wait_http
 from tests.support.registry import RegistryProcess
-from tests.support.modules import load
-from tests.support.modules import lib
 
 registry_config = lib("registry_config")
 settings = lib("settings")

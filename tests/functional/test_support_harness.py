@@ -10,12 +10,10 @@ import hashlib
 import json
 import pathlib
 import subprocess
-import sys
 import tarfile
 
 import pytest
 import requests
-
 
 from tests.support import oci
 from tests.support.hub import FakeDockerHub
@@ -113,7 +111,7 @@ def test_registry_process_serves_logs_and_stops(tmp_path):
     with reg:
         assert reg.running
         assert loopback_session().get(reg.url + "/v2/", timeout=5).status_code == 200
-        assert reg.wait_for_log("listening on 127.0.0.1:%d" % reg.port)
+        assert reg.wait_for_log(f"listening on 127.0.0.1:{reg.port}")
     assert not reg.running
     with pytest.raises(requests.ConnectionError):
         loopback_session().get(reg.url + "/v2/", timeout=5)

@@ -5,8 +5,8 @@ A config that validates but does not serve is rolled back to the last one that s
 
 import copy
 import dataclasses
-import json
 import hashlib
+import json
 import pwd
 import socket
 from pathlib import Path

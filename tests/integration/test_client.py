@@ -70,7 +70,7 @@ def world(tmp_path_factory, image_layout):
             hub=hub,
             cert=cert,
             mirrors=mirrors,
-            blackhole_url="http://127.0.0.1:%d" % blackhole.getsockname()[1],
+            blackhole_url=f"http://127.0.0.1:{blackhole.getsockname()[1]}",
         )
     finally:
         with netns.entered():

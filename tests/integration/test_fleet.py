@@ -23,11 +23,11 @@ Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 
 import json
 import subprocess
-import tomllib
 import types
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.support import oci
 from tests.support.hub import HUB_TOKEN

@@ -50,7 +50,7 @@ def world(tmp_path_factory, image_layout):
             started.append(mirror)
             refused = socket.socket()
             refused.bind(("127.0.0.1", 0))
-            refused_url = "http://127.0.0.1:%d" % refused.getsockname()[1]
+            refused_url = f"http://127.0.0.1:{refused.getsockname()[1]}"
             refused.close()
         yield types.SimpleNamespace(
             netns=netns, hub=hub, cert=cert, mirrors=[mirror], refused_url=refused_url,

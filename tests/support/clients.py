@@ -23,9 +23,9 @@ import json
 import os
 import pathlib
 import select
+import shutil
 import socket
 import ssl
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -90,7 +90,7 @@ class NetNS:
     @contextlib.contextmanager
     def entered(self):
         """Move the calling thread into the namespace for the block, then back."""
-        home = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(self.path, os.O_RDONLY)
         try:
             _setns(target)
@@ -118,11 +118,12 @@ def make_hub_identity(directory):
 
     Returns (certificate path, key path); the certificate is what clients trust.
     """
+    import ipaddress  # pylint: disable=import-outside-toplevel
+
     from cryptography import x509  # pylint: disable=import-outside-toplevel
     from cryptography.hazmat.primitives import hashes, serialization  # pylint: disable=import-outside-toplevel
     from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=import-outside-toplevel
     from cryptography.x509.oid import NameOID  # pylint: disable=import-outside-toplevel
-    import ipaddress  # pylint: disable=import-outside-toplevel
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

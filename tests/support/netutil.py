@@ -153,7 +153,7 @@ class TricklingMirror:
         self.server = socket.socket()
         self.server.bind(("127.0.0.1", 0))
         self.server.listen(4)
-        self.url = "http://127.0.0.1:%d" % self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.sent = []
         self.thread = threading.Thread(target=self._trickle, args=(self.ANSWER * repeat,), daemon=True)
         self.thread.start()

@@ -46,8 +46,9 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable
 
 from . import processes
 
@@ -150,7 +151,7 @@ def _cgroup_rmtree(path: Path) -> None:
     """Remove a cgroup directory tree bottom-up (only directories; no files to delete)."""
     if not path.is_dir():
         return
-    for dirpath, dirnames, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
+    for dirpath, _dirnames, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
         with contextlib.suppress(OSError):
             os.rmdir(dirpath)
 
@@ -225,7 +226,7 @@ class NetNS:
         self.path = Path("/run/netns") / self.name
         self.created = False
 
-    def create(self) -> "NetNS":
+    def create(self) -> NetNS:
         if self.path.exists():
             raise TestHostError(f"network namespace {self.name} already exists")
         _run_host(["ip", "netns", "add", self.name])
@@ -256,7 +257,7 @@ class NetNS:
     def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.cmd(argv), **kwargs)
 
-    def __enter__(self) -> "NetNS":
+    def __enter__(self) -> NetNS:
         return self.create()
 
     def __exit__(self, *exc) -> None:
@@ -321,7 +322,7 @@ class TestHost:
     __test__ = False  # not a pytest test class
 
     def __init__(self, root: str | os.PathLike | None = None, *, arch: str | None = None,
-                 name: str | None = None, network: "str | NetNS | os.PathLike" = "private",
+                 name: str | None = None, network: str | NetNS | os.PathLike = "private",
                  mode: str = "auto", workdir: str | os.PathLike | None = None,
                  keep: bool = False, bind: Mapping[str, str] | None = None,
                  bind_ro: Mapping[str, str] | None = None,
@@ -362,7 +363,7 @@ class TestHost:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float | None = None) -> "TestHost":
+    def start(self, timeout: float | None = None) -> TestHost:
         """Prepare the instance (first call) and boot it; wait until systemd is up."""
         try:
             if self.root is None:
@@ -376,7 +377,7 @@ class TestHost:
             raise
         return self
 
-    def boot(self, timeout: float | None = None) -> "TestHost":
+    def boot(self, timeout: float | None = None) -> TestHost:
         """Boot the (prepared, not running) instance; return when systemd is running.
 
         "Up" means ``systemctl is-system-running`` answers ``running`` or ``degraded``.
@@ -448,7 +449,7 @@ class TestHost:
         self._after_exit()
         return rc
 
-    def reboot(self, timeout: float | None = None) -> "TestHost":
+    def reboot(self, timeout: float | None = None) -> TestHost:
         """poweroff() + boot() on the same instance."""
         self.poweroff()
         return self.boot(timeout=timeout)
@@ -511,7 +512,7 @@ class TestHost:
         if errors:
             raise TestHostError(f"{self.name}: cleanup problems: " + "; ".join(errors))
 
-    def __enter__(self) -> "TestHost":
+    def __enter__(self) -> TestHost:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:

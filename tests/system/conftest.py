@@ -19,7 +19,13 @@ from tests.support import oci
 from tests.support.clients import NetNS
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.nspawn import reap_stale, wait_until
-from tests.support.release import REGISTRY_BINARY, RELEASE_VERSION, FileServer, fetch_debian_registry_binary, make_release_asset
+from tests.support.release import (
+    REGISTRY_BINARY,
+    RELEASE_VERSION,
+    FileServer,
+    fetch_debian_registry_binary,
+    make_release_asset,
+)
 from tests.support.sysmaster import NetnsMaster, free_port_in
 
 

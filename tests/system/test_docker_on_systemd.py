@@ -11,7 +11,6 @@ private network namespace (only ``lo``) with the mirror and the Docker Hub stand
 """
 
 import json
-import time
 
 import pytest
 import yaml
