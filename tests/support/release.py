@@ -7,7 +7,6 @@ end to end without the internet.
 """
 
 import contextlib
-import hashlib
 import io
 import pathlib
 import subprocess
@@ -17,6 +16,7 @@ import urllib.parse
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+from .integrity import sha256_file
 from .netutil import free_port
 
 # Debian's docker-registry stands in for the release binary: it reports 2.8.2.
@@ -60,17 +60,10 @@ def make_release_asset(out_dir, version, arch, binary=REGISTRY_BINARY):
         _add_member(tar, "registry", pathlib.Path(binary).read_bytes(), 0o755)
         _add_member(tar, "README.md", README.encode(), 0o644)
         _add_member(tar, "LICENSE", LICENSE.encode(), 0o644)
-    digest = sha256_file(path)
+    # Upstream's .sha256 files hold the bare hex digest.
+    digest = sha256_file(path).split(":", 1)[1]
     (release_dir / f"{name}.sha256").write_text(digest + "\n")
     return {"path": str(path), "sha256": digest, "url_path": f"/v{version}/{name}"}
-
-
-def sha256_file(path):
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 # -- Debian builds for other architectures --------------------------------------
