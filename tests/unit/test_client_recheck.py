@@ -3,41 +3,13 @@
 same calls here; tests/integration/test_recheck.py runs the real scheduler)."""
 
 import pytest
-from salt.exceptions import CommandExecutionError, SaltInvocationError
+from salt.exceptions import CommandExecutionError
 
 from tests.support.modules import lib
 
 discovery = lib("clients.discovery")
-validate = lib("validate")
 
 MIRROR = "http://192.168.128.1:5000"
-
-
-def _validate(hub_mirror, client):
-    validate._validate({"client": client}, {"kernel": "Linux", "osarch": "amd64", "cpuarch": "x86_64"})
-
-
-@pytest.mark.parametrize("value", [0, 5, 60, 86400])
-def test_good_recheck_passes(hub_mirror, value):
-    _validate(hub_mirror, {"mirrors": {"docker.io": MIRROR}, "recheck": value})
-
-
-@pytest.mark.parametrize("value", [4, -1, 86401, True, 60.5, "60", "1m", None])
-def test_bad_recheck_names_the_key_and_the_fix(hub_mirror, value):
-    with pytest.raises(SaltInvocationError) as info:
-        _validate(hub_mirror, {"mirrors": {"docker.io": MIRROR}, "recheck": value})
-    line = next(line for line in str(info.value).splitlines() if "hub_mirror:client:recheck:" in line)
-    assert "use e.g. 60" in line
-
-
-@pytest.mark.parametrize("seconds", [5, 9, 10, 60, 61, 3600, 86400])
-def test_two_runs_are_never_further_apart_than_recheck(hub_mirror, seconds):
-    job = discovery.recheck_job(seconds)
-    assert job["function"] == "hub_mirror.client_configure"
-    # Salt waits `seconds`, then a random 1..splay more.
-    assert job["seconds"] + job["splay"] == seconds
-    assert job["splay"] >= 1 and job["seconds"] >= 1
-    assert job["maxrunning"] == 1
 
 
 class FakeSchedule:

@@ -5,12 +5,9 @@ itself is a stand-in here (``mine.get`` answering from a dict); tests/integratio
 test_fleet.py reads a real one through a salt-master."""
 
 import pytest
-from salt.exceptions import SaltInvocationError
-
 from tests.support.modules import lib
 
 client_validate = lib("clients.validate")
-validate = lib("validate")
 
 HUB = "docker.io"
 GHCR = "ghcr.io"
@@ -149,60 +146,6 @@ def test_a_mine_that_cannot_be_read_falls_back_to_the_static_mirrors(hub_mirror)
     mirrors, line = configure(hub_mirror, unreachable, {"tgt": "mirrors", "tgt_type": "nodegroup"}, mirrors=static)
     assert mirrors == static
     assert "not read (KeyError" in line and "using hub_mirror:client:mirrors" in line
-
-
-def test_discover_settings_are_completed_with_defaults(hub_mirror):
-    client = client_validate.client_conf({"client": {"discover": {"tgt": "m*"}}, "lookup": {"state_dir": "/x"}})
-    assert client["discover"] == {
-        "tgt": "m*",
-        "tgt_type": "glob",
-        "function": "hub_mirror.endpoint",
-        "same_grain": "",
-        "prefer": [],
-    }
-    assert client_validate.client_conf({"client": {}, "lookup": {"state_dir": "/x"}})["discover"] == {}
-
-
-def test_valid_discover_pillar_passes(hub_mirror):
-    validate._validate(
-        {
-            "client": {
-                "discover": {
-                    "tgt": "G@role:mirror and G@zone:a",
-                    "tgt_type": "compound",
-                    "function": "hub_mirror_endpoints",
-                    "same_grain": "location:rack",
-                    "prefer": ["mirror1"],
-                }
-            }
-        },
-        hub_mirror.__grains__,
-    )
-
-
-@pytest.mark.parametrize(
-    "raw,key,words",
-    [
-        ({"client": {"discover": "G@role:mirror"}}, "client:discover", "mapping"),
-        ({"client": {"discover": {"tgt_type": "compound"}}}, "client:discover:tgt", "is required"),
-        ({"client": {"discover": {"tgt": "  "}}}, "client:discover:tgt", "is required"),
-        ({"client": {"discover": {"tgt": "*", "tgt_type": "zone"}}}, "client:discover:tgt_type", "target type"),
-        ({"client": {"discover": {"tgt": "*", "function": ""}}}, "client:discover:function", "mine function"),
-        ({"client": {"discover": {"tgt": "*", "function": "a,b"}}}, "client:discover:function", "mine function"),
-        ({"client": {"discover": {"tgt": "*", "same_grain": ["zone"]}}}, "client:discover:same_grain", "grain"),
-        ({"client": {"discover": {"tgt": "*", "prefer": "mirror1"}}}, "client:discover:prefer", "minion ids"),
-        ({"client": {"discover": {"tgt": "*", "zone": "a"}}}, "client:discover:zone", "unknown key"),
-        ({"mirrors": {"hub": {"advertise": "mirror1:5000"}}}, "mirrors:hub:advertise", "http or https URL"),
-        ({"mirrors": {"hub": {"advertise": "http://m:5000/v2"}}}, "mirrors:hub:advertise", "has a path"),
-        ({"mirrors": {"hub": {"advertise": 5000}}}, "mirrors:hub:advertise", "must be a string"),
-    ],
-)
-def test_bad_discover_and_advertise_pillar_names_the_key_and_the_fix(hub_mirror, raw, key, words):
-    with pytest.raises(SaltInvocationError) as info:
-        validate._validate(raw, hub_mirror.__grains__)
-    line = next(line for line in str(info.value).splitlines() if f"hub_mirror:{key}:" in line)
-    assert words in line, line
-    assert "; " in line
 
 
 @pytest.mark.parametrize(
