@@ -117,19 +117,6 @@ def test_a_deeply_nested_value_is_refused_by_key(hub_mirror, raw):
     assert "hub_mirror:" in refusal(hub_mirror, raw)
 
 
-def test_a_self_referencing_yaml_config_is_overwritten_not_a_crash(hub_mirror):
-    # A local edit (or the service user, who owns the file) can make the config recursive.
-    changes = registry_config.config_changes("a: &x {b: *x}\n", "version: 0.1\n")
-    assert "config" in changes
-
-
-def test_a_billion_laughs_config_is_overwritten_quickly(hub_mirror):
-    lines = ['a0: &a0 {x: "lol"}']
-    lines += [f"a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(10))}}}" for i in range(1, 9)]
-    changes = registry_config.config_changes("\n".join(lines) + "\n", "version: 0.1\n")
-    assert "config" in changes
-
-
 def test_a_path_component_longer_than_the_filesystem_allows_is_refused(hub_mirror):
     # mkdir would raise ENAMETOOLONG at configure, after validation said yes.
     message = refusal(hub_mirror, {"mirrors": {"dockerhub": mirror(storage="/srv/" + "a" * 256)}})
@@ -209,100 +196,6 @@ def test_storage_must_not_hold_the_package_binary(hub_mirror):
 def test_storage_must_not_be_hub_mirrors_own_records(hub_mirror, own):
     message = refusal(hub_mirror, {"mirrors": {"dockerhub": mirror(storage=f"/var/lib/hub-mirror/{own}")}})
     assert f"{M}:storage" in message
-
-
-def test_an_existing_system_account_with_empty_gecos_is_not_taken_over(hub_mirror, monkeypatch):
-    # Debian's messagebus, sshd and redis: uid 100-999, nologin, no GECOS. user.present
-    # would rewrite their home and shell and hub_mirror would run as them.
-    redis = pwd.struct_passwd(("redis", "x", 103, 106, "", "/var/lib/redis", "/usr/sbin/nologin"))
-    monkeypatch.setattr(pwd, "getpwnam", lambda name: redis if name == "redis" else (_ for _ in ()).throw(KeyError(name)))
-    problems = dict(accounts.account_problems("redis", "hub-mirror-test-nogroup"))
-    assert "lookup:user" in problems
-
-
-def test_the_account_hub_mirror_created_is_still_accepted(hub_mirror, monkeypatch):
-    ours = pwd.struct_passwd(("hub-mirror", "x", 998, 998, "hub_mirror registry", "/nonexistent", "/usr/sbin/nologin"))
-    monkeypatch.setattr(pwd, "getpwnam", lambda name: ours if name == "hub-mirror" else (_ for _ in ()).throw(KeyError(name)))
-    assert not dict(accounts.account_problems("hub-mirror", "hub-mirror-test-nogroup"))
-
-
-def test_a_process_that_only_looks_like_ours_is_not_ours(hub_mirror, monkeypatch):
-    # Any local user can run `sleep` with argv "... serve /etc/hub-mirror/dockerhub.yml" and
-    # hold the listen port: it passed as the mirror's own listener (a squatter serving its
-    # own images behind a green apply) and root killed it as a leftover.
-    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"dockerhub": mirror()}}}
-    conf = hub_mirror.settings()
-    paths = settings_lib.mirror_paths(conf, "dockerhub")
-    fake = [
-        (4001, ["/usr/bin/python3", "-c", "pass", "serve", paths["config"]]),
-        (4002, ["/opt/hub-mirror/bin/registry", "serve", paths["config"]]),
-    ]
-    monkeypatch.setattr(processes, "_processes", lambda: iter(fake))
-    monkeypatch.setattr(processes, "_process_uid", lambda pid: {4001: 1000, 4002: 998}[pid])
-    monkeypatch.setattr(processes, "_service_uid", lambda user: 998)
-    assert processes.mirror_processes(paths) == [4002]
-
-
-def test_an_orphan_config_cannot_point_a_purge_at_a_system_directory(hub_mirror, tmp_path):
-    # The config is the service user's file (0600, its own): it can rewrite rootdirectory.
-    lookup = lookup_in(tmp_path)
-    os.makedirs(lookup["config_dir"])
-    for name, root in (("old", "/etc"), ("older", "/tmp"), ("oldest", "/var/lib/../../root")):
-        text = registry_config.config_header(name) + yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": root}}})
-        with open(os.path.join(lookup["config_dir"], f"{name}.yml"), "w", encoding="utf-8") as handle:
-            handle.write(text)
-    hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror()}}}
-    assert hub_mirror.orphans() == ["old", "older", "oldest"]
-    for name in ("old", "older", "oldest"):
-        assert mirror_lib.orphan(hub_mirror.settings(), name)["storage"] == ""
-
-
-@pytest.fixture
-def swapped_storage(hub_mirror, tmp_path):
-    """A storage directory in a parent another user can write, and a victim directory the
-    storage is swapped for (a symlink) in the middle of a hub_mirror call."""
-    parent = tmp_path / "alice"
-    storage = parent / "cache"
-    storage.mkdir(parents=True)
-    victim = tmp_path / "victim"
-    (victim / "docker").mkdir(parents=True)
-    (victim / "docker" / "precious").write_text("not a cache\n")
-    (victim / storage_lib.STORAGE_MARKER).write_text("planted\n")
-
-    def swap():
-        os.rename(storage, parent / "cache.real")
-        os.symlink(victim, storage)
-
-    lookup = lookup_in(tmp_path)
-    hub_mirror.__pillar__ = {"hub_mirror": {"lookup": lookup, "mirrors": {"dockerhub": mirror(storage=str(storage))}}}
-    return storage, victim, swap
-
-
-def test_configure_does_not_chown_a_symlink_swapped_in_for_the_storage(hub_mirror, swapped_storage, monkeypatch):
-    # The upstream check (up to 10 s) sits between the storage plan and the chown.
-    storage, victim, swap = swapped_storage
-    monkeypatch.setattr(mirror_lib, "check_listen_free", lambda conf, spec: None)
-    monkeypatch.setattr(mirror_lib, "service_ids", lambda conf, required=True: (54321, 54321))
-    monkeypatch.setattr(mirror_lib, "check_upstream", lambda spec, timeout=10: swap() or [])
-    with pytest.raises(CommandExecutionError, match="storage"):
-        hub_mirror.configure("dockerhub")
-    assert os.stat(victim).st_uid == 0
-    assert os.stat(victim / "docker").st_uid == 0
-
-
-def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(hub_mirror, swapped_storage, monkeypatch):
-    # Stopping the mirror (up to 15 s) sits between choosing what to delete and deleting it.
-    storage, victim, swap = swapped_storage
-    (storage / "docker").mkdir()
-    (storage / storage_lib.STORAGE_MARKER).write_text("ours\n")
-    for supervisor in (supervisor_lib.Systemd, supervisor_lib.Sysv):
-        monkeypatch.setattr(supervisor, "running", lambda self, name: False)
-    monkeypatch.setattr(mirror_lib, "mirror_processes", lambda paths: [])
-    monkeypatch.setattr(mirror_lib, "stop_service", lambda conf, spec: swap() or True)
-    with pytest.raises(CommandExecutionError, match="storage"):
-        hub_mirror.remove("dockerhub", purge_storage=True)
-    assert (victim / "docker" / "precious").exists()
-    assert (victim / storage_lib.STORAGE_MARKER).exists()
 
 
 def test_absent_takes_only_a_mirror_name(hub_mirror, tmp_path, monkeypatch):

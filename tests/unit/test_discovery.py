@@ -146,25 +146,3 @@ def test_a_mine_that_cannot_be_read_falls_back_to_the_static_mirrors(hub_mirror)
     mirrors, line = configure(hub_mirror, unreachable, {"tgt": "mirrors", "tgt_type": "nodegroup"}, mirrors=static)
     assert mirrors == static
     assert "not read (KeyError" in line and "using hub_mirror:client:mirrors" in line
-
-
-@pytest.mark.parametrize(
-    "mirror,url,loopback_only",
-    [
-        ({"listen": "127.0.0.1:5000"}, "http://127.0.0.1:5000", True),
-        # Every address, nothing advertised: the published URL is loopback.
-        ({"listen": "0.0.0.0:5000"}, "http://127.0.0.1:5000", True),
-        ({"listen": "eth0:5000"}, "http://192.0.2.10:5000", False),
-        ({"listen": "0.0.0.0:5000", "advertise": "http://mirror1.example.net:5000/"}, "http://mirror1.example.net:5000", False),
-        # Advertised as given, even on loopback (a port forward, or several test hosts on one machine).
-        ({"listen": "127.0.0.11:5000", "advertise": "http://127.0.0.11:5000"}, "http://127.0.0.11:5000", False),
-    ],
-)
-def test_endpoint_publishes_the_advertised_url(hub_mirror, monkeypatch, mirror, url, loopback_only):
-    probed = []
-    monkeypatch.setattr(lib("mirror"), "answers", lambda base, timeout: probed.append(base) or True)
-    hub_mirror.__pillar__ = {"hub_mirror": {"mirrors": {"hub": mirror}}}
-    (published,) = hub_mirror.endpoint()
-    assert published == {"mirror": "hub", "registry": HUB, "url": url, "loopback_only": loopback_only, "serving": True}
-    # Serving is checked where the mirror listens, not through the (maybe NATed) advertised URL.
-    assert probed == [url if "advertise" not in mirror else f"http://{mirror['listen'].replace('0.0.0.0', '127.0.0.1')}"]
