@@ -1,7 +1,6 @@
 """The registry config in each dialect: safe defaults, credentials from the helper on 3.x,
 S3 and redis, the offline config, and change reports that never show a secret."""
 
-import pytest
 import yaml
 
 from _hub_mirror import registry_config

@@ -5,7 +5,6 @@ import pytest
 
 from _hub_mirror import settings
 
-
 # Every arch upstream builds, and the grain spellings that must reach it.
 GRAIN_TO_ASSET = [
     ({"osarch": "amd64"}, "amd64"),

@@ -63,13 +63,12 @@ def test_an_https_mirror_with_a_private_ca_answers_with_ca_file(tmp_path):
     front = TLSFront(plain.server_address[1], cert, key, port=0)
     front.start()
     try:
-        url = "https://127.0.0.1:%d" % front._sock.getsockname()[1]
+        url = f"https://127.0.0.1:{front._sock.getsockname()[1]}"
         untrusted = discovery.probe_mirrors([url], 5)[url]
         assert "not trusted" in untrusted and "hub_mirror:client:ca_file" in untrusted
         assert discovery.probe_mirrors([url], 5, str(cert)) == {url: None}
-        assert discovery.probe_mirrors(["http://127.0.0.1:%d" % plain.server_address[1]], 5) == {
-            "http://127.0.0.1:%d" % plain.server_address[1]: None
-        }
+        plain_url = f"http://127.0.0.1:{plain.server_address[1]}"
+        assert discovery.probe_mirrors([plain_url], 5) == {plain_url: None}
     finally:
         front.stop()
         plain.shutdown()

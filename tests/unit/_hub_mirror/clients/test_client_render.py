@@ -4,10 +4,10 @@ defines it."""
 
 import json
 import re
-import tomllib
 import urllib.parse
 
 import pytest
+import tomllib
 import yaml
 
 from _hub_mirror.clients import render, runtimes

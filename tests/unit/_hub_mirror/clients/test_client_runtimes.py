@@ -6,9 +6,9 @@ reload is left to the integration tests."""
 import errno
 import json
 import os
-import tomllib
 
 import pytest
+import tomllib
 
 from _hub_mirror import fsutil
 from _hub_mirror.clients import docker, runtimes

@@ -7,9 +7,9 @@ import json
 import os
 import stat
 import tempfile
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -27,7 +27,7 @@ ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))
 ipv6 = st.ip_addresses(v=6).map(lambda a: f"[{a.compressed}]")
 hosts = st.one_of(dns_hosts, ipv4, ipv6)
 mirror_urls = st.builds(
-    lambda scheme, host, port, slash: f"{scheme}://{host}{':%d' % port if port else ''}{'/' if slash else ''}",
+    lambda scheme, host, port, slash: f"{scheme}://{host}{':' + str(port) if port else ''}{'/' if slash else ''}",
     st.sampled_from(["http", "https"]),
     hosts,
     st.one_of(st.none(), st.integers(1, 65535)),
