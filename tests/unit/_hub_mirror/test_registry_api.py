@@ -44,16 +44,21 @@ registry_proxy_requests_total{type="manifest"} 4
 """
 
 
+def counter(requests, hits, misses, hit_ratio, pulled, human):
+    """What proxy_counters reports for one kind (blobs or manifests)."""
+    return {
+        "requests": requests,
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": hit_ratio,
+        "pulled": {"bytes": pulled, "human": human},
+    }
+
+
 def test_counters_of_28_correct_manifest_hits_and_admit_blob_misses_are_unknown():
     counters = registry_api.proxy_counters(EXPVAR_28, "# no proxy metrics in 2.8\n", "2")
     # 2.8 counts every served manifest as a hit: the real hits are requests - misses.
-    assert counters["manifests"] == {
-        "requests": 4,
-        "hits": 1,
-        "misses": 3,
-        "hit_ratio": 0.25,
-        "pulled": {"bytes": 1451, "human": "1.4 KiB"},
-    }
+    assert counters["manifests"] == counter(requests=4, hits=1, misses=3, hit_ratio=0.25, pulled=1451, human="1.4 KiB")
     blobs = counters["blobs"]
     assert blobs["hits"] is None and blobs["misses"] is None and blobs["hit_ratio"] is None
     assert "2.8" in blobs["note"]
@@ -61,13 +66,7 @@ def test_counters_of_28_correct_manifest_hits_and_admit_blob_misses_are_unknown(
 
 def test_counters_of_3x_from_prometheus():
     counters = registry_api.proxy_counters(EXPVAR_28, METRICS_3, "3")
-    assert counters["blobs"] == {
-        "requests": 10,
-        "hits": 7,
-        "misses": 3,
-        "hit_ratio": 0.7,
-        "pulled": {"bytes": 1048576, "human": "1.0 MiB"},
-    }
+    assert counters["blobs"] == counter(requests=10, hits=7, misses=3, hit_ratio=0.7, pulled=1048576, human="1.0 MiB")
     assert counters["manifests"]["hit_ratio"] == 0.75
 
 

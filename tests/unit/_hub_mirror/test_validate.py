@@ -10,6 +10,7 @@ from tests.unit.host import GRAINS
 
 TOKEN = "dckr_pat_UNIT0123456789abcdefXYZ"
 USER = "hubuser"
+CREDENTIALS = f"{USER}:{TOKEN}@"
 
 
 def good_mirror(**changes):
@@ -35,6 +36,17 @@ def refusal(raw):
 M = "hub_mirror:mirrors:dockerhub"
 
 
+# The upstream's own checks, with and without the user's credentials in the URL:
+# (id, upstream, what the message says after the key hub_mirror:mirrors:dockerhub:upstream, words of the fix)
+UPSTREAMS = [
+    ("upstream-ftp", "ftp://mirror.example", ":", "write it like https://"),
+    ("upstream-relative", "registry-1.docker.io", ":", "write it like https://"),
+    ("upstream-path", "https://ghcr.io/v2/", ":", "give only scheme and host"),
+    ("upstream-credentials", f"https://{CREDENTIALS}registry-1.docker.io", ": the URL holds credentials", "put them in username and token"),
+    ("upstream-credentials-path", f"https://{CREDENTIALS}registry-1.docker.io/v2", ":", "give only scheme and host"),
+    ("upstream-credentials-ftp", f"ftp://{CREDENTIALS}mirror.example", ":", "write it like https://"),
+    ("upstream-credentials-no-scheme", f"{CREDENTIALS}registry-1.docker.io", ":", "write it like https://"),
+]
 # (id, pillar, key the message names, words of the fix)
 BAD = [
     ("not-a-mapping", ["dockerhub"], "hub_mirror: must be a mapping", "see pillar.example"),
@@ -55,33 +67,7 @@ BAD = [
     ("username-int", pillar(good_mirror(username=42)), f"{M}:username:", "quote the value in YAML"),
     ("version-float", pillar(version=3.0), "hub_mirror:version:", "quote it in YAML"),
     ("version-v-prefix", pillar(version="v3.0.0"), "hub_mirror:version:", "give all three parts"),
-    ("upstream-ftp", pillar(good_mirror(upstream="ftp://mirror.example")), f"{M}:upstream:", "write it like https://"),
-    ("upstream-relative", pillar(good_mirror(upstream="registry-1.docker.io")), f"{M}:upstream:", "write it like https://"),
-    ("upstream-path", pillar(good_mirror(upstream="https://ghcr.io/v2/")), f"{M}:upstream:", "give only scheme and host"),
-    (
-        "upstream-credentials",
-        pillar(good_mirror(upstream=f"https://{USER}:{TOKEN}@registry-1.docker.io")),
-        f"{M}:upstream: the URL holds credentials",
-        "put them in username and token",
-    ),
-    (
-        "upstream-credentials-path",
-        pillar(good_mirror(upstream=f"https://{USER}:{TOKEN}@registry-1.docker.io/v2")),
-        f"{M}:upstream:",
-        "give only scheme and host",
-    ),
-    (
-        "upstream-credentials-ftp",
-        pillar(good_mirror(upstream=f"ftp://{USER}:{TOKEN}@mirror.example")),
-        f"{M}:upstream:",
-        "write it like https://",
-    ),
-    (
-        "upstream-credentials-no-scheme",
-        pillar(good_mirror(upstream=f"{USER}:{TOKEN}@registry-1.docker.io")),
-        f"{M}:upstream:",
-        "write it like https://",
-    ),
+    *((case, pillar(good_mirror(upstream=url)), f"{M}:upstream{says}", fix) for case, url, says, fix in UPSTREAMS),
     ("storage-relative", pillar(good_mirror(storage="cache")), f"{M}:storage:", "write e.g. /var/lib/hub-mirror/dockerhub"),
     ("storage-root", pillar(good_mirror(storage="/")), f"{M}:storage:", "write e.g. /var/lib/hub-mirror/dockerhub"),
     ("token-without-username", pillar(good_mirror(username=None)), f"{M}:token:", f"set {M}:username"),
