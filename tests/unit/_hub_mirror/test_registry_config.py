@@ -102,7 +102,6 @@ def test_s3_storage_replaces_the_filesystem_and_keeps_its_secret_redacted():
     assert changes == {"storage.s3.secretkey": {"old": "<redacted>", "new": "<redacted>"}}
 
 
-
 # --- a config the service user rewrote (issue 10) ------------------------------------
 
 

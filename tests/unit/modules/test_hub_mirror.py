@@ -169,10 +169,7 @@ def test_a_schedule_that_refuses_is_an_error(minion):
 # answering from a dict); tests/integration/test_fleet.py reads a real one through a
 # salt-master.
 
-
 HUB = "docker.io"
-
-
 GHCR = "ghcr.io"
 
 
