@@ -1,21 +1,6 @@
-"""Unit tests import the execution module directly, with the loader's dunders stubbed."""
+"""Unit tests import the library as ``_hub_mirror.<module>`` and the facade with
+``tests.support.modules.load``, which also puts ``_modules`` on sys.path for them. The
+facade's tests give it the loader's data with salt-factories' ``configure_loader_modules``;
+what several test files share is in ``tests/unit/host.py``."""
 
-import pytest
-
-from tests.support.modules import load
-
-
-@pytest.fixture
-def hub_mirror():
-    module = load("hub_mirror")
-    module.__grains__ = {
-        "kernel": "Linux",
-        "osarch": "amd64",
-        "cpuarch": "x86_64",
-        "ip4_interfaces": {"lo": ["127.0.0.1"], "eth0": ["192.0.2.10"]},
-        "ip6_interfaces": {"lo": ["::1"]},
-    }
-    module.__pillar__ = {}
-    module.__salt__ = {}
-    module.__opts__ = {}
-    return module
+import tests.support.modules  # noqa: F401  (puts _modules on sys.path before any test file imports)

@@ -5,9 +5,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-HELPER = Path(__file__).resolve().parents[2] / "_modules" / "_hub_mirror" / "programs" / "credential_helper.py"
+from tests.support.modules import program
+
+HELPER = program("credential_helper")
 
 
 def run_helper(args, stdin, credentials=None):

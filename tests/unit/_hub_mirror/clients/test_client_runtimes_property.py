@@ -7,29 +7,19 @@ import json
 import os
 import stat
 import tempfile
-import tomllib
 
+import pytest
+import tomllib
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.support.modules import lib, load
+from _hub_mirror.clients import files as client_files
+from _hub_mirror.clients import render
+from _hub_mirror.clients import validate as client_validate
+from tests.unit.host import clean, configure, make_client, snapshot
 
-client_docker = lib("clients.docker")
-client_files = lib("clients.files")
-render = lib("clients.render")
-runtimes = lib("clients.runtimes")
-client_validate = lib("clients.validate")
-
-hm = load("hub_mirror")
-hm.__grains__ = {}
-hm.__opts__ = {}
-# The pure file logic only: dockerd is reloaded in the integration tests, not here.
-client_docker._docker_reload = lambda client, test: None
-# The CRI note asks `containerd --version`: a subprocess per run is most of the time here.
-runtimes._containerd_major = lambda: 1
-
-RUNTIMES = ["docker", "containerd", "podman", "buildkit", "k3s"]
+pytestmark = pytest.mark.usefixtures("offline_runtimes")
 
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 dns_hosts = st.lists(labels, min_size=1, max_size=3).map(".".join)
@@ -37,7 +27,7 @@ ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))
 ipv6 = st.ip_addresses(v=6).map(lambda a: f"[{a.compressed}]")
 hosts = st.one_of(dns_hosts, ipv4, ipv6)
 mirror_urls = st.builds(
-    lambda scheme, host, port, slash: f"{scheme}://{host}{':%d' % port if port else ''}{'/' if slash else ''}",
+    lambda scheme, host, port, slash: f"{scheme}://{host}{':' + str(port) if port else ''}{'/' if slash else ''}",
     st.sampled_from(["http", "https"]),
     hosts,
     st.one_of(st.none(), st.integers(1, 65535)),
@@ -96,35 +86,6 @@ yaml_users = st.one_of(
         st.dictionaries(st.sampled_from(["configs", "auths"]), st.dictionaries(labels, labels, max_size=2), max_size=1),
     ),
 )
-
-
-def snapshot(path):
-    """(bytes or None, mode, uid, gid, link target) of what ``path`` names."""
-    link = os.readlink(path) if os.path.islink(path) else None
-    try:
-        info = os.stat(path)
-        with open(path, "rb") as handle:
-            return handle.read(), stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid, link
-    except FileNotFoundError:
-        return None, None, None, None, link
-
-
-def make_client(root, mirrors):
-    client = client_validate.client_conf({"client": {"mirrors": mirrors, "runtimes": RUNTIMES}, "lookup": {"state_dir": f"{root}/state"}})
-    client["paths"].update(
-        docker_daemon_json=f"{root}/docker/daemon.json",
-        docker_pidfile=f"{root}/none.pid",
-        docker_socket=f"{root}/none.sock",
-        containerd_config=f"{root}/containerd.toml",
-        containerd_certs_d=f"{root}/certs.d",
-        registries_conf=f"{root}/containers/registries.conf",
-        registries_conf_d=f"{root}/containers/registries.conf.d",
-        buildkitd_toml=f"{root}/buildkit/buildkitd.toml",
-        k3s_registries=f"{root}/k3s/registries.yaml",
-        systemd_units=f"{root}/units",
-        docker_default=f"{root}/default-docker",
-    )
-    return client
 
 
 def write(path, text, mode):
@@ -231,8 +192,7 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
 
         old_umask = os.umask(0o077)
         try:
-            record = client_files.ClientRecord(client["record_dir"])
-            changes, lines = runtimes._sync_all(client, record, alive, test=False)
+            changes, lines = configure(client, alive)
         finally:
             os.umask(old_umask)
         assert not any("left as it was" in line or "failed" in line for line in lines), lines
@@ -245,7 +205,7 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
             elif before[path][0] is not None:
                 assert snapshot(path)[1:] == before[path][1:]
         # A second run changes nothing.
-        again, _ = runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), alive, test=False)
+        again, _ = configure(client, alive)
         assert again == {}
 
         edits = {}
@@ -261,9 +221,9 @@ def test_configure_then_clean_gives_every_file_back_and_keeps_user_edits(
                 with open(path, "w") as handle:
                     handle.write(text)
             # ... and configure runs again before the clean.
-            runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), alive, test=False)
+            configure(client, alive)
 
-        runtimes._sync_all(client, client_files.ClientRecord(client["record_dir"]), {}, test=False, cleaning=True)
+        clean(client)
         for path in files:
             after = snapshot(path)
             if path not in edits:

@@ -6,11 +6,11 @@ import subprocess
 import sys
 import time
 
-from tests.support.modules import REPO, lib
+from _hub_mirror.programs import supervise
+from tests.support.modules import program
 
 
 def test_an_empty_schedule_is_moved_aside(tmp_path):
-    supervise = lib("programs.supervise")
     (tmp_path / "scheduler-state.json").write_text("")
     aside = supervise.set_aside_broken_schedule(str(tmp_path))
     assert aside and aside.startswith(str(tmp_path / "scheduler-state.json.broken-"))
@@ -18,7 +18,6 @@ def test_an_empty_schedule_is_moved_aside(tmp_path):
 
 
 def test_a_valid_or_missing_schedule_is_left_alone(tmp_path):
-    supervise = lib("programs.supervise")
     assert supervise.set_aside_broken_schedule(str(tmp_path)) is None
     state = {"library/alpine@sha256:ab": {"Key": "k", "Expiry": "2026-12-01T00:00:00Z", "EntryType": 0}}
     (tmp_path / "scheduler-state.json").write_text(json.dumps(state))
@@ -28,7 +27,6 @@ def test_a_valid_or_missing_schedule_is_left_alone(tmp_path):
 
 
 def test_settings_come_from_one_file_and_a_bad_one_is_a_config_error(tmp_path, capsys):
-    supervise = lib("programs.supervise")
     good = {"binary": "/opt/r", "config": "/etc/m.yml", "offline_config": "/etc/m.offline.yml",
             "listen": "127.0.0.1:5000", "upstream": "https://registry-1.docker.io"}
     (tmp_path / "good.json").write_text(json.dumps(good))
@@ -46,7 +44,7 @@ def test_the_registry_dies_with_its_supervisor(tmp_path):
     parent = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, "-c",
          "import os, subprocess, sys, time\n"
-         f"sys.path.insert(0, {str(REPO / '_modules' / '_hub_mirror' / 'programs')!r})\n"
+         f"sys.path.insert(0, {str(program('supervise').parent)!r})\n"
          "import supervise as s\n"
          "child = subprocess.Popen(['sleep', '600'], preexec_fn=s.die_with_parent(os.getpid()))\n"
          f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
@@ -68,4 +66,3 @@ def test_the_registry_dies_with_its_supervisor(tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"the child {child} outlived its parent")
-

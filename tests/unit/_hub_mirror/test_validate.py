@@ -1,16 +1,16 @@
-"""Validation of the hub_mirror pillar, as pure logic: every bad value is refused with a
-message that names its pillar key and the fix, all problems are reported at once, and no
-message ever shows the token, wherever a user put it."""
+"""Every pillar rule: each bad value is refused with a message that names its pillar key
+and the fix, all problems are reported at once, and no message ever shows the token,
+wherever a user put it; a good pillar becomes complete settings."""
 
 import pytest
 from salt.exceptions import SaltInvocationError
 
-from tests.support.modules import lib
-
-net = lib("net")
+from _hub_mirror import units, validate
+from tests.unit.host import GRAINS
 
 TOKEN = "dckr_pat_UNIT0123456789abcdefXYZ"
 USER = "hubuser"
+CREDENTIALS = f"{USER}:{TOKEN}@"
 
 
 def good_mirror(**changes):
@@ -27,15 +27,26 @@ def pillar(mirror=None, **top):
     return {"version": "2.8.3", "mirrors": {"dockerhub": mirror or good_mirror()}, **top}
 
 
-def refusal(hub_mirror, raw):
-    hub_mirror.__pillar__ = {"hub_mirror": raw}
+def refusal(raw):
     with pytest.raises(SaltInvocationError) as refused:
-        hub_mirror.settings()
+        validate.load(raw, GRAINS, redact=True)
     return str(refused.value)
 
 
 M = "hub_mirror:mirrors:dockerhub"
 
+
+# The upstream's own checks, with and without the user's credentials in the URL:
+# (id, upstream, what the message says after the key hub_mirror:mirrors:dockerhub:upstream, words of the fix)
+UPSTREAMS = [
+    ("upstream-ftp", "ftp://mirror.example", ":", "write it like https://"),
+    ("upstream-relative", "registry-1.docker.io", ":", "write it like https://"),
+    ("upstream-path", "https://ghcr.io/v2/", ":", "give only scheme and host"),
+    ("upstream-credentials", f"https://{CREDENTIALS}registry-1.docker.io", ": the URL holds credentials", "put them in username and token"),
+    ("upstream-credentials-path", f"https://{CREDENTIALS}registry-1.docker.io/v2", ":", "give only scheme and host"),
+    ("upstream-credentials-ftp", f"ftp://{CREDENTIALS}mirror.example", ":", "write it like https://"),
+    ("upstream-credentials-no-scheme", f"{CREDENTIALS}registry-1.docker.io", ":", "write it like https://"),
+]
 # (id, pillar, key the message names, words of the fix)
 BAD = [
     ("not-a-mapping", ["dockerhub"], "hub_mirror: must be a mapping", "see pillar.example"),
@@ -56,33 +67,7 @@ BAD = [
     ("username-int", pillar(good_mirror(username=42)), f"{M}:username:", "quote the value in YAML"),
     ("version-float", pillar(version=3.0), "hub_mirror:version:", "quote it in YAML"),
     ("version-v-prefix", pillar(version="v3.0.0"), "hub_mirror:version:", "give all three parts"),
-    ("upstream-ftp", pillar(good_mirror(upstream="ftp://mirror.example")), f"{M}:upstream:", "write it like https://"),
-    ("upstream-relative", pillar(good_mirror(upstream="registry-1.docker.io")), f"{M}:upstream:", "write it like https://"),
-    ("upstream-path", pillar(good_mirror(upstream="https://ghcr.io/v2/")), f"{M}:upstream:", "give only scheme and host"),
-    (
-        "upstream-credentials",
-        pillar(good_mirror(upstream=f"https://{USER}:{TOKEN}@registry-1.docker.io")),
-        f"{M}:upstream: the URL holds credentials",
-        "put them in username and token",
-    ),
-    (
-        "upstream-credentials-path",
-        pillar(good_mirror(upstream=f"https://{USER}:{TOKEN}@registry-1.docker.io/v2")),
-        f"{M}:upstream:",
-        "give only scheme and host",
-    ),
-    (
-        "upstream-credentials-ftp",
-        pillar(good_mirror(upstream=f"ftp://{USER}:{TOKEN}@mirror.example")),
-        f"{M}:upstream:",
-        "write it like https://",
-    ),
-    (
-        "upstream-credentials-no-scheme",
-        pillar(good_mirror(upstream=f"{USER}:{TOKEN}@registry-1.docker.io")),
-        f"{M}:upstream:",
-        "write it like https://",
-    ),
+    *((case, pillar(good_mirror(upstream=url)), f"{M}:upstream{says}", fix) for case, url, says, fix in UPSTREAMS),
     ("storage-relative", pillar(good_mirror(storage="cache")), f"{M}:storage:", "write e.g. /var/lib/hub-mirror/dockerhub"),
     ("storage-root", pillar(good_mirror(storage="/")), f"{M}:storage:", "write e.g. /var/lib/hub-mirror/dockerhub"),
     ("token-without-username", pillar(good_mirror(username=None)), f"{M}:token:", f"set {M}:username"),
@@ -140,24 +125,24 @@ BAD = [
 
 
 @pytest.mark.parametrize("raw,key,fix", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_bad_pillar_is_refused_naming_key_and_fix(hub_mirror, raw, key, fix):
-    message = refusal(hub_mirror, raw)
+def test_bad_pillar_is_refused_naming_key_and_fix(raw, key, fix):
+    message = refusal(raw)
     assert message.startswith("Invalid hub_mirror pillar (nothing was changed):")
     assert key in message
     assert fix in message
     assert TOKEN not in message
 
 
-def test_every_problem_is_reported_at_once(hub_mirror):
+def test_every_problem_is_reported_at_once():
     raw = pillar(good_mirror(listen="nohost", storage="cache", log_level="loud"), version=3.0, probe_timeout="x")
-    message = refusal(hub_mirror, raw)
+    message = refusal(raw)
     for key in (f"{M}:listen:", f"{M}:storage:", f"{M}:log_level:", "hub_mirror:version:", "hub_mirror:probe_timeout:"):
         assert key in message
     assert len(message.splitlines()) == 6
 
 
-def test_a_token_of_the_wrong_type_is_described_not_shown(hub_mirror):
-    message = refusal(hub_mirror, pillar(good_mirror(token={"value": TOKEN})))
+def test_a_token_of_the_wrong_type_is_described_not_shown():
+    message = refusal(pillar(good_mirror(token={"value": TOKEN})))
     assert "got dict (a secret)" in message
     assert TOKEN not in message
 
@@ -184,21 +169,17 @@ GOOD = [
 
 
 @pytest.mark.parametrize("raw", [case[1] for case in GOOD], ids=[case[0] for case in GOOD])
-def test_good_pillar_is_accepted(hub_mirror, raw):
-    hub_mirror.__pillar__ = {"hub_mirror": raw}
-    settings = hub_mirror.settings()
+def test_good_pillar_is_accepted(raw):
+    settings = validate.load(raw, GRAINS, redact=True)
     assert settings["mirrors"]
     for mirror in settings["mirrors"].values():
         assert mirror["token"] in ("", "<redacted>")
         assert mirror["listen_host"] is not None
 
 
-def test_settings_fill_in_each_mirror(hub_mirror):
-    hub_mirror.__pillar__ = {
-        "hub_mirror": pillar()
-        | {"mirrors": {"low": good_mirror(listen="eth0:5000"), "high": {"listen": "127.0.0.1:60000"}}}
-    }
-    mirrors = hub_mirror.settings()["mirrors"]
+def test_settings_fill_in_each_mirror():
+    raw = pillar() | {"mirrors": {"low": good_mirror(listen="eth0:5000"), "high": {"listen": "127.0.0.1:60000"}}}
+    mirrors = validate.load(raw, GRAINS, redact=True)["mirrors"]
     assert mirrors["low"]["listen_host"] == "192.0.2.10"
     assert mirrors["low"]["debug_listen"] == "127.0.0.1:15000"
     assert mirrors["low"]["storage"] == "/var/lib/hub-mirror/low"
@@ -206,42 +187,59 @@ def test_settings_fill_in_each_mirror(hub_mirror):
     assert mirrors["high"]["debug_listen"] == "127.0.0.1:50000"
 
 
-def test_settings_redact_the_token_unless_asked(hub_mirror):
-    hub_mirror.__pillar__ = {"hub_mirror": pillar()}
-    assert TOKEN not in repr(hub_mirror.settings())
-    assert hub_mirror.settings()["mirrors"]["dockerhub"]["token"] == "<redacted>"
-    assert hub_mirror._settings(redact=False)["mirrors"]["dockerhub"]["token"] == TOKEN
+@pytest.mark.parametrize(
+    "s3,key",
+    [
+        ({"region": "x"}, "s3:bucket"),
+        ({"bucket": "b", "accesskey": "a"}, "s3:secretkey"),
+        ({"bucket": "b", "endpoint": "ftp://x"}, "s3:endpoint"),
+        ({"bucket": "b", "pathstyle": True}, "s3:pathstyle"),
+        ({"bucket": "b", "path_style": "yes"}, "s3:path_style"),
+    ],
+)
+def test_bad_s3_settings_name_their_key(s3, key):
+    with pytest.raises(SaltInvocationError, match=f"hub_mirror:mirrors:m:{key}"):
+        validate.load({"mirrors": {"m": {"s3": s3}}}, GRAINS, redact=True)
 
 
 @pytest.mark.parametrize(
-    "url,shown",
+    "mirrors,key",
     [
-        ("https://registry-1.docker.io", "https://registry-1.docker.io"),
-        (f"https://{USER}:{TOKEN}@host:5000", "https://<redacted>@host:5000"),
-        (f"ftp://{USER}:{TOKEN}@host/path", "ftp://<redacted>@host/path"),
-        (f"https://{USER}:a/b{TOKEN}@host", "https://<redacted>@host"),
-        (f"{USER}:{TOKEN}@host", "<redacted>"),
-        (5000, 5000),
+        ({"a": {"listen": "localhost:5000"}, "b": {"listen": "127.0.0.1:5000"}}, "mirrors:b:listen"),
+        ({"a": {"listen": "127.0.0.1:5000"}, "b": {"listen": "127.0.0.1:15000"}}, "mirrors:b:listen"),
+        ({"a": {"listen": "0.0.0.0:5000"}, "b": {"listen": "127.0.0.1:5000"}}, "mirrors:b:listen"),
+        ({"a": {"storage": "/srv/cache/"}, "b": {"listen": "127.0.0.1:5001", "storage": "/srv/cache"}}, "mirrors:b:storage"),
     ],
 )
-def test_urls_in_messages_never_show_credentials(hub_mirror, url, shown):
-    assert net.redact_url(url) == shown
+def test_mirrors_cannot_share_a_socket_or_storage(mirrors, key):
+    with pytest.raises(SaltInvocationError, match=f"hub_mirror:{key}"):
+        validate.load({"mirrors": mirrors}, GRAINS, redact=True)
+
+
+def test_mirrors_on_distinct_sockets_validate():
+    mirrors = {
+        "a": {"listen": "127.0.0.1:5000"},
+        "b": {"listen": "127.0.0.2:5000", "debug_listen": "127.0.0.2:15000"},
+    }
+    assert set(validate.load({"mirrors": mirrors}, GRAINS, redact=True)["mirrors"]) == {"a", "b"}
+
+
+def test_pillar_accepts_warm_and_max_size():
+    raw = {"mirrors": {"dockerhub": {"warm": ["alpine:3.20", "bitnami/redis"], "max_size": "20G"}}}
+    mirror = validate.load(raw, GRAINS, redact=True)["mirrors"]["dockerhub"]
+    assert mirror["warm"] == ["alpine:3.20", "bitnami/redis"]
+    assert units.parse_size(mirror["max_size"]) == 20 * 1024**3
+    mirror = validate.load({"mirrors": {"dockerhub": {"max_size": 10**9}}}, GRAINS, redact=True)["mirrors"]["dockerhub"]
+    assert mirror["max_size"] == 10**9
 
 
 @pytest.mark.parametrize(
-    "text,parsed",
+    "mirror,key",
     [
-        ("127.0.0.1:5000", ("127.0.0.1", 5000)),
-        ("[::1]:5000", ("::1", 5000)),
-        ("eth0:65535", ("eth0", 65535)),
-        (" localhost:1 ", ("localhost", 1)),
+        ({"warm": "alpine"}, "mirrors:dockerhub:warm"),
+        ({"warm": ["alpine", "Not Valid"]}, "mirrors:dockerhub:warm:1"),
+        ({"max_size": "lots"}, "mirrors:dockerhub:max_size"),
     ],
 )
-def test_hostport_parses(hub_mirror, text, parsed):
-    assert net.parse_hostport(text) == parsed
-
-
-@pytest.mark.parametrize("text", ["5000", ":5000", "host:", "host:0", "host:65536", "host:50x", "[::1]5000", ""])
-def test_hostport_refuses(hub_mirror, text):
-    with pytest.raises(ValueError):
-        net.parse_hostport(text)
+def test_pillar_refuses_bad_cache_keys_naming_the_key(mirror, key):
+    assert f"hub_mirror:{key}:" in refusal({"mirrors": {"dockerhub": mirror}})

@@ -22,20 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from salt.exceptions import SaltInvocationError
 
-from tests.support.modules import lib, load
+from _hub_mirror import registry_config, validate
+from _hub_mirror import settings as settings_lib
+from _hub_mirror import supervisor as supervisor_lib
+from tests.unit.host import GRAINS
 
-registry_config = lib("registry_config")
-settings_lib = lib("settings")
-supervisor_lib = lib("supervisor")
-validate = lib("validate")
-
-GRAINS = {
-    "kernel": "Linux",
-    "osarch": "amd64",
-    "cpuarch": "x86_64",
-    "ip4_interfaces": {"lo": ["127.0.0.1"], "eth0": ["192.0.2.10"]},
-    "ip6_interfaces": {"lo": ["::1"]},
-}
 TOKEN = "dckr_pat_FUZZ0123456789abcdefXYZ"
 # Bounded for CI; HYPOTHESIS_EXAMPLES raises it for a longer hunt.
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "400"))
@@ -139,62 +130,56 @@ mutations = st.lists(mutation(), min_size=1, max_size=4)
 
 
 @pytest.fixture(scope="module")
-def module(tmp_path_factory):
-    hub_mirror = load("hub_mirror")
-    hub_mirror.__grains__ = GRAINS
-    hub_mirror.__salt__ = {}
-    hub_mirror.__opts__ = {}
-    hub_mirror.__pillar__ = {}
-    hub_mirror.tmp = str(tmp_path_factory.mktemp("fuzz"))
-    return hub_mirror
+def tmp(tmp_path_factory):
+    """The directory the lookup paths of the generated pillars are in."""
+    return str(tmp_path_factory.mktemp("fuzz"))
 
 
-def settings_or_refusal(hub_mirror, pillar):
-    """The redacted and the full settings, or the refusal's message lines."""
-    hub_mirror.__pillar__ = {"hub_mirror": pillar}
+def settings_or_refusal(pillar):
+    """(the full settings, None) of a valid hub_mirror pillar, else (None, the refusal)."""
     try:
-        return hub_mirror._settings(redact=False), None
+        return validate.load(pillar, GRAINS, redact=False), None
     except SaltInvocationError as exc:
         return None, str(exc)
 
 
 @FUZZ
 @given(mutations=mutations)
-def test_every_pillar_validates_or_is_refused_by_key(module, mutations):
-    pillar = mutate(base_pillar(module.tmp), copy.deepcopy(mutations))
-    conf, refusal = settings_or_refusal(module, pillar)
+def test_every_pillar_validates_or_is_refused_by_key(tmp, mutations):
+    pillar = mutate(base_pillar(tmp), copy.deepcopy(mutations))
+    conf, refusal = settings_or_refusal(pillar)
     if refusal is not None:
         head, *lines = refusal.split("\n")
         assert head == "Invalid hub_mirror pillar (nothing was changed):"
         assert lines and all(line.startswith("  - hub_mirror") for line in lines), refusal
         assert TOKEN not in refusal
         return
-    assert_sinks_read_back(module, conf)
+    assert_sinks_read_back(conf)
 
 
 @pytest.mark.parametrize("key_path", PATHS, ids=[":".join(path) for path in PATHS])
 @settings(max_examples=max(EXAMPLES // 8, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_each_key_alone_validates_or_is_refused_by_key(module, key_path, data):
+def test_each_key_alone_validates_or_is_refused_by_key(tmp, key_path, data):
     plausible = PLAUSIBLE.get(key_path[-1], st.nothing())
     value = data.draw(values | strings | plausible)
-    pillar = mutate(base_pillar(module.tmp), [(key_path, value)])
-    conf, refusal = settings_or_refusal(module, pillar)
+    pillar = mutate(base_pillar(tmp), [(key_path, value)])
+    conf, refusal = settings_or_refusal(pillar)
     if refusal is not None:
         assert all(line.startswith("  - hub_mirror") for line in refusal.split("\n")[1:]), refusal
         assert TOKEN not in refusal
     else:
-        assert_sinks_read_back(module, conf)
+        assert_sinks_read_back(conf)
 
 
 @FUZZ
 @given(pillar=values)
-def test_any_structure_at_all_is_refused_or_validates(module, pillar):
-    _, refusal = settings_or_refusal(module, pillar)
+def test_any_structure_at_all_is_refused_or_validates(pillar):
+    _, refusal = settings_or_refusal(pillar)
     assert refusal is None or refusal.startswith("Invalid hub_mirror pillar")
 
 
-def assert_sinks_read_back(hub_mirror, conf):
+def assert_sinks_read_back(conf):
     for name, spec in conf["mirrors"].items():
         for supervisor in ("systemd", "sysv"):
             conf["lookup"]["supervisor"] = supervisor
@@ -221,10 +206,10 @@ paths_text = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Zl", "Zp",
 
 @FUZZ
 @given(prefix=paths_text, config_dir=paths_text, run_dir=paths_text, log_dir=paths_text, storage=paths_text)
-def test_unit_and_init_script_quote_any_path(module, prefix, config_dir, run_dir, log_dir, storage):
+def test_unit_and_init_script_quote_any_path(prefix, config_dir, run_dir, log_dir, storage):
     conf = settings_lib.merge(settings_lib.DEFAULTS, {})
     conf["lookup"].update(prefix=prefix, config_dir=config_dir, run_dir=run_dir, log_dir=log_dir)
-    spec = validate.complete_mirror("m1", {"listen": "127.0.0.1:5000"}, conf["lookup"], module.__grains__)
+    spec = validate.complete_mirror("m1", {"listen": "127.0.0.1:5000"}, conf["lookup"], GRAINS)
     spec["storage"] = storage
     paths = settings_lib.mirror_paths(conf, "m1")
     command = [supervisor_lib.service_python(), paths["supervise"], paths["supervise_settings"]]
@@ -235,11 +220,6 @@ def test_unit_and_init_script_quote_any_path(module, prefix, config_dir, run_dir
             assert_unit_reads_back(files[paths["unit"]][0], command, storage, conf["lookup"])
         else:
             assert_init_script_reads_back(files[paths["init"]][0], command, paths, conf["lookup"])
-
-
-def test_a_control_character_never_reaches_a_unit_file(module):
-    with pytest.raises(ValueError):
-        supervisor_lib._systemd_quote("/srv/cache\nUser=root")
 
 
 # --- readers: systemd's and sh's own rules ---------------------------------------------

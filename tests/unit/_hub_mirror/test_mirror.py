@@ -1,0 +1,95 @@
+"""A mirror's life on the host: what it publishes to the mine, and what configure, remove
+and orphans do when a local user or the service user races or rewrites them (issue 10)."""
+
+import os
+
+import pytest
+import yaml
+from salt.exceptions import CommandExecutionError
+
+from _hub_mirror import mirror, registry_config, storage, supervisor
+from tests.unit.host import lookup_in, pillar_mirror, settings_of
+
+
+@pytest.mark.parametrize(
+    "entry,url,loopback_only",
+    [
+        ({"listen": "127.0.0.1:5000"}, "http://127.0.0.1:5000", True),
+        # Every address, nothing advertised: the published URL is loopback.
+        ({"listen": "0.0.0.0:5000"}, "http://127.0.0.1:5000", True),
+        ({"listen": "eth0:5000"}, "http://192.0.2.10:5000", False),
+        ({"listen": "0.0.0.0:5000", "advertise": "http://mirror1.example.net:5000/"}, "http://mirror1.example.net:5000", False),
+        # Advertised as given, even on loopback (a port forward, or several test hosts on one machine).
+        ({"listen": "127.0.0.11:5000", "advertise": "http://127.0.0.11:5000"}, "http://127.0.0.11:5000", False),
+    ],
+)
+def test_endpoint_publishes_the_advertised_url(monkeypatch, entry, url, loopback_only):
+    probed = []
+    monkeypatch.setattr(mirror, "answers", lambda base, timeout: probed.append(base) or True)
+    (published,) = mirror.endpoint(settings_of({"mirrors": {"hub": entry}}, redact=True))
+    assert published == {"mirror": "hub", "registry": "docker.io", "url": url, "loopback_only": loopback_only, "serving": True}
+    # Serving is checked where the mirror listens, not through the (maybe NATed) advertised URL.
+    assert probed == [url if "advertise" not in entry else f"http://{entry['listen'].replace('0.0.0.0', '127.0.0.1')}"]
+
+
+def test_an_orphan_config_cannot_point_a_purge_at_a_system_directory(tmp_path):
+    # The config is the service user's file (0600, its own): it can rewrite rootdirectory.
+    lookup = lookup_in(tmp_path)
+    os.makedirs(lookup["config_dir"])
+    for name, root in (("old", "/etc"), ("older", "/tmp"), ("oldest", "/var/lib/../../root")):
+        text = registry_config.config_header(name) + yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": root}}})
+        with open(os.path.join(lookup["config_dir"], f"{name}.yml"), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    conf = settings_of({"lookup": lookup, "mirrors": {"dockerhub": pillar_mirror()}}, redact=True)
+    assert mirror.orphans(conf) == ["old", "older", "oldest"]
+    for name in ("old", "older", "oldest"):
+        assert mirror.orphan(conf, name)["storage"] == ""
+
+
+@pytest.fixture
+def swapped_storage(tmp_path):
+    """A storage directory in a parent another user can write, a victim directory the
+    storage is swapped for (a symlink) in the middle of a hub_mirror call, and the pillar."""
+    parent = tmp_path / "alice"
+    cache = parent / "cache"
+    cache.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    (victim / "docker").mkdir(parents=True)
+    (victim / "docker" / "precious").write_text("not a cache\n")
+    (victim / storage.STORAGE_MARKER).write_text("planted\n")
+
+    def swap():
+        os.rename(cache, parent / "cache.real")
+        os.symlink(victim, cache)
+
+    raw = {"lookup": lookup_in(tmp_path), "mirrors": {"dockerhub": pillar_mirror(storage=str(cache))}}
+    return cache, victim, swap, raw
+
+
+def test_configure_does_not_chown_a_symlink_swapped_in_for_the_storage(swapped_storage, monkeypatch):
+    # The upstream check (up to 10 s) sits between the storage plan and the chown.
+    _, victim, swap, raw = swapped_storage
+    monkeypatch.setattr(mirror, "check_listen_free", lambda conf, spec: None)
+    monkeypatch.setattr(mirror, "service_ids", lambda conf, required=True: (54321, 54321))
+    monkeypatch.setattr(mirror, "check_upstream", lambda spec, timeout=10: swap() or [])
+    conf = settings_of(raw)
+    with pytest.raises(CommandExecutionError, match="storage"):
+        mirror.configure(conf, conf["mirrors"]["dockerhub"])
+    assert os.stat(victim).st_uid == 0
+    assert os.stat(victim / "docker").st_uid == 0
+
+
+def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(swapped_storage, monkeypatch):
+    # Stopping the mirror (up to 15 s) sits between choosing what to delete and deleting it.
+    cache, victim, swap, raw = swapped_storage
+    (cache / "docker").mkdir()
+    (cache / storage.STORAGE_MARKER).write_text("ours\n")
+    for kind in (supervisor.Systemd, supervisor.Sysv):
+        monkeypatch.setattr(kind, "running", lambda self, name: False)
+    monkeypatch.setattr(mirror, "mirror_processes", lambda paths: [])
+    monkeypatch.setattr(mirror, "stop_service", lambda conf, spec: swap() or True)
+    conf = settings_of(raw, redact=True)
+    with pytest.raises(CommandExecutionError, match="storage"):
+        mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)
+    assert (victim / "docker" / "precious").exists()
+    assert (victim / storage.STORAGE_MARKER).exists()

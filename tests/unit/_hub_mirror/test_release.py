@@ -1,0 +1,46 @@
+"""The release: every arch upstream builds has a known digest and an asset URL, and the
+expected digest comes from the built-in table, the pillar or a URL."""
+
+import hashlib
+
+import pytest
+from salt.exceptions import CommandExecutionError
+
+from _hub_mirror import release, settings
+
+
+@pytest.mark.parametrize("version", ["2.8.3", "3.0.0"])
+def test_every_built_arch_has_a_known_digest_and_asset_url(version):
+    arches = settings.RELEASE_ARCHES_2 if version.startswith("2") else settings.RELEASE_ARCHES_3
+    assert set(release.KNOWN_DIGESTS[version]) == set(arches)
+    for arch in arches:
+        url = release.asset_url(version, arch)
+        assert url == (
+            "https://github.com/distribution/distribution/releases/download/"
+            f"v{version}/registry_{version}_linux_{arch}.tar.gz"
+        )
+        assert len(release._expected_digest(version, arch, "")) == 64
+
+
+def test_riscv64_only_from_3x():
+    with pytest.raises(CommandExecutionError, match="no release for CPU arch 'riscv64'"):
+        release._check_arch_supported("2.8.3", "riscv64", {})
+    release._check_arch_supported("3.0.0", "riscv64", {})
+
+
+def test_unknown_version_without_source_hash_names_the_key_to_add():
+    with pytest.raises(CommandExecutionError) as err:
+        release._expected_digest("3.1.1", "amd64", "")
+    assert "hub_mirror:install:source_hash" in str(err.value)
+    assert "registry_3.1.1_linux_amd64.tar.gz.sha256" in str(err.value)
+
+
+@pytest.mark.parametrize("given", ["a" * 64, "sha256:" + "A" * 64, "sha256=" + "b" * 64])
+def test_source_hash_digest_forms(given):
+    assert release._expected_digest("9.9.9", "amd64", given) == given[-64:].lower()
+
+
+def test_source_hash_url_is_fetched_and_parsed(tmp_path):
+    digest = hashlib.sha256(b"x").hexdigest()
+    (tmp_path / "asset.sha256").write_text(digest + "\n")
+    assert release._expected_digest("9.9.9", "amd64", f"file://{tmp_path}/asset.sha256") == digest
