@@ -43,33 +43,44 @@ def _library_files(root):
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hub_mirror")
 _FILES = _library_files(_ROOT)
 _LOADED = sys.modules.get("_hub_mirror")
+
+
+def _forget_library():
+    for name in [name for name in sys.modules if name == "_hub_mirror" or name.startswith("_hub_mirror.")]:
+        del sys.modules[name]
+
+
 if _LOADED is not None and (
     os.path.dirname(os.path.abspath(_LOADED.__file__)) != _ROOT or getattr(_LOADED, "LOADED_FROM", _FILES) != _FILES
 ):
-    for _name in [name for name in sys.modules if name == "_hub_mirror" or name.startswith("_hub_mirror.")]:
-        del sys.modules[_name]
-if "_hub_mirror" not in sys.modules:
-    _SPEC = importlib.util.spec_from_file_location(
-        "_hub_mirror", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT]
+    _forget_library()
+try:
+    if "_hub_mirror" not in sys.modules:
+        _SPEC = importlib.util.spec_from_file_location(
+            "_hub_mirror", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT]
+        )
+        sys.modules["_hub_mirror"] = importlib.util.module_from_spec(_SPEC)
+        _SPEC.loader.exec_module(sys.modules["_hub_mirror"])
+
+    # pylint: disable=wrong-import-position
+    import _hub_mirror
+    from _hub_mirror import (
+        inspection,
+        maintenance,
+        registry_api,
+        registry_config,
+        release,
+        validate,
     )
-    sys.modules["_hub_mirror"] = importlib.util.module_from_spec(_SPEC)
-    _SPEC.loader.exec_module(sys.modules["_hub_mirror"])
-
-# pylint: disable=wrong-import-position
-import _hub_mirror  # noqa: E402
-from _hub_mirror import (  # noqa: E402
-    inspection,
-    maintenance,
-    registry_api,
-    registry_config,
-    release,
-    validate,
-)
-from _hub_mirror import mirror as mirrors  # noqa: E402
-from _hub_mirror import settings as defaults  # noqa: E402
-from _hub_mirror.clients import discovery, runtimes  # noqa: E402
-from _hub_mirror.clients.validate import client_conf  # noqa: E402
-
+    from _hub_mirror import mirror as mirrors
+    from _hub_mirror import settings as hm_settings
+    from _hub_mirror.clients import discovery, runtimes
+    from _hub_mirror.clients.validate import client_conf
+except BaseException:
+    # A library imported halfway (a sync caught midway, a file missing) must not stay
+    # cached: the next load starts afresh instead of failing until a restart.
+    _forget_library()
+    raise
 _hub_mirror.LOADED_FROM = _FILES
 
 
@@ -146,10 +157,10 @@ def release_arch():
 
         salt '*' hub_mirror.release_arch
     """
-    return defaults.release_arch(__grains__)
+    return hm_settings.release_arch(__grains__)
 
 
-def asset_url(version, arch, source=defaults.RELEASE_URL):
+def asset_url(version, arch, source=hm_settings.RELEASE_URL):
     """
     Return the release tarball URL for ``version`` and release ``arch``.
 
@@ -197,7 +208,7 @@ def version():
 
         salt '*' hub_mirror.version
     """
-    binary = defaults.binary_path(_settings())
+    binary = hm_settings.binary_path(_settings())
     return release.binary_version(binary) if os.path.exists(binary) else None
 
 
@@ -213,7 +224,7 @@ def config(mirror="dockerhub"):
         salt '*' hub_mirror.config mirror=ghcr
     """
     conf, spec = _mirror(mirror)
-    helper = defaults.mirror_paths(conf, mirror)["credential_helper"]  # pylint: disable=protected-access
+    helper = hm_settings.mirror_paths(conf, mirror)["credential_helper"]
     return registry_config.render_config(spec, registry_config.config_dialect(conf), helper)
 
 
@@ -253,6 +264,7 @@ def deploy(mirror="dockerhub", test=False):
         salt '*' hub_mirror.deploy
         salt '*' hub_mirror.deploy mirror=dockerhub test=True
     """
+    # Unredacted only to fingerprint the rendered config; the token goes nowhere else.
     return mirrors.deploy(*_mirror(mirror, redact=False), test=test)
 
 
@@ -266,7 +278,7 @@ def probe(mirror="dockerhub", timeout=5):
 
         salt '*' hub_mirror.probe
     """
-    return registry_api.answers(defaults.probe_url(_mirror(mirror)[1]), timeout)
+    return registry_api.answers(hm_settings.probe_url(_mirror(mirror)[1]), timeout)
 
 
 def start(mirror="dockerhub"):
@@ -552,21 +564,21 @@ def prune(mirror="dockerhub", max_size=None, test=False):
 
 def _discover(client):
     """The mirrors the mine publishes, ranked (``discovery.rank``), with a comment line."""
-    settings_ = client["discover"]
+    discover = client["discover"]
     try:
-        found = __salt__["mine.get"](settings_["tgt"], settings_["function"], tgt_type=settings_["tgt_type"])
+        found = __salt__["mine.get"](discover["tgt"], discover["function"], tgt_type=discover["tgt_type"])
         same = set()
-        grain = settings_["same_grain"]
+        grain = discover["same_grain"]
         value = __grains__.get(grain.split(":")[0]) if grain else None
         for part in grain.split(":")[1:] if grain else ():
             value = value.get(part) if isinstance(value, dict) else None
         if value not in (None, "") and not isinstance(value, (dict, list)):
-            same = set(__salt__["mine.get"](f"{grain}:{value}", settings_["function"], tgt_type="grain"))
+            same = set(__salt__["mine.get"](f"{grain}:{value}", discover["function"], tgt_type="grain"))
     except Exception as exc:  # pylint: disable=broad-except
         # A masterless minion has no mine to ask, and a master that does not answer must
         # not fail a build host's run.
         return client["mirrors"], (
-            f"{discovery.source(settings_)}: not read ({type(exc).__name__}: {exc}); using hub_mirror:client:mirrors"
+            f"{discovery.source(discover)}: not read ({type(exc).__name__}: {exc}); using hub_mirror:client:mirrors"
         )
     return discovery.rank(client, found, same, __opts__.get("id"))
 

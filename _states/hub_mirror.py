@@ -136,7 +136,6 @@ def pruned(name, max_size=None):
     return _apply(name, "prune", mirror=name, max_size=max_size)
 
 
-
 # --- Clients -----------------------------------------------------------------------------
 
 

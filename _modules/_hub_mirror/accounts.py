@@ -5,6 +5,7 @@ how a command runs as it.
 
 import os
 import re
+import sys
 
 from salt.exceptions import CommandExecutionError
 
@@ -91,3 +92,8 @@ def service_user_kwargs(conf):
         return {}
     uid, gid = service_ids(conf)
     return {"user": uid, "group": gid, "extra_groups": []}
+
+
+def service_python():
+    # The service user must be able to run it: a Salt venv under /root is not an option.
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

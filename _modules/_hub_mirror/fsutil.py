@@ -19,7 +19,8 @@ def write_atomic(path, text, mode, uid=-1, gid=-1):
     """Write ``text`` to ``path`` through a same-directory temp file and rename."""
     # Fixed modes whatever the umask: under 077 the service user could not reach its files.
     ensure_dir(os.path.dirname(path), 0o755)
-    _replace(path, text, mode, uid, gid)
+    # surrogateescape: a rollback writes back a file as it was read, UTF-8 or not.
+    _replace(path, text, mode, uid, gid, errors="surrogateescape")
 
 
 def write_exact(path, text, new_mode=0o644):
@@ -31,19 +32,20 @@ def write_exact(path, text, new_mode=0o644):
         mode, uid, gid = info.st_mode & 0o7777, info.st_uid, info.st_gid
     except FileNotFoundError:
         mode, uid, gid = new_mode, -1, -1
-    _replace(path, text, mode, uid, gid)
+    _replace(path, text, mode, uid, gid, errors="strict")
 
 
-def _replace(path, text, mode, uid, gid):
+def _replace(path, text, mode, uid, gid, errors):
     """Replace ``path`` with ``text`` (UTF-8, as is) in one rename: a reader sees the old
     file or the new one, never a part; nothing is left behind on failure."""
+    data = text.encode("utf-8", errors=errors)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.hub-mirror-")
     try:
         os.fchmod(fd, mode)
         if uid != -1 or gid != -1:
             os.fchown(fd, uid, gid)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8", errors="surrogateescape"))
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

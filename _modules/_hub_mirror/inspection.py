@@ -28,7 +28,7 @@ from .units import iso, parse_image, parse_size, size_report
 
 
 def catalog(spec, tags=False, sizes=False, source="api"):
-    """List every repository cached by ``mirror``."""
+    """List every repository cached by the mirror ``spec``."""
     mirror = spec["name"]
     if source not in ("api", "disk"):
         raise SaltInvocationError(
@@ -70,7 +70,7 @@ RATELIMIT_REPOSITORY = "ratelimitpreview/test"
 
 
 def tags(spec, repo):
-    """Return the tags of ``repo`` that ``mirror`` has cached, read from its storage (so it
+    """Return the tags of ``repo`` that the mirror ``spec`` has cached, read from its storage (so it
     works with the registry stopped): for each tag its digest, media type, size, when it was
     cached and when the cache expires it, and the platforms actually cached; for a multi-
     arch index also ``platforms_available``, every platform the index lists."""
@@ -92,7 +92,7 @@ def tags(spec, repo):
 
 
 def usage(spec):
-    """Return the storage use of ``mirror``: bytes used (apparent size of every file, as ``du
+    """Return the storage use of the mirror ``spec``: bytes used (apparent size of every file, as ``du
     -sb``), blob count and bytes, cached repositories, what ``hub_mirror.gc`` would reclaim
     now, the filesystem's free space, and the pillar cap ``max_size`` with whether it is
     exceeded. Reads the storage only: works with the registry stopped."""
@@ -108,7 +108,7 @@ def usage(spec):
 
 
 def status(conf, names, images=False):
-    """Return the state of each mirror (or only ``mirror``), keyed by mirror name:"""
+    """The state of each mirror in ``names``, keyed by name (see the facade's ``status``)."""
     binary = binary_path(conf)
     installed = binary_version(binary) if os.path.exists(binary) else None
     return {name: _mirror_status(conf, conf["mirrors"][name], installed, images) for name in names}
@@ -180,7 +180,7 @@ def _mirror_status(conf, spec, installed, images):
 
 
 def ratelimit(spec, timeout=15):
-    """Return the Docker Hub pull quota left for ``mirror``'s credential (anonymous without
+    """Return the Docker Hub pull quota left for the mirror ``spec``'s credential (anonymous without
     one): ``limit``, ``remaining`` and the ``window`` they apply to, from a HEAD on
     ``ratelimitpreview/test`` with a token from the realm the upstream advertises. A HEAD is
     not a pull: checking uses up nothing. The token is sent only to that realm."""

@@ -116,7 +116,7 @@ def _cached_for(view, repo, reference, platforms):
 
 
 def warm(spec, images=None, platforms=None, parallel=4, timeout=300, test=False):
-    """Pull ``images`` through ``mirror`` so that they are cached before the first build needs
+    """Pull ``images`` through the mirror ``spec`` so that they are cached before the first build needs
     them: manifest (or index), then config and layers, ``parallel`` images at a time. For a
     multi-arch index every platform is fetched, or only ``platforms`` (e.g.
     ``linux/amd64,linux/arm64``). Without ``images``, the pillar list
@@ -253,7 +253,7 @@ def _run_gc(conf, paths, dry_run, delete_untagged):
 
 
 def gc(conf, spec, dry_run=True, delete_untagged=False):
-    """Garbage-collect ``mirror``'s storage with ``registry garbage-collect`` and report the
+    """Garbage-collect the mirror ``spec``'s storage with ``registry garbage-collect`` and report the
     bytes freed. Blobs that no cached manifest references (left by expiry, or by pulls that
     fetched layers of manifests that were never stored) are deleted."""
     mirror = spec["name"]
@@ -430,7 +430,7 @@ def _expire_now(conf, spec, keys, timeout=120):
 
 
 def prune(conf, spec, max_size=None, test=False):
-    """Bring ``mirror``'s storage under its cap (``max_size``, default the pillar's
+    """Bring the mirror ``spec``'s storage under its cap (``max_size``, default the pillar's
     ``hub_mirror:mirrors:<mirror>:max_size``), freeing space oldest first, by the registry's
     own means: the oldest cached images are marked expired in its scheduler, the registry
     expires them (with the mirror stopped, on private ports), and ``registry garbage-

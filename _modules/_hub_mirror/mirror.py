@@ -28,12 +28,12 @@ from .registry_config import (
 from .release import asset_url
 from .settings import DOCKER_HUB, DOCKER_HUB_HOSTS, binary_path, mirror_paths, probe_url, record_path
 from .storage import STORAGE_MARKER, own_storage, storage_plan, storage_writable
-from .supervisor import render_service_files, stop_service, supervisor_for
+from .supervisor import render_service_files, run_systemctl, stop_service, supervisor_for
 from .validate import NAME_RE, validate_storage
 
 
 def configure(conf, spec, test=False):
-    """Render ``mirror``'s registry config from pillar and write it, 0600, owned by the service
+    """Render the mirror ``spec``'s registry config from pillar and write it, 0600, owned by the service
     user, atomically; only when it differs. The storage directory is created."""
     mirror = spec["name"]
     paths = mirror_paths(conf, mirror)
@@ -97,9 +97,8 @@ def _fingerprint(conf, spec, files):
 
 
 def deploy(conf, spec, test=False):
-    """Make ``mirror`` run under its supervisor and serve on its listen address."""
+    """Make the mirror ``spec`` run under its supervisor and serve on its listen address."""
     mirror = spec["name"]
-    # Unredacted only to fingerprint the rendered config; the token goes nowhere else.
     paths = mirror_paths(conf, mirror)
     if not os.path.exists(binary_path(conf)) and not test:
         raise CommandExecutionError(
@@ -260,13 +259,13 @@ def endpoint(conf):
 
 
 def stop(conf, spec):
-    """Stop ``mirror``'s registry and its supervisor, and anything else still serving its
+    """Stop the mirror ``spec``'s registry and its supervisor, and anything else still serving its
     config. True once nothing serves it and its port is closed."""
     return stop_service(conf, spec)
 
 
 def start(conf, spec):
-    """Start ``mirror``'s registry and wait until it answers ``/v2/``."""
+    """Start the mirror ``spec``'s registry and wait until it answers ``/v2/``."""
     mirror = spec["name"]
     supervisor = supervisor_for(conf)
     if not supervisor.running(mirror):
@@ -288,7 +287,7 @@ def _purge_targets(storage):
 
 
 def remove(conf, spec, purge_storage=False, test=False):
-    """Stop ``mirror`` and remove its service files, config and fingerprint. The cache in its
+    """Stop the mirror ``spec`` and remove its service files, config and fingerprint. The cache in its
     storage directory stays unless ``purge_storage=True``; a purge deletes only what the
     registry wrote, in a directory hub_mirror marked as its cache."""
     mirror = spec["name"]
@@ -346,8 +345,9 @@ def remove(conf, spec, purge_storage=False, test=False):
             os.rmdir(spec["storage"])
         except OSError:
             pass  # something of the user's is in it: it stays
-    if paths["unit"] in present:
-        supervisor.files_changed(check=False)
+    if paths["unit"] in present and shutil.which("systemctl"):
+        # A unit was removed: systemd must forget it, whichever supervisor runs mirrors now.
+        run_systemctl("daemon-reload", check=False)
     return {"changes": changes, "comment": f"Mirror {mirror} removed" + comment}
 
 

@@ -86,7 +86,7 @@ MIRROR_DEFAULTS = {
     "log_level": "info",
     # Images the state hub_mirror.warmed keeps in the cache, e.g. [library/alpine:3.20].
     "warm": [],
-    # Cap on the storage directory (e.g. 50G); empty: none. the state hub_mirror.pruned enforces it.
+    # Cap on the storage directory (e.g. 50G); empty: none. The state hub_mirror.pruned enforces it.
     "max_size": "",
     # Shared storage: the registry's S3 driver instead of the storage directory, so that
     # several mirror hosts serve one cache. Empty: local filesystem.
@@ -200,7 +200,7 @@ def mirror_paths(conf, name):
         "supervise_settings": os.path.join(lookup["config_dir"], f"{name}.supervise.json"),
         "pidfile": os.path.join(lookup["run_dir"], f"{name}.pid"),
         "log": os.path.join(lookup["log_dir"], f"{name}.log"),
-        # Not a path: whose processes serve the mirror (see _mirror_processes).
+        # Not a path: whose processes serve the mirror (see processes.mirror_processes).
         "user": lookup["user"],
     }
 

@@ -11,10 +11,9 @@ import time
 
 from salt.exceptions import CommandExecutionError
 
-from .accounts import service_user_kwargs
+from .accounts import service_python, service_user_kwargs
 from .fsutil import ensure_dir, open_below, open_dir
 from .registry_api import cached_tags, v2_root
-from .supervisor import service_python
 from .units import iso, parse_go_time, parse_size, platform_name, size_report
 
 # What marks a storage directory as a hub_mirror cache: a purge deletes nothing elsewhere.
@@ -74,7 +73,7 @@ def storage_plan(spec, ids):
 
 
 def own_storage(path, uid, gid, key="hub_mirror:mirrors:storage"):
-    """Create, mark and hand the storage to the service user (see ``_storage_plan``).
+    """Create, mark and hand the storage to the service user (see ``storage_plan``).
 
     Everything goes through directory fds opened without following symlinks: whoever can
     write a parent of the storage (or, inside it, the service user) could otherwise swap a

@@ -9,10 +9,10 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 
 from salt.exceptions import CommandExecutionError
 
+from .accounts import service_python
 from .checks import has_control
 from .fsutil import read_file
 from .processes import SYSTEM_PATH, mirror_processes, port_closed, stop_leftovers
@@ -149,11 +149,6 @@ def program_text(filename):
         return f"#!{service_python()}\n" + handle.read()
 
 
-def service_python():
-    # The service user must be able to run it: a Salt venv under /root is not an option.
-    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-
-
 def supervise_settings(conf, spec):
     """What the supervisor needs, as the settings file it reads: pillar values reach it
     only as JSON, never through a unit file, a script or a command line."""
@@ -194,7 +189,7 @@ def stop_service(conf, spec):
 
 
 def _run(command, check=True, timeout=120):
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise CommandExecutionError(f"{' '.join(command)} failed: {(proc.stderr or proc.stdout).strip()}")
     return proc

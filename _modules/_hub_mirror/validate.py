@@ -151,7 +151,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
             continue  # checked by _validate_cache_keys and _validate_shared_storage
         value = mirror.get(key)
         if key in ("username", "token") and isinstance(value, str):
-            value = value.strip()  # as _complete_mirror does: a block scalar's newline goes
+            value = value.strip()  # as complete_mirror does: a block scalar's newline goes
         check_text(errors, f"{prefix}:{key}", value, secret=key in SECRET_KEYS)
     if len(errors.messages) > known_before:
         return

@@ -31,14 +31,14 @@ def pull(mirror, repo, tmp_path):
     return oci.pull(mirror.hostport, repo, "latest", str(tmp_path / f"p-{time.monotonic_ns()}"))
 
 
-def capped(mirror, *args):
+def pruned(mirror, *args):
     result = mirror.minion.run("state.single", "hub_mirror.pruned", f"name={mirror.name}", *args)
     assert "Traceback" not in result.output, result
     (ret,) = result.data.values()
     return ret
 
 
-def test_capped_expires_the_oldest_image_and_keeps_the_rest_cached(mirror, hub, release_server, tmp_path):
+def test_pruned_expires_the_oldest_image_and_keeps_the_rest_cached(mirror, hub, release_server, tmp_path):
     alpine = hub.images["single"]
     pull(mirror, "library/alpine", tmp_path)
     time.sleep(1)
@@ -49,7 +49,7 @@ def test_capped_expires_the_oldest_image_and_keeps_the_rest_cached(mirror, hub, 
     used = mirror.data("hub_mirror.usage")["used"]["bytes"]
     # Half of alpine (the oldest and the biggest) must go: alpine alone is enough.
     cap = used - alpine["total_size"] // 2
-    assert capped(mirror)["comment"].endswith("has no max_size: nothing to enforce")
+    assert pruned(mirror)["comment"].endswith("has no max_size: nothing to enforce")
     mirror.set_mirror_pillar(release_server, max_size=str(cap))
 
     state = mirror.data("hub_mirror.status")[mirror.name]
@@ -60,7 +60,7 @@ def test_capped_expires_the_oldest_image_and_keeps_the_rest_cached(mirror, hub, 
     assert usage["over_by"]["bytes"] == used - cap
 
     expired = [f"library/alpine@{alpine['manifest_digest']}"]
-    predicted = capped(mirror, "test=True")
+    predicted = pruned(mirror, "test=True")
     assert predicted["result"] is None, predicted
     assert predicted["changes"]["expired"] == expired
     assert mirror.data("hub_mirror.catalog", "source=disk") == [
@@ -69,7 +69,7 @@ def test_capped_expires_the_oldest_image_and_keeps_the_rest_cached(mirror, hub, 
         "library/multi",
     ]
 
-    live = capped(mirror)
+    live = pruned(mirror)
     assert live["result"] is True, live
     assert live["changes"]["expired"] == expired
     after = live["changes"]["used"]["new"]["bytes"]
@@ -86,7 +86,7 @@ def test_capped_expires_the_oldest_image_and_keeps_the_rest_cached(mirror, hub, 
     for digest in [alpine["manifest_digest"], alpine["config_digest"], *alpine["layer_digests"]]:
         assert not (mirror.storage / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:]).exists()
 
-    again = capped(mirror)
+    again = pruned(mirror)
     assert again["result"] is True and again["changes"] == {}, again
 
     # What stayed is still a cache hit; what went is fetched again.

@@ -10,12 +10,8 @@ from ..registry_api import probe
 from .render import REGISTRY_HOST_RE
 from .validate import mirror_url_problem
 
-# The Salt schedule entry client_recheck manages, and its shortest interval: each run
-# probes every mirror, and one that hangs costs probe_timeout.
+# The Salt schedule entry client_recheck manages.
 RECHECK_JOB = "hub_mirror-client-recheck"
-
-
-# -- host side: probe, detect, record, write ------------------------------------------------
 
 
 def probe_mirrors(urls, timeout, ca_file=""):

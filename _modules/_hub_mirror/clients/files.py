@@ -95,7 +95,7 @@ class ClientRecord:
 
     def original(self, path):
         try:
-            return read_file(self._original_path(path))
+            return read_file(self._original_path(path), strict=True)
         except (OSError, ValueError):
             return None
 

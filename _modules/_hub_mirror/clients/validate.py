@@ -85,6 +85,8 @@ DISCOVER_TGT_TYPES = (
     "nodegroup",
 )
 
+# The shortest recheck interval: each run probes every mirror, and one that hangs costs
+# probe_timeout.
 RECHECK_MIN = 5
 
 

@@ -7,6 +7,7 @@ import pytest
 from salt.exceptions import CommandExecutionError
 
 from _hub_mirror import release, settings
+from tests.unit.host import GRAINS, lookup_in, settings_of
 
 
 @pytest.mark.parametrize("version", ["2.8.3", "3.0.0"])
@@ -44,3 +45,19 @@ def test_source_hash_url_is_fetched_and_parsed(tmp_path):
     digest = hashlib.sha256(b"x").hexdigest()
     (tmp_path / "asset.sha256").write_text(digest + "\n")
     assert release._expected_digest("9.9.9", "amd64", f"file://{tmp_path}/asset.sha256") == digest
+
+
+@pytest.mark.parametrize("source_hash", ["", "http://u:s3cr3t@127.0.0.1:1/sums.sha256?private_token=t0ps3cr3t"])
+def test_a_credentialed_source_never_shows_when_the_download_fails(tmp_path, source_hash):
+    # install reads the unredacted settings: the real URL, userinfo and query included,
+    # must reach the download and no message, return or record.
+    source = "http://u:s3cr3t@127.0.0.1:1/v{version}/registry_{version}_linux_{arch}.tar.gz?private_token=t0ps3cr3t"
+    install = {"method": "archive", "source": source, "source_hash": source_hash or "0" * 64}
+    conf = settings_of({"version": "9.9.9", "install": install, "lookup": lookup_in(tmp_path)})
+    with pytest.raises(CommandExecutionError) as failed:
+        release.install(conf, GRAINS, None, None)
+    assert "127.0.0.1:1" in str(failed.value)
+    for secret in ("s3cr3t", "t0ps3cr3t"):
+        assert secret not in str(failed.value)
+        for path in tmp_path.rglob("*"):
+            assert not path.is_file() or secret.encode() not in path.read_bytes(), path

@@ -304,3 +304,41 @@ def test_a_mine_that_cannot_be_read_falls_back_to_the_static_mirrors():
     mirrors, line = discovered(unreachable, {"tgt": "mirrors", "tgt_type": "nodegroup"}, mirrors=static)
     assert mirrors == static
     assert "not read (KeyError" in line and "using hub_mirror:client:mirrors" in line
+
+
+# --- the library as the loader finds it ----------------------------------------------------
+
+
+@pytest.fixture
+def library_copy(tmp_path):
+    """A copy of _modules to break and mend; sys.modules as it was afterwards."""
+    import importlib.util
+    import shutil
+    import sys
+
+    from tests.support.modules import REPO
+
+    def load_copy():
+        spec = importlib.util.spec_from_file_location("hm_copy", tmp_path / "_modules" / "hub_mirror.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    kept = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "_hub_mirror"}
+    shutil.copytree(REPO / "_modules", tmp_path / "_modules", ignore=shutil.ignore_patterns("__pycache__"))
+    yield tmp_path / "_modules", load_copy
+    for name in [name for name in sys.modules if name.split(".")[0] == "_hub_mirror"]:
+        del sys.modules[name]
+    sys.modules.update(kept)
+
+
+def test_a_library_broken_midway_through_a_sync_loads_once_mended(library_copy):
+    modules, load_copy = library_copy
+    assert load_copy().mirrors.__file__ == str(modules / "_hub_mirror" / "mirror.py")
+    settings_py = modules / "_hub_mirror" / "settings.py"
+    good = settings_py.read_text()
+    settings_py.write_text(good.replace("def mirror_paths(", "def mirror_paths_gone("))
+    with pytest.raises(ImportError):
+        load_copy()
+    settings_py.write_text(good)
+    assert load_copy().hm_settings.mirror_paths

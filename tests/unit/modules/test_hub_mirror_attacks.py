@@ -180,7 +180,7 @@ def test_storage_must_not_be_hub_mirrors_own_records(own):
 
 
 def test_absent_takes_only_a_mirror_name(tmp_path, monkeypatch):
-    # `hub_mirror.absent mirror=../../x` joined the name into config_dir and deleted
+    # `hub_mirror.remove mirror=../../x` (once `absent`) joined the name into config_dir and deleted
     # ../../x.yml, x.offline.yml, x.credentials.json and x.last-good.json wherever they are.
     lookup = lookup_in(tmp_path)
     os.makedirs(lookup["config_dir"])
