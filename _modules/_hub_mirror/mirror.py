@@ -51,6 +51,11 @@ def configure(conf, spec, test=False):
             changes[key] = {"old": REDACTED, "new": REDACTED}
         elif old != text:
             changes[key] = "updated"
+    # The credential files of a mirror that no longer has a credential (a token taken out
+    # of pillar, or a dialect without the helper) go: no old token stays on disk.
+    stale = [key for key in ("credentials", "credential_helper") if key not in texts and os.path.lexists(paths[key])]
+    for key in stale:
+        changes[key] = {"old": paths[key], "new": ""}
     ids = service_ids(conf, required=False)
     storage = storage_plan(spec, ids)
     if storage:
@@ -67,6 +72,8 @@ def configure(conf, spec, test=False):
     uid, gid = service_ids(conf)
     if storage:
         own_storage(spec["storage"], uid, gid, f"hub_mirror:mirrors:{mirror}:storage")
+    for key in stale:
+        os.unlink(paths[key])
     for key, text in texts.items():
         if key == "credential_helper" and key in changes:
             write_atomic(paths[key], text, 0o755)

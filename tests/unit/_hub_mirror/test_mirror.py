@@ -93,3 +93,29 @@ def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(swapped_st
         mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)
     assert (victim / "docker" / "precious").exists()
     assert (victim / storage.STORAGE_MARKER).exists()
+
+
+def test_a_token_taken_out_of_pillar_leaves_no_credentials_file(tmp_path, monkeypatch):
+    # 3.x reads the token from a 0600 file beside the config: once the mirror is anonymous,
+    # that file (and the helper) must go, not keep the old token.
+    monkeypatch.setattr(mirror, "check_listen_free", lambda conf, spec: None)
+    monkeypatch.setattr(mirror, "check_upstream", lambda spec, timeout=10: [])
+    monkeypatch.setattr(mirror, "service_ids", lambda conf, required=True: (os.getuid(), os.getgid()))
+    lookup = lookup_in(tmp_path)
+    storage_dir = str(tmp_path / "cache")
+
+    def configure(**credential):
+        entry = pillar_mirror(storage=storage_dir, **credential)
+        conf = settings_of({"version": "3.0.0", "lookup": lookup, "mirrors": {"hub": entry}})
+        return conf, mirror.configure(conf, conf["mirrors"]["hub"])
+
+    conf, first = configure(username="u", token="dckr_pat_GONE")
+    paths = mirror.mirror_paths(conf, "hub")
+    assert "credentials" in first["changes"] and os.path.exists(paths["credentials"])
+    _, second = configure()
+    assert second["changes"]["credentials"] == {"old": paths["credentials"], "new": ""}
+    assert second["changes"]["credential_helper"] == {"old": paths["credential_helper"], "new": ""}
+    assert not os.path.lexists(paths["credentials"]) and not os.path.lexists(paths["credential_helper"])
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or b"dckr_pat_GONE" not in path.read_bytes(), path
+    assert configure()[1]["changes"] == {}
