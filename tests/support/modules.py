@@ -22,9 +22,10 @@ if str(REPO / "_modules") not in sys.path:
     sys.path.insert(0, str(REPO / "_modules"))
 
 
-def load(name):
-    """``_modules/<name>.py`` as a fresh module; the caller sets the loader dunders."""
-    spec = importlib.util.spec_from_file_location(f"hm_test_{name}", REPO / "_modules" / f"{name}.py")
+def load(name, path=None):
+    """``_modules/<name>.py`` (or the file ``path``) as a fresh module; the caller sets
+    the loader dunders."""
+    spec = importlib.util.spec_from_file_location(f"hm_test_{name}", path or REPO / "_modules" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,15 +9,10 @@ from _hub_mirror import settings, validate
 from _hub_mirror.clients import files as client_files
 from _hub_mirror.clients import runtimes
 from _hub_mirror.clients import validate as client_validate
+from tests.support.modules import HOST_GRAINS
 
-# An amd64 Linux host with loopback and eth0 (192.0.2.10).
-GRAINS = {
-    "kernel": "Linux",
-    "osarch": "amd64",
-    "cpuarch": "x86_64",
-    "ip4_interfaces": {"lo": ["127.0.0.1"], "eth0": ["192.0.2.10"]},
-    "ip6_interfaces": {"lo": ["::1"]},
-}
+# The tests' amd64 Linux host, with eth0 (192.0.2.10) beside loopback.
+GRAINS = {**HOST_GRAINS, "ip4_interfaces": {"lo": ["127.0.0.1"], "eth0": ["192.0.2.10"]}}
 
 
 def settings_of(raw, redact=False):

@@ -312,17 +312,13 @@ def test_a_mine_that_cannot_be_read_falls_back_to_the_static_mirrors():
 @pytest.fixture
 def library_copy(tmp_path):
     """A copy of _modules to break and mend; sys.modules as it was afterwards."""
-    import importlib.util
     import shutil
     import sys
 
     from tests.support.modules import REPO
 
     def load_copy():
-        spec = importlib.util.spec_from_file_location("hm_copy", tmp_path / "_modules" / "hub_mirror.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load("copy", tmp_path / "_modules" / "hub_mirror.py")
 
     kept = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "_hub_mirror"}
     shutil.copytree(REPO / "_modules", tmp_path / "_modules", ignore=shutil.ignore_patterns("__pycache__"))

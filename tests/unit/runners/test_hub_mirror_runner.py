@@ -1,18 +1,13 @@
 """The fleet runner's sum of the minions' hub_mirror.status returns."""
 
-import importlib.util
-
 import pytest
 
-from tests.support.modules import REPO
+from tests.support.modules import REPO, load
 
 
 @pytest.fixture
 def runner():
-    spec = importlib.util.spec_from_file_location("hm_runner", REPO / "_runners" / "hub_mirror.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("runner", REPO / "_runners" / "hub_mirror.py")
 
 
 def status(serving=True, health="ok", used=1000, images=None, blob_ratio=None, manifest_ratio=0.5):
