@@ -26,16 +26,19 @@ SERVICE_USER = "hub-mirror"
 
 
 def port_free_on_both():
-    """A port free on 127.0.0.1 and 127.0.0.2, so a refusal on one proves the bind."""
+    """A port free on 127.0.0.1 and 127.0.0.2, so a refusal on one proves the bind, whose
+    default debug port (+ 10000 on 127.0.0.1) is free too."""
     for _ in range(50):
         port = free_port(LISTEN_HOST)
-        with socket.socket() as probe:
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as probe, socket.socket() as debug:
             try:
                 probe.bind(("127.0.0.1", port))
+                debug.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
-        if port + 10000 < 65536:
-            return port
+        return port
     raise RuntimeError("no port free on both loopback addresses")
 
 
@@ -51,7 +54,7 @@ def mirror(hub, release_server, tmp_path_factory):
     with one image pulled through it."""
     minion = Masterless.fresh()
     name, port = unique_name("m"), port_free_on_both()
-    pillar = archive_pillar(release_server, {name: hub.mirror_pillar(f"{LISTEN_HOST}:{port}")})
+    pillar = archive_pillar(release_server, {name: hub.mirror_pillar(f"{LISTEN_HOST}:{port}", debug_listen="")})
     try:
         minion.set_pillar(pillar)
         applied = minion.apply()

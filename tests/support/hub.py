@@ -182,6 +182,7 @@ class FakeDockerHub:
         self.set_ratelimit(*(ratelimit or (None, None)))
         self._delay = 0.0
         self._lock = threading.Lock()
+        self._debug_ports = {}  # listen -> the debug port mirror_pillar gave it
         self._tokens = {}  # issued bearer token -> {"anonymous", "username", "expires"}
         self._server = None
         self._thread = None
@@ -206,10 +207,22 @@ class FakeDockerHub:
 
     def mirror_pillar(self, listen, **extra):
         """The pillar of one mirror of this stand-in, with its credentials, listening on
-        ``listen`` (``host:port``, or a port on 127.0.0.1); ``extra`` adds or replaces keys."""
+        ``listen`` (``host:port``, or a port on 127.0.0.1); ``extra`` adds or replaces keys.
+
+        The debug listener gets a port of its own, the same for the same ``listen``: the
+        default (listen port + 10000) can be any ephemeral port, in use by another test's
+        connection (``debug_listen=""`` keeps the default)."""
         if isinstance(listen, int):
             listen = f"127.0.0.1:{listen}"
-        return {"upstream": self.url, "listen": listen, "username": self.username, "token": self.token, **extra}
+        debug_port = self._debug_ports.setdefault(listen, free_port())
+        return {
+            "upstream": self.url,
+            "listen": listen,
+            "debug_listen": f"127.0.0.1:{debug_port}",
+            "username": self.username,
+            "token": self.token,
+            **extra,
+        }
 
     def __repr__(self):
         # No credential in the repr: it ends up in pytest failure output.
