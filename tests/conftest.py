@@ -8,7 +8,13 @@ import pytest
 
 from tests.support import oci
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
-from tests.support.release import REGISTRY_BINARY, serve_releases
+from tests.support.release import (
+    REGISTRY_BINARY,
+    REGISTRY_VERSIONS,
+    one_registry_version,
+    registry_binary,
+    serve_releases,
+)
 from tests.support.saltcall import Masterless, unique_name
 
 
@@ -20,6 +26,27 @@ def pytest_sessionstart(session):
             f"hub_mirror tests need root and {', '.join(missing) or 'nothing else'}: "
             "run them through .ci/run, which installs what they need"
         )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``one_registry`` check Salt's side (validation, clients, the loader):
+    the registry version does not reach them, so they run on the default install only.
+    Tests marked ``registry_dialect(major)`` check what only that major version has."""
+    keep = one_registry_version()
+    selected, deselected = [], []
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        version = params and params.get("registry_version")
+        dialect = item.get_closest_marker("registry_dialect")
+        if version and dialect and not version.startswith(f"{dialect.args[0]}."):
+            deselected.append(item)
+        elif version and version != keep and item.get_closest_marker("one_registry"):
+            deselected.append(item)
+        else:
+            selected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +84,25 @@ def clean_hub(hub):
     return hub
 
 
+@pytest.fixture(scope="session", params=REGISTRY_VERSIONS, ids=lambda version: f"registry-{version}")
+def registry_version(request):
+    """The registry release under test: every test that runs a mirror runs on each version
+    of the matrix (tests/support/release.py)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def release_server(tmp_path_factory):
-    """GitHub's release downloads, on loopback: the 2.8.2 asset for amd64 with its .sha256."""
-    with serve_releases(tmp_path_factory.mktemp("releases")) as server:
+def release_server(registry_version, tmp_path_factory):
+    """GitHub's release downloads, on loopback: the amd64 asset of ``registry_version``
+    with its .sha256."""
+    with serve_releases(tmp_path_factory.mktemp("releases"), versions=(registry_version,)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def registry_binary_path(registry_version, tmp_path_factory):
+    """The amd64 ``registry`` binary of ``registry_version``, for registries tests run themselves."""
+    return registry_binary(registry_version, tmp_path_factory.mktemp("registry-binary"))
 
 
 @pytest.fixture

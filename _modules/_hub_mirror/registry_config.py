@@ -37,15 +37,18 @@ def render_config(mirror, dialect, credential_helper=None):
 
     2.8 takes the credential as ``proxy.username``/``password``. 3.x asks
     ``credential_helper`` for it (``proxy.exec``), so the config holds no secret and a new
-    token needs no restart.
+    token needs no restart. 3.x gets ``exec`` for an anonymous mirror too (the helper
+    answers empty credentials): without it, 3.0.0 through 3.1.2 ping the upstream at
+    start and panic when it is down (distribution issue 4038); with it they start and
+    serve the cache (docs/facts.md).
     """
     proxy = {"remoteurl": mirror["upstream"]}
-    if mirror["username"] and dialect == "2":
-        proxy["username"] = mirror["username"]
-        proxy["password"] = mirror["token"]
-    elif mirror["username"]:
+    if dialect == "2":
+        if mirror["username"]:
+            proxy["username"] = mirror["username"]
+            proxy["password"] = mirror["token"]
+    else:
         proxy["exec"] = {"command": credential_helper, "lifetime": CREDENTIAL_LIFETIME}
-    if dialect != "2":
         proxy["ttl"] = mirror["ttl"]
     return {
         "version": 0.1,

@@ -33,7 +33,7 @@ def sha256(path):
 def other_releases(tmp_path_factory):
     """Assets the digests will not vouch for: Debian's 2.8.2 build named as 2.8.3 (whose
     built-in digest is upstream's) and as 9.9.9 (which no digest is known for)."""
-    with serve_releases(tmp_path_factory.mktemp("other-releases"), versions=("2.8.3", "9.9.9")) as server:
+    with serve_releases(tmp_path_factory.mktemp("other-releases"), versions=(), fake=("2.8.3", "9.9.9")) as server:
         yield server
 
 
@@ -103,6 +103,11 @@ def with_top(**changes):
         return pillar
 
     return make
+
+
+def on_version(version, make):
+    """The case ``make`` with pillar asking for registry ``version``."""
+    return lambda ctx: {**make(ctx), "version": version}
 
 
 def port_held_by_another_process(ctx):
@@ -216,7 +221,7 @@ CASES = [
         "{mirror}:debug_listen",
         "give the debug listener its own port",
     ),
-    ("ttl-on-2.8", with_mirror(ttl="24h"), "{mirror}:ttl", "remove ttl or use a 3.x version"),
+    ("ttl-on-2.8", on_version("2.8.2", with_mirror(ttl="24h")), "{mirror}:ttl", "remove ttl or use a 3.x version"),
     ("ttl-not-a-duration", with_mirror(ttl="one week"), "{mirror}:ttl", "write e.g. 168h"),
     ("log-level-unknown", with_mirror(log_level="verbose"), "{mirror}:log_level", "use one of error, warn"),
     ("mirror-name-invalid", with_top(mirrors={"Docker Hub": {}}), "hub_mirror:mirrors:Docker Hub", "lowercase letters"),

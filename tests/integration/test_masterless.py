@@ -7,7 +7,7 @@ import pytest
 from tests.support import oci
 from tests.support.hub import HUB_USER
 from tests.support.netutil import free_port
-from tests.support.release import RELEASE_VERSION, archive_pillar
+from tests.support.release import archive_pillar, reported_version
 
 pytestmark = pytest.mark.integration
 
@@ -71,10 +71,10 @@ def test_test_mode_predicts_the_live_run(applied):
     )
 
 
-def test_installed_version_and_rendered_config(applied):
+def test_installed_version_and_rendered_config(applied, release_server):
     minion, port, _, _ = applied
     name = minion.mirror_names()[0]
-    assert minion.run("hub_mirror.version").data == f"{RELEASE_VERSION}+ds1"
+    assert minion.run("hub_mirror.version").data == reported_version(release_server.version)
     config = minion.run("hub_mirror.config", f"mirror={name}").data
     assert config["http"]["addr"] == f"127.0.0.1:{port}"
     assert config["proxy"]["password"] == "<redacted>"

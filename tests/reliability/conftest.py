@@ -16,7 +16,7 @@ from tests.support import oci
 from tests.support.faults import FaultyHub
 from tests.support.hub import HUB_TOKEN, HUB_USER
 from tests.support.integrity import StorageAudit
-from tests.support.modules import rendered_config
+from tests.support.modules import registry_files
 from tests.support.netutil import free_port
 from tests.support.processes import registry_pids
 from tests.support.registry import RegistryProcess
@@ -83,11 +83,13 @@ def hub(fault_hub):
 
 
 @pytest.fixture
-def mirror(hub, tmp_path):
-    """A registry on the config hub_mirror renders, with an empty cache; ``.storage`` is its root."""
+def mirror(hub, registry_version, registry_binary_path, tmp_path):
+    """A registry of ``registry_version`` on the config hub_mirror renders, with an empty
+    cache; ``.storage`` is its root."""
     storage = tmp_path / "storage"
     pillar = hub.mirror_pillar(free_port(), debug_listen=f"127.0.0.1:{free_port()}", storage=str(storage))
-    proc = RegistryProcess(tmp_path / "mirror", config=rendered_config("reliability", pillar))
+    config, env = registry_files("reliability", pillar, registry_version, tmp_path / "helper")
+    proc = RegistryProcess(tmp_path / "mirror", config=config, binary=registry_binary_path, env=env)
     proc.storage = storage
     proc.start()
     yield proc

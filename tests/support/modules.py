@@ -3,6 +3,8 @@ registries that tests and benchmarks run themselves on the config hub_mirror ren
 
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,3 +61,24 @@ def rendered_config(name, mirror, dialect="2"):
     module = exec_module({"version": RELEASE_VERSION, "mirrors": {name: mirror}})
     _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
     return lib("registry_config").render_config(spec, dialect)
+
+
+def registry_files(name, mirror, version, workdir):
+    """The config hub_mirror renders for the mirror ``name`` (pillar ``mirror``) at
+    registry ``version``, and the environment to run it in: for 3.x, the credential
+    helper and its credentials file are written under ``workdir``, as ``configure`` and
+    the supervisor set them up. Returns (config, env)."""
+    module = exec_module({"version": version, "mirrors": {name: mirror}})
+    _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
+    dialect = lib("settings").dialect_of(version)
+    if dialect == "2":
+        return lib("registry_config").render_config(spec, dialect), {}
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    helper, credentials = workdir / "credential-helper", workdir / "credentials.json"
+    helper.write_text(lib("supervisor").program_text("credential_helper.py"))
+    helper.chmod(0o755)
+    credentials.write_text(json.dumps({"Username": spec["username"], "Secret": spec["token"]}))
+    os.chmod(credentials, 0o600)
+    config = lib("registry_config").render_config(spec, dialect, str(helper))
+    return config, {"HUB_MIRROR_CREDENTIALS": str(credentials)}

@@ -1,14 +1,17 @@
 """A loopback stand-in for GitHub release downloads of the ``registry`` binary.
 
 The installer fetches ``registry_<ver>_linux_<arch>.tar.gz`` and its ``.sha256``
-from a URL template. Tests point that template at a FileServer serving assets
-made here from Debian's build of the same program, so installs are exercised
-end to end without the internet.
+from a URL template. Tests point that template at a FileServer serving real
+assets, so installs are exercised end to end without the internet: 2.8.2 is
+Debian's build packed here; 3.x is upstream's code from the Go module proxy,
+built and packed like the release by ``.ci/build-registry``.
 """
 
 import contextlib
 import io
+import os
 import pathlib
+import shutil
 import subprocess
 import tarfile
 import threading
@@ -19,9 +22,19 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from .integrity import sha256_file
 from .netutil import free_port
 
-# Debian's docker-registry stands in for the release binary: it reports 2.8.2.
+# Debian's docker-registry stands in for the 2.8.2 release binary: it reports 2.8.2+ds1.
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 RELEASE_VERSION = "2.8.2"
+# The releases every tier runs on (HM_REGISTRY_VERSIONS narrows it): Debian's 2.8.2 and
+# the default install, 3.0.0. 3.1.2 (the newest 3.1.x) is built too, for the tests of
+# what 3.1 changed.
+REGISTRY_VERSIONS = tuple(os.environ.get("HM_REGISTRY_VERSIONS", "2.8.2,3.0.0").split(","))
+NEWEST_3 = "3.1.2"
+# What hub_mirror installs when pillar names no version.
+DEFAULT_VERSION = "3.0.0"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BUILT_RELEASES = pathlib.Path(os.environ.get("HM_REGISTRY_RELEASES", "/var/cache/hub-mirror-ci/registry-releases"))
+BUILD_TIMEOUT = 3600
 # Where upstream's release downloads are, below the server's URL: install:source's form.
 TEMPLATE_PATH = "/v{version}/registry_{version}_linux_{arch}.tar.gz"
 DEB_CACHE = pathlib.Path("/var/cache/hub-mirror-ci/debs")
@@ -64,6 +77,53 @@ def make_release_asset(out_dir, version, arch, binary=REGISTRY_BINARY):
     digest = sha256_file(path).split(":", 1)[1]
     (release_dir / f"{name}.sha256").write_text(digest + "\n")
     return {"path": str(path), "sha256": digest, "url_path": f"/v{version}/{name}"}
+
+
+def one_registry_version():
+    """The version tests marked ``one_registry`` run on: the default install, if the
+    matrix has it."""
+    return DEFAULT_VERSION if DEFAULT_VERSION in REGISTRY_VERSIONS else REGISTRY_VERSIONS[0]
+
+
+def built_release(version, arch="amd64"):
+    """The path of upstream's ``version`` packed as its release asset by .ci/build-registry,
+    which builds what is missing (waiting on its lock for a build .ci/run started)."""
+    path = BUILT_RELEASES / f"v{version}" / asset_name(version, arch)
+    if not (path.is_file() and pathlib.Path(f"{path}.sha256").is_file()):
+        subprocess.run([str(REPO / ".ci" / "build-registry")], check=True, timeout=BUILD_TIMEOUT, capture_output=True)
+    return path
+
+
+def reported_version(version):
+    """What ``hub_mirror.version`` says of an installed ``version``: Debian's adds +ds1."""
+    return f"{version}+ds1" if version == RELEASE_VERSION else version
+
+
+def registry_binary(version, dest_dir, arch="amd64"):
+    """The path of a ``registry`` binary of ``version``: Debian's for 2.8.2, else the
+    built release's, extracted under ``dest_dir``."""
+    if version == RELEASE_VERSION:
+        return REGISTRY_BINARY if arch == "amd64" else fetch_debian_registry_binary(arch, dest_dir)
+    dest = pathlib.Path(dest_dir) / f"registry-{version}-{arch}"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(built_release(version, arch)) as tar:
+        tar.extract("registry", dest, filter="data")
+    return str(dest / "registry")
+
+
+def add_release(out_dir, version, arch):
+    """Put the asset of ``version`` for ``arch`` and its .sha256 under ``out_dir`` as a
+    release server serves them: Debian's 2.8.2 packed here, 3.x as built."""
+    if version == RELEASE_VERSION:
+        binary = REGISTRY_BINARY if arch == "amd64" else fetch_debian_registry_binary(arch, pathlib.Path(out_dir) / ".debs")
+        return make_release_asset(out_dir, version, arch, binary=binary)
+    source = built_release(version, arch)
+    release_dir = pathlib.Path(out_dir) / f"v{version}"
+    release_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, release_dir / source.name)
+    shutil.copy(f"{source}.sha256", release_dir / f"{source.name}.sha256")
+    digest = pathlib.Path(f"{source}.sha256").read_text().strip()
+    return {"path": str(release_dir / source.name), "sha256": digest, "url_path": f"/v{version}/{source.name}"}
 
 
 # -- Debian builds for other architectures --------------------------------------
@@ -220,22 +280,24 @@ class FileServer:
 
 
 @contextlib.contextmanager
-def serve_releases(root, versions=(RELEASE_VERSION,), arch="amd64", binary=REGISTRY_BINARY):
-    """GitHub's release downloads on loopback: under ``root``, an asset of ``binary``
-    (Debian's build) named as each of ``versions`` for ``arch``, with its .sha256.
-    ``.template`` is the pillar's install:source, ``.asset`` the first version's asset
-    (:func:`make_release_asset`'s answer)."""
-    assets = [make_release_asset(root, version, arch, binary=binary) for version in versions]
+def serve_releases(root, versions=(RELEASE_VERSION,), arch="amd64", fake=()):
+    """GitHub's release downloads on loopback: under ``root``, the asset of each of
+    ``versions`` for ``arch`` (:func:`add_release`), with its .sha256, and for each of
+    ``fake`` Debian's 2.8.2 named as that version. ``.template`` is the pillar's
+    install:source; ``.version`` and ``.asset`` are the first version and its asset."""
+    assets = [add_release(root, version, arch) for version in versions]
+    assets += [make_release_asset(root, version, arch) for version in fake]
     with FileServer(root) as server:
+        server.version = (list(versions) + list(fake))[0]
         server.asset = assets[0]
         yield server
 
 
 def archive_pillar(server, mirrors, **extra):
-    """A hub_mirror pillar with ``mirrors`` that installs the release asset from
+    """A hub_mirror pillar with ``mirrors`` that installs ``server.version`` from
     ``server`` (a :class:`FileServer` of release assets); ``extra`` adds top-level keys."""
     return {
-        "version": RELEASE_VERSION,
+        "version": server.version,
         "install": {
             "method": "archive",
             "source": server.template,

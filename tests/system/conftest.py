@@ -19,13 +19,7 @@ from tests.support import oci
 from tests.support.clients import NetNS
 from tests.support.hub import HUB_TOKEN, HUB_USER, FakeDockerHub
 from tests.support.nspawn import reap_stale, wait_until
-from tests.support.release import (
-    REGISTRY_BINARY,
-    RELEASE_VERSION,
-    FileServer,
-    fetch_debian_registry_binary,
-    make_release_asset,
-)
+from tests.support.release import FileServer, add_release
 from tests.support.sysmaster import NetnsMaster, free_port_in
 
 
@@ -88,18 +82,15 @@ def unblock(net, hub):
 
 
 @pytest.fixture(scope="session")
-def sys_releases(sysnet, tmp_path_factory):
-    """GitHub's release downloads, inside the namespace: the 2.8.2 assets for amd64 (from
-    this machine's docker-registry) and arm64 (from Debian's arm64 package), each with its
-    ``.sha256``, at the release URL layout."""
+def sys_releases(registry_version, sysnet, tmp_path_factory):
+    """GitHub's release downloads, inside the namespace: the assets of one registry version
+    (each of the matrix in turn) for amd64 and arm64, each with its ``.sha256``, at the
+    release URL layout."""
     root = tmp_path_factory.mktemp("sysreleases")
-    arm64_binary = fetch_debian_registry_binary("arm64", tmp_path_factory.mktemp("deb-arm64"))
-    assets = {
-        "amd64": make_release_asset(root, RELEASE_VERSION, "amd64", binary=REGISTRY_BINARY),
-        "arm64": make_release_asset(root, RELEASE_VERSION, "arm64", binary=arm64_binary),
-    }
+    assets = {arch: add_release(root, registry_version, arch) for arch in ("amd64", "arm64")}
     with sysnet.entered():
         server = FileServer(root).start()
+    server.version = registry_version
     server.assets = assets
     yield server
     server.stop()

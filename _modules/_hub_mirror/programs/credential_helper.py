@@ -22,11 +22,14 @@ NOT_FOUND = "credentials not found in native keychain"
 
 
 def get(server, path):
+    """The stored credential; empty strings for an anonymous mirror, which 3.x then
+    pulls for as anonymous (an anonymous token, no Authorization)."""
     with open(path, encoding="utf-8") as handle:
         stored = json.load(handle)
-    if not stored.get("Username") or not stored.get("Secret"):
+    username, secret = stored.get("Username", ""), stored.get("Secret", "")
+    if not (isinstance(username, str) and isinstance(secret, str)) or bool(username) != bool(secret):
         raise KeyError(server)
-    return {"ServerURL": server, "Username": stored["Username"], "Secret": stored["Secret"]}
+    return {"ServerURL": server, "Username": username, "Secret": secret}
 
 
 def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):

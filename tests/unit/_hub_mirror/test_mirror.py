@@ -1,6 +1,7 @@
 """A mirror's life on the host: what it publishes to the mine, and what configure, remove
 and orphans do when a local user or the service user races or rewrites them (issue 10)."""
 
+import json
 import os
 
 import pytest
@@ -95,27 +96,32 @@ def test_a_purge_does_not_follow_a_symlink_swapped_in_for_the_storage(swapped_st
     assert (victim / storage.STORAGE_MARKER).exists()
 
 
-def test_a_token_taken_out_of_pillar_leaves_no_credentials_file(tmp_path, monkeypatch):
-    # 3.x reads the token from a 0600 file beside the config: once the mirror is anonymous,
-    # that file (and the helper) must go, not keep the old token.
+def test_a_token_taken_out_of_pillar_leaves_it_in_no_file(tmp_path, monkeypatch):
+    # 3.x reads the token from a 0600 file beside the config: once the mirror is anonymous
+    # that file holds empty credentials; on 2.8, which has no helper, it and the helper go.
     monkeypatch.setattr(mirror, "check_listen_free", lambda conf, spec: None)
     monkeypatch.setattr(mirror, "check_upstream", lambda spec, timeout=10: [])
     monkeypatch.setattr(mirror, "service_ids", lambda conf, required=True: (os.getuid(), os.getgid()))
     lookup = lookup_in(tmp_path)
     storage_dir = str(tmp_path / "cache")
 
-    def configure(**credential):
+    def configure(version="3.0.0", **credential):
         entry = pillar_mirror(storage=storage_dir, **credential)
-        conf = settings_of({"version": "3.0.0", "lookup": lookup, "mirrors": {"hub": entry}})
+        conf = settings_of({"version": version, "lookup": lookup, "mirrors": {"hub": entry}})
         return conf, mirror.configure(conf, conf["mirrors"]["hub"])
 
     conf, first = configure(username="u", token="dckr_pat_GONE")
     paths = mirror.mirror_paths(conf, "hub")
     assert "credentials" in first["changes"] and os.path.exists(paths["credentials"])
     _, second = configure()
-    assert second["changes"]["credentials"] == {"old": paths["credentials"], "new": ""}
-    assert second["changes"]["credential_helper"] == {"old": paths["credential_helper"], "new": ""}
-    assert not os.path.lexists(paths["credentials"]) and not os.path.lexists(paths["credential_helper"])
+    assert "credentials" in second["changes"]
+    with open(paths["credentials"], encoding="utf-8") as handle:
+        assert json.load(handle) == {"Username": "", "Secret": ""}
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or b"dckr_pat_GONE" not in path.read_bytes(), path
     assert configure()[1]["changes"] == {}
+    _, third = configure(version="2.8.2")
+    assert third["changes"]["credentials"] == {"old": paths["credentials"], "new": ""}
+    assert third["changes"]["credential_helper"] == {"old": paths["credential_helper"], "new": ""}
+    assert not os.path.lexists(paths["credentials"]) and not os.path.lexists(paths["credential_helper"])
+    assert configure(version="2.8.2")[1]["changes"] == {}

@@ -32,9 +32,12 @@ def test_render_defaults_are_the_safe_ones():
     assert "cache" not in config["storage"]  # blobdescriptor cache + TTL serves empty bodies
 
 
-def test_anonymous_mirror_has_no_credentials():
-    config = registry_config.render_config(mirror_spec(username="", token=""), "3")
-    assert set(config["proxy"]) == {"remoteurl", "ttl"}
+def test_anonymous_mirror_has_no_credentials_but_the_helper_on_3():
+    # exec keeps 3.x from pinging the upstream at start; the helper answers empty ones.
+    config = registry_config.render_config(mirror_spec(username="", token=""), "3", "/h")
+    assert config["proxy"]["exec"]["command"] == "/h"
+    assert set(config["proxy"]) == {"remoteurl", "ttl", "exec"}
+    assert set(registry_config.render_config(mirror_spec(username="", token=""), "2")["proxy"]) == {"remoteurl"}
 
 
 def test_ipv6_and_interface_listen():
@@ -76,7 +79,7 @@ def test_config_text_is_yaml_the_registry_reads():
 
 def test_render_3x_takes_the_credential_from_the_helper_not_the_config():
     config = registry_config.render_config(mirror_spec(), "3", "/opt/hub-mirror/bin/helper")
-    assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "5m"}
+    assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "0s"}
     assert "password" not in config["proxy"] and "username" not in config["proxy"]
     assert "t0k3n" not in repr(config)
 
