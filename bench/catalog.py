@@ -27,7 +27,7 @@ from bench.common import (
     bench_minion,
     log,
     mirror_addresses,
-    mirror_config,
+    mirror_process,
     ratio,
     summary,
     timed,
@@ -35,7 +35,6 @@ from bench.common import (
 from tests.support.hub import FakeDockerHub
 from tests.support.modules import exec_module
 from tests.support.netutil import loopback_session
-from tests.support.registry import RegistryProcess
 
 REPOSITORIES = 10_000
 QUICK_REPOSITORIES = 1_000
@@ -127,7 +126,7 @@ def run(ctx):
     hub = FakeDockerHub(work / "hub", username=HUB_USER, token=HUB_TOKEN, ratelimit=None).start()
     ctx.defer(hub.stop)
     addresses = mirror_addresses()
-    registry = RegistryProcess(work / "registry", config=mirror_config("catalog", hub.url, addresses, storage))
+    registry = mirror_process("catalog", work / "mirror", hub.url, addresses, storage)
     ctx.defer(registry.stop)
     registry.start()
 

@@ -23,8 +23,9 @@ import uuid
 import yaml
 
 from tests.support.hub import HUB_TOKEN, HUB_USER
-from tests.support.modules import rendered_config
-from tests.support.release import REGISTRY_BINARY
+from tests.support.modules import registry_files
+from tests.support.registry import RegistryProcess
+from tests.support.release import REGISTRY_BINARY, RELEASE_VERSION, registry_binary
 from tests.support.saltcall import STATE_TREE, Masterless, world_traversable_dir
 
 MB = 1000 * 1000
@@ -151,7 +152,8 @@ def machine():
         "loadavg_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "salt": salt.version.__version__,
-        "registry": _first_line([REGISTRY_BINARY, "--version"]),
+        "registry": _first_line([REGISTRY_BINARY, "--version"])
+        + "; 3.x: built by .ci/build-registry from the Go module proxy",
         "skopeo": _first_line(["skopeo", "--version"]),
         "containerd": _first_line(["containerd", "--version"]),
         "nginx": _first_line(["nginx", "-v"]),
@@ -161,10 +163,12 @@ def machine():
 # -- the registry config hub_mirror renders ---------------------------------------------------
 
 
-def mirror_config(name, upstream, addresses, storage, username=HUB_USER, token=HUB_TOKEN, dialect="2"):
-    """The registry config hub_mirror renders for one mirror (the module's own
-    ``render_config``), for a registry the benchmark runs itself. ``addresses`` comes
-    from :func:`mirror_addresses`."""
+def mirror_process(name, workdir, upstream, addresses, storage, version=RELEASE_VERSION, username=HUB_USER, token=HUB_TOKEN):
+    """A registry of ``version`` (Debian's 2.8.2, or a 3.x built by .ci/build-registry)
+    on the config hub_mirror renders for one mirror, with its credential helper on 3.x,
+    for a registry the benchmark runs itself. ``addresses`` comes from
+    :func:`mirror_addresses`. Not started."""
+    workdir = pathlib.Path(workdir)
     mirror = {
         "upstream": upstream,
         "listen": addresses["listen"],
@@ -173,7 +177,9 @@ def mirror_config(name, upstream, addresses, storage, username=HUB_USER, token=H
     }
     if username:
         mirror.update(username=username, token=token)
-    return rendered_config(name, mirror, dialect)
+    config, env = registry_files(name, mirror, version, workdir / "helper")
+    binary = registry_binary(version, workdir / "binary")
+    return RegistryProcess(workdir / "registry", config=config, binary=binary, env=env)
 
 
 _HANDED_OUT = set()

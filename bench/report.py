@@ -85,8 +85,9 @@ def _converge(result):
 def _wan(result):
     rows = []
     for profile, data in result["profiles"].items():
-        for image, figures in data["images"].items():
+        for image, version, figures in ((i, v, f) for i, per in data["images"].items() for v, f in per.items()):
             label = f"2 wan {profile}"
+            image = f"{image} on {version}"
             rows.append((label, f"{image}: cold through mirror / direct", _r(figures["cold_vs_direct"]), _s(figures["direct_s"]), _s(figures["cold_s"])))
             rows.append((label, f"{image}: warm through mirror / direct", _r(figures["warm_vs_direct"]), _s(figures["direct_s"]), _s(figures["warm_s"])))
             requests = figures["upstream_requests_per_pull"]
@@ -108,9 +109,12 @@ def _serve(result):
     for clients, figures in result["figures"].items():
         label = f"3 serve {clients.replace('_', ' ')}"
         cpu = figures["server_cpu_s_per_gb"]
-        rows.append((label, "mirror / nginx (MB/s)", _r(figures["mirror_vs_nginx"]), _s(figures["nginx_mb_s"], "MB/s", 0), _s(figures["mirror_mb_s"], "MB/s", 0)))
-        rows.append((label, "plain registry, same storage / nginx (MB/s)", _r(figures["plain_registry_vs_nginx"]), _s(figures["nginx_mb_s"], "MB/s", 0), _s(figures["plain_registry_mb_s"], "MB/s", 0)))
-        rows.append((label, "server CPU s per GB: nginx / mirror / plain", "", "", " / ".join(_s(cpu[k], "", 2).strip() for k in ("nginx", "mirror", "plain_registry"))))
+        subjects = [name for name in cpu if name != "nginx"]
+        for name in subjects:
+            what = "plain registry, same storage" if name == "plain_registry" else name.replace("_", " ")
+            rows.append((label, f"{what} / nginx (MB/s)", _r(figures[f"{name}_vs_nginx"]), _s(figures["nginx_mb_s"], "MB/s", 0), _s(figures[f"{name}_mb_s"], "MB/s", 0)))
+        names = ["nginx", *subjects]
+        rows.append((label, f"server CPU s per GB: {' / '.join(name.replace('_', ' ') for name in names)}", "", "", " / ".join(_s(cpu[k], "", 2).strip() for k in names)))
     return rows
 
 

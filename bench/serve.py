@@ -1,10 +1,11 @@
 """Benchmark 3: cache-hit blob downloads from the mirror against nginx, on loopback.
 
-A 500 MB blob is pulled through a mirror (Debian's registry with the config hub_mirror
-renders, in proxy mode before the Docker Hub stand-in) until it is in the mirror's
-storage. Then 1 and 16 concurrent ``curl`` clients download it from:
+A 500 MB blob is pulled through a mirror (registry 2.8.2, Debian's, with the config
+hub_mirror renders, in proxy mode before the Docker Hub stand-in) until it is in the
+mirror's storage. Then 1 and 16 concurrent ``curl`` clients download it from:
 
-- the mirror (``GET /v2/<repo>/blobs/<digest>``): the figure;
+- the mirror on 2.8.2 and on 3.0.0 (``GET /v2/<repo>/blobs/<digest>``; both on that
+  storage, a proxy each): the figures;
 - nginx serving that very file (``sendfile``): the practical limit of this machine;
 - a plain registry (no proxy) on the same storage, read-only: tells the proxy layer's
   cost apart from the registry's own.
@@ -19,6 +20,7 @@ import pathlib
 import signal
 import subprocess
 import time
+from functools import partial
 
 from bench.common import (
     HUB_TOKEN,
@@ -26,7 +28,7 @@ from bench.common import (
     MB,
     log,
     mirror_addresses,
-    mirror_config,
+    mirror_process,
     ratio,
     summary,
 )
@@ -35,10 +37,12 @@ from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port, wait_http
 from tests.support.processes import cpu_seconds, process_group
 from tests.support.registry import RegistryProcess, default_config
+from tests.support.release import REGISTRY_VERSIONS
 
 BLOB_BYTES = 500 * MB
 QUICK_BLOB_BYTES = 50 * MB
 CLIENTS = (1, 16)
+VERSIONS = REGISTRY_VERSIONS
 REPO = "bench/big"
 CURL_TIMEOUT = 600
 
@@ -148,14 +152,17 @@ def run(ctx):
     hub.push_image(work / "layout", "big", REPO)
 
     storage = work / "mirror-storage"
-    mirror = RegistryProcess(work / "mirror", config=mirror_config("serve", hub.url, mirror_addresses(), storage))
-    ctx.defer(mirror.stop)
-    mirror.start()
-    mirror_url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
-    log("serve: pulling the blob through the mirror (cold)")
-    _download(mirror_url, 1, size)
-    blob_path = storage / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
-    _wait_stored(blob_path, size)
+    mirrors = {}
+    for version in VERSIONS:
+        mirror = mirror_process(f"serve-{version.replace('.', '-')}", work / f"mirror-{version}", hub.url, mirror_addresses(), storage, version)
+        ctx.defer(mirror.stop)
+        mirror.start()
+        mirrors[version] = (f"{mirror.url}/v2/{REPO}/blobs/{digest}", mirror)
+        if len(mirrors) == 1:
+            log(f"serve: pulling the blob through the {version} mirror (cold)")
+            _download(mirrors[version][0], 1, size)
+            blob_path = storage / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+            _wait_stored(blob_path, size)
 
     nginx = Nginx(work / "nginx", blob_path).start()
     ctx.defer(nginx.stop)
@@ -168,7 +175,7 @@ def run(ctx):
 
     servers = {
         "nginx": (nginx.url, nginx.cpu),
-        "mirror": (mirror_url, lambda: cpu_seconds(mirror.pid)),
+        **{f"mirror_{version}": (url, partial(cpu_seconds, proc.pid)) for version, (url, proc) in mirrors.items()},
         "plain_registry": (plain_url, lambda: cpu_seconds(plain.pid)),
     }
     # Every server once before timing: the file in the page cache, connections warm.
@@ -193,11 +200,12 @@ def run(ctx):
     for clients in CLIENTS:
         key = f"{clients}_client" + ("s" if clients > 1 else "")
         result["figures"][key] = {
-            "nginx_mb_s": summary(throughput["nginx"][clients], 1),
-            "mirror_mb_s": summary(throughput["mirror"][clients], 1),
-            "plain_registry_mb_s": summary(throughput["plain_registry"][clients], 1),
-            "mirror_vs_nginx": ratio(throughput["mirror"][clients], throughput["nginx"][clients]),
-            "plain_registry_vs_nginx": ratio(throughput["plain_registry"][clients], throughput["nginx"][clients]),
+            **{f"{name}_mb_s": summary(throughput[name][clients], 1) for name in servers},
+            **{
+                f"{name}_vs_nginx": ratio(throughput[name][clients], throughput["nginx"][clients])
+                for name in servers
+                if name != "nginx"
+            },
             "server_cpu_s_per_gb": {name: summary(cpu_per_gb[name][clients], 2) for name in servers},
         }
     if upstream["blob_get"]:

@@ -1,22 +1,23 @@
 """Benchmark 2: pulls through the mirror over an emulated WAN.
 
-The Docker Hub stand-in sits in namespace ``wan``; the mirror (Debian's registry with
-the config hub_mirror renders) and the client (skopeo) sit in namespace ``lan``; the
-veth between them is shaped (bench/wanlink.py). Per profile and image, interleaved per
-run: a direct pull from the stand-in, a cold pull through a mirror with empty storage,
-and a warm pull through the same mirror. Every pull's manifest digest is checked, and
-the stand-in's access log gives the upstream requests each pull cost.
+The Docker Hub stand-in sits in namespace ``wan``; the mirrors (registry 2.8.2 and
+3.0.0, each with the config hub_mirror renders) and the client (skopeo) sit in namespace
+``lan``; the veth between them is shaped (bench/wanlink.py). Per profile, image and
+registry version, interleaved per run: a direct pull from the stand-in, a cold pull
+through a mirror with empty storage, and a warm pull through the same mirror. Every
+pull's manifest digest is checked, and the stand-in's access log gives the upstream
+requests each pull cost.
 """
 
 import pathlib
 import time
 import uuid
 
-from bench.common import HUB_TOKEN, HUB_USER, MB, log, mirror_addresses, mirror_config, ratio, rmtree, summary, timed
+from bench.common import HUB_TOKEN, HUB_USER, MB, log, mirror_addresses, mirror_process, ratio, rmtree, summary, timed
 from bench.upstream import Upstream
 from bench.wanlink import WAN_ADDR, WanLink
 from tests.support import oci
-from tests.support.registry import RegistryProcess
+from tests.support.release import REGISTRY_VERSIONS
 
 PROFILES = (
     # The stand-in's own capacity, one run: if direct pulls here are far faster than the
@@ -56,12 +57,11 @@ def _pull(hostport, repo, tag, dest):
 class _Mirror:
     """The mirror in ``lan``: a registry with hub_mirror's rendered config, emptied at will."""
 
-    def __init__(self, workdir, upstream_url):
+    def __init__(self, workdir, upstream_url, version):
         self.workdir = workdir
+        self.version = version
         self.storage = workdir / "storage"
-        self.process = RegistryProcess(
-            workdir, config=mirror_config("wan", upstream_url, mirror_addresses(), self.storage)
-        )
+        self.process = mirror_process("wan", workdir, upstream_url, mirror_addresses(), self.storage, version)
         self.hostport = self.process.hostport
 
     def wait_committed(self, digests, timeout=300):
@@ -102,9 +102,10 @@ def run(ctx):
 
     results = {"emulator": link.emulator, "profiles": {}}
     with link.lan.entered():
-        mirror = _Mirror(ctx.dir("mirror"), upstream.url)
+        mirrors = {version: _Mirror(ctx.dir(f"mirror-{version}"), upstream.url, version) for version in REGISTRY_VERSIONS}
         try:
-            mirror.process.start()
+            for mirror in mirrors.values():
+                mirror.process.start()
             for profile in PROFILES:
                 one_way = link.shape(profile["rate_mbit"], profile["rtt_ms"])
                 upstream.set_delay(one_way)
@@ -114,12 +115,16 @@ def run(ctx):
                     "qdiscs": link.qdiscs(),
                     "relay_one_way_ms": one_way * 1000,
                     "images": {
-                        name: _measure(profile.get("runs", ctx.runs), work, upstream, mirror, name, built[name])
+                        name: {
+                            version: _measure(profile.get("runs", ctx.runs), work, upstream, mirror, name, built[name])
+                            for version, mirror in mirrors.items()
+                        }
                         for name in images
                     },
                 }
         finally:
-            mirror.stop()
+            for mirror in mirrors.values():
+                mirror.stop()
             link.shape(None, 0)
     return results
 
@@ -140,13 +145,14 @@ def _measure(runs, work, upstream, mirror, image, info):
             if digest != info["manifest_digest"]:
                 raise RuntimeError(f"{kind} pull of {repo}:{tag} got {digest}, pushed {info['manifest_digest']}")
             if kind == "cold":
-                # The registry commits each blob from a second upstream fetch of its own,
-                # in the background: a pull before that ends misses again. Warm means
-                # committed, and the cold pull's count includes those fetches.
+                # 2.8 commits each blob from a second upstream fetch of its own, in the
+                # background (3.x from the same fetch): a pull before that ends misses
+                # again. Warm means committed, and the cold pull's count includes those
+                # fetches.
                 commit_lag.append(mirror.wait_committed(blobs))
             times[kind].append(seconds)
             requests[kind].append(upstream.counts())
-            log(f"wan:   {image} run {run + 1} {kind}: {seconds:.2f}s")
+            log(f"wan:   {image} on {mirror.version} run {run + 1} {kind}: {seconds:.2f}s")
     size = info["total_size"]
     return {
         "runs": runs,

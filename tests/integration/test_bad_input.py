@@ -20,7 +20,8 @@ from tests.support.processes import parent_pid, registry_pids
 from tests.support.release import archive_pillar, serve_releases
 from tests.support.saltcall import Masterless, unique_name
 
-pytestmark = pytest.mark.integration
+# Salt's side: the registry version does not reach it (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.one_registry]
 
 SERVICE_USER = "hub-mirror"
 

@@ -37,7 +37,8 @@ from tests.support.results import states_of
 from tests.support.saltcall import unique_name, world_traversable_dir
 from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster
 
-pytestmark = pytest.mark.integration
+# Salt's side: the registry version does not reach it (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.one_registry]
 
 IMAGE = "library/alpine"
 CLIENT_STATE = "hub_mirror-client-clients-configured"

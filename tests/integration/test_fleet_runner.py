@@ -15,7 +15,8 @@ from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
 from tests.support.saltmaster import SALT_TIMEOUT, SaltCluster
 
-pytestmark = pytest.mark.integration
+# Salt's side: the registry version does not reach it (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.one_registry]
 
 
 @pytest.fixture(scope="module")

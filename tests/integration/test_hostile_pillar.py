@@ -25,7 +25,8 @@ from tests.support.processes import alive, cmdline, parent_pid, registry_pids, w
 from tests.support.release import archive_pillar
 from tests.support.saltcall import unique_name
 
-pytestmark = pytest.mark.integration
+# Salt's side: the registry version does not reach it (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.one_registry]
 
 SERVICE_USER = "hub-mirror"
 

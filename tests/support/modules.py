@@ -1,5 +1,6 @@
 """Import the extension's code straight from the repo, for tests of pure logic and for
-registries that tests and benchmarks run themselves on the config hub_mirror renders."""
+registries that tests and benchmarks run themselves on the config hub_mirror renders
+(:func:`registry_files`)."""
 
 import importlib
 import importlib.util
@@ -7,8 +8,6 @@ import json
 import os
 import sys
 from pathlib import Path
-
-from .release import RELEASE_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 # A loopback-only amd64 Linux host, as the exec module's grains.
@@ -53,14 +52,6 @@ def exec_module(pillar=None, grains=None):
     module.__salt__ = {}
     module.__opts__ = {}
     return module
-
-
-def rendered_config(name, mirror, dialect="2"):
-    """The registry config hub_mirror renders for the mirror ``name`` whose pillar is
-    ``mirror`` (at RELEASE_VERSION), for a registry a test or benchmark runs itself."""
-    module = exec_module({"version": RELEASE_VERSION, "mirrors": {name: mirror}})
-    _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
-    return lib("registry_config").render_config(spec, dialect)
 
 
 def registry_files(name, mirror, version, workdir):
