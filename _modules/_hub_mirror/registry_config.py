@@ -75,7 +75,7 @@ def render_config(mirror, dialect, credential_helper=None):
         # while the upstream is down, which is exactly when the cache matters.
         "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
         "proxy": proxy,
-        **_redis(mirror),
+        **_redis(mirror, dialect),
     }
 
 
@@ -101,11 +101,14 @@ def _s3_driver(s3, dialect):
     return {"s3": driver}
 
 
-def _redis(mirror):
+def _redis(mirror, dialect):
     redis = mirror["redis"]
     if not redis:
         return {}
-    return {"redis": {"addr": redis["addr"], "password": redis["password"], "db": redis["db"]}}
+    # 3.x takes go-redis' UniversalOptions: a list of addresses. It ignores 2.8's `addr`
+    # without a word and then panics at start ("redis configuration required").
+    address = {"addr": redis["addr"]} if dialect == "2" else {"addrs": [redis["addr"]]}
+    return {"redis": {**address, "password": redis["password"], "db": redis["db"]}}
 
 
 def render_offline_config(config):

@@ -2,6 +2,7 @@
 mirror A is served by mirror B with no blob fetched from the upstream again. The S3 API is
 a real moto server on loopback; the configs come from the exec module's renderer."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -12,11 +13,10 @@ import boto3
 import pytest
 
 from tests.support import oci
-from tests.support.modules import lib, load
+from tests.support.modules import lib, load, spec_files
 from tests.support.netutil import free_port, wait_http
 from tests.support.registry import RegistryProcess
 
-registry_config = lib("registry_config")
 settings = lib("settings")
 validate = lib("validate")
 
@@ -78,7 +78,10 @@ def redis_keys(addr):
     return int(out.strip())
 
 
-def mirror_config(module, name, hub, s3_endpoint, redis=None):
+def mirror_files(module, name, hub, s3_endpoint, version, workdir, redis=None):
+    """The rendered config and environment of one mirror of the pool, at ``version``.
+    Validation is bypassed: it refuses redis on 2.8 (TTL expiry is always on there), and
+    the renderer's redis section is still worth proving against a real redis-server."""
     module.__grains__ = {"ip4_interfaces": {}, "ip6_interfaces": {}}
     spec = settings.merge(settings.MIRROR_DEFAULTS, hub.mirror_pillar(
         free_port(),
@@ -89,31 +92,57 @@ def mirror_config(module, name, hub, s3_endpoint, redis=None):
             "accesskey": "AKIDTEST",
             "secretkey": "SECRETTEST",
             "rootdirectory": "/pool",
+            "path_style": True,  # moto serves path-style only; 3.x renders forcepathstyle from it
         },
         redis={"addr": redis, "password": "REDISPASS"} if redis else {},
     ))
-    return registry_config.render_config(validate.complete_mirror(name, spec, settings.DEFAULTS["lookup"], {}), "2")
+    return spec_files(validate.complete_mirror(name, spec, settings.DEFAULTS["lookup"], {}), version, workdir)
 
 
-def test_a_pull_through_one_mirror_is_a_cache_hit_on_the_other(clean_hub, s3_endpoint, tmp_path, image_layout):
-    pool_of_two(load("hub_mirror"), clean_hub, s3_endpoint, tmp_path, image_layout)
+def test_a_pull_through_one_mirror_is_a_cache_hit_on_the_other(
+    clean_hub, s3_endpoint, registry_version, registry_binary_path, tmp_path, image_layout
+):
+    pool = (registry_version, registry_binary_path)
+    pool_of_two(load("hub_mirror"), clean_hub, s3_endpoint, pool, tmp_path, image_layout)
 
 
 def test_a_pool_with_a_redis_descriptor_cache_renders_a_config_the_registry_runs(
-    clean_hub, s3_endpoint, redis_addr, tmp_path, image_layout
+    clean_hub, s3_endpoint, redis_addr, registry_version, registry_binary_path, tmp_path, image_layout
 ):
-    """Validation refuses redis while TTL expiry is on (always, in 2.8); the renderer's
-    redis section is still proven against a real redis-server with the 2.8 binary."""
+    """The renderer's redis section against a real redis-server (see mirror_files)."""
     module = load("hub_mirror")
-    pool_of_two(module, clean_hub, s3_endpoint, tmp_path, image_layout, redis=redis_addr)
+    pool = (registry_version, registry_binary_path)
+    pool_of_two(module, clean_hub, s3_endpoint, pool, tmp_path, image_layout, redis=redis_addr)
     assert redis_keys(redis_addr) > 0  # the pool's blob descriptors live in redis
 
 
-def pool_of_two(module, hub, s3_endpoint, tmp_path, image_layout, redis=None):
-    mirrors = [
-        RegistryProcess(tmp_path / name, config=mirror_config(module, name, hub, s3_endpoint, redis))
-        for name in ("a", "b")
-    ]
+def first_blobs(layout):
+    manifest = json.loads(oci.read_blob(layout, oci.read_tag(layout, "latest")["digest"]))
+    return [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+
+
+def wait_stored(s3_endpoint, count, timeout=30):
+    """Until ``count`` blobs are committed in the pool's bucket: the proxy stores them as
+    (3.x) or after (2.8) it serves them, and a request before that misses again."""
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+        aws_access_key_id="AKIDTEST", aws_secret_access_key="SECRETTEST",
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = s3.list_objects_v2(Bucket="hub-cache", Prefix="pool/docker/registry/v2/blobs/").get("Contents", [])
+        stored = [obj for obj in listed if obj["Key"].endswith("/data")]
+        if len(stored) >= count or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.2)
+
+
+def pool_of_two(module, hub, s3_endpoint, pool, tmp_path, image_layout, redis=None):
+    version, binary = pool
+    mirrors = []
+    for name in ("a", "b"):
+        config, env = mirror_files(module, name, hub, s3_endpoint, version, tmp_path / f"{name}-helper", redis)
+        mirrors.append(RegistryProcess(tmp_path / name, config=config, binary=binary, env=env))
     for mirror in mirrors:
         mirror.start()
     try:
@@ -121,7 +150,7 @@ def pool_of_two(module, hub, s3_endpoint, tmp_path, image_layout, redis=None):
         assert oci.pull(mirrors[0].hostport, "library/alpine", "latest", str(tmp_path / "via-a")) == expected
         first = hub.counts()
         assert first["blob_get"] > 0
-        time.sleep(1)  # the proxy stores blobs asynchronously after serving them
+        wait_stored(s3_endpoint, len(first_blobs(tmp_path / "via-a")))
 
         hub.reset_counts()
         assert oci.pull(mirrors[1].hostport, "library/alpine", "latest", str(tmp_path / "via-b")) == expected

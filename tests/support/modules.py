@@ -61,6 +61,11 @@ def registry_files(name, mirror, version, workdir):
     the supervisor set them up. Returns (config, env)."""
     module = exec_module({"version": version, "mirrors": {name: mirror}})
     _, spec = module._mirror(name, redact=False)  # pylint: disable=protected-access
+    return spec_files(spec, version, workdir)
+
+
+def spec_files(spec, version, workdir):
+    """:func:`registry_files` for a completed mirror ``spec`` (validation is the caller's)."""
     dialect = lib("settings").dialect_of(version)
     if dialect == "2":
         return lib("registry_config").render_config(spec, dialect), {}

@@ -44,7 +44,9 @@ def test_redis_needs_a_ttl_free_3x_mirror():
     assert spec["redis"]["password"] == "<redacted>"
     config = registry_config.render_config(spec, "3")
     assert config["storage"]["cache"] == {"blobdescriptor": "redis"}
-    assert config["redis"]["addr"] == "127.0.0.1:6379"
+    # 3.x reads a list (go-redis UniversalOptions); 2.8 one address.
+    assert config["redis"]["addrs"] == ["127.0.0.1:6379"] and "addr" not in config["redis"]
+    assert registry_config.render_config(spec, "2")["redis"]["addr"] == "127.0.0.1:6379"
 
 
 def test_settings_redact_the_token_unless_asked():
