@@ -87,10 +87,11 @@ def one_registry_version():
 
 def built_release(version, arch="amd64"):
     """The path of upstream's ``version`` packed as its release asset by .ci/build-registry,
-    which builds what is missing (waiting on its lock for a build .ci/run started)."""
+    which builds it if it is missing (waiting on its lock while .ci/run's build makes it)."""
     path = BUILT_RELEASES / f"v{version}" / asset_name(version, arch)
     if not (path.is_file() and pathlib.Path(f"{path}.sha256").is_file()):
-        subprocess.run([str(REPO / ".ci" / "build-registry")], check=True, timeout=BUILD_TIMEOUT, capture_output=True)
+        build = [str(REPO / ".ci" / "build-registry"), version, arch]
+        subprocess.run(build, check=True, timeout=BUILD_TIMEOUT, capture_output=True)
     return path
 
 
