@@ -91,6 +91,10 @@ def journey(hub, release_server):
             "calls": calls,
             "snapshots": snapshots,
             "config_path": config_path,
+            # 2.8 reads the token from its config; 3.x from the credential helper's file.
+            "token_path": config_path
+            if release_server.version.startswith("2.")
+            else config_path.with_name(f"{name}.credentials.json"),
         }
     finally:
         hub.token = HUB_TOKEN
@@ -142,19 +146,26 @@ def test_failures_name_the_key_without_the_secret(journey):
 def test_rotation_is_reported_and_predicted_redacted(journey):
     name = journey["name"]
     predicted = journey["calls"]["rotation, test"].changes[f"hub_mirror-config-{name}-configured"]
-    assert predicted["config"] == {"proxy.password": {"old": REDACTED, "new": REDACTED}}
     live = journey["calls"]["rotation, highstate output, debug"].stdout
-    assert "proxy.password" in live and REDACTED in live and "restarted" in live
+    if journey["token_path"] == journey["config_path"]:
+        assert predicted == {"config": {"proxy.password": {"old": REDACTED, "new": REDACTED}}}
+        assert "proxy.password" in live and REDACTED in live and "restarted" in live
+    else:
+        assert predicted == {"credentials": {"old": REDACTED, "new": REDACTED}}
+        assert "credentials" in live and REDACTED in live and "restarted" not in live
     assert journey["calls"]["rotated re-apply"].changes == {}
 
 
-def test_config_file_is_private_to_the_service_user_and_holds_the_current_token(journey):
-    status = journey["config_path"].stat()
-    assert status.st_mode & 0o777 == 0o600
-    assert status.st_uid == pwd.getpwnam(SERVICE_USER).pw_uid
-    assert status.st_gid == grp.getgrnam(SERVICE_USER).gr_gid
-    text = journey["config_path"].read_text()
+def test_the_token_file_is_private_to_the_service_user_and_holds_the_current_token(journey):
+    for path in {journey["config_path"], journey["token_path"]}:
+        status = path.stat()
+        assert status.st_mode & 0o777 == 0o600, path
+        assert status.st_uid == pwd.getpwnam(SERVICE_USER).pw_uid
+        assert status.st_gid == grp.getgrnam(SERVICE_USER).gr_gid
+    text = journey["token_path"].read_text()
     assert ROTATED_TOKEN in text and HUB_TOKEN not in text
+    if journey["token_path"] != journey["config_path"]:
+        assert ROTATED_TOKEN not in journey["config_path"].read_text()
 
 
 def test_minion_log_at_debug_level_holds_no_token(journey):
@@ -216,7 +227,7 @@ def test_only_private_operator_and_mirror_files_hold_the_token(journey):
         if any(token.encode() in data for token in TOKENS):
             holders.add(path)
             assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
-    assert journey["config_path"] in holders
+    assert journey["token_path"] in holders
     assert holders <= allowed, holders - allowed
 
 
@@ -235,6 +246,9 @@ def test_settings_and_config_returns_are_redacted(journey):
     settings = journey["calls"]["settings"].data
     assert settings["mirrors"][name]["token"] == REDACTED
     assert settings["mirrors"][name]["username"] == HUB_USER
-    config = journey["calls"]["config"].data
-    assert config["proxy"]["password"] == REDACTED
+    proxy = journey["calls"]["config"].data["proxy"]
+    if journey["token_path"] == journey["config_path"]:
+        assert proxy["password"] == REDACTED
+    else:
+        assert "password" not in proxy and proxy["exec"]["command"].endswith("hub-mirror-credential-helper")
     assert journey["calls"]["configure, test"].data["changes"] == {}

@@ -79,13 +79,19 @@ def valid_json(path):
         return False
 
 
-def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirror, tmp_path):
+# How a miss the full disk cannot store fails the pull: 2.8 answers 500; 3.x streams the
+# one fetch to the client and the store together, and cuts the body when the store fails.
+MISS_ON_A_FULL_DISK = {"2": "500 Internal Server Error", "3": "unexpected EOF"}
+
+
+def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirror, registry_version, tmp_path):
     mirror = full_mirror
+    failed = MISS_ON_A_FULL_DISK[registry_version.split(".")[0]]
     outcomes, cached, full = {}, [], False
     for name in FULL_IMAGES:
         digest, error = try_pull(mirror, f"full/{name}", "latest", tmp_path / name)
-        # A pull gets exactly the image or an error from the mirror, never other bytes.
-        assert digest == hub.images[f"full/{name}"]["manifest_digest"] or "500 Internal Server Error" in error, error
+        # A pull gets exactly the image or an error, never other bytes.
+        assert digest == hub.images[f"full/{name}"]["manifest_digest"] or failed in error, error
         if digest and stored(mirror, layer(hub, name), 3 if full else 10):
             cached.append(name)
             outcomes[name] = "cached"
@@ -97,7 +103,7 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
     assert audit.sound, audit
     assert cached == list(FULL_IMAGES[: len(cached)]) and 0 < len(cached) < len(FULL_IMAGES)
     assert not {layer(hub, name) for name in FULL_IMAGES if name not in cached} & set(audit.blobs)
-    assert any("500 Internal Server Error" in outcome for outcome in outcomes.values())
+    assert any(failed in outcome for outcome in outcomes.values())
     # What it has, it keeps serving: by digest, and by tag with the upstream refusing.
     hub.block()
     for name in cached:
