@@ -79,9 +79,10 @@ def valid_json(path):
         return False
 
 
-# How a miss the full disk cannot store fails the pull: 2.8 answers 500; 3.x streams the
-# one fetch to the client and the store together, and cuts the body when the store fails.
-MISS_ON_A_FULL_DISK = {"2": "500 Internal Server Error", "3": "unexpected EOF"}
+# How a miss the full disk cannot store fails the pull: 2.8 answers 500; 3.x too for a
+# manifest, but a blob's one fetch feeds the client and the store together, so 3.x cuts
+# the body when the store fails.
+MISS_ON_A_FULL_DISK = {"2": ("500 Internal Server Error",), "3": ("500 Internal Server Error", "unexpected EOF")}
 
 
 def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirror, registry_version, tmp_path):
@@ -91,7 +92,7 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
     for name in FULL_IMAGES:
         digest, error = try_pull(mirror, f"full/{name}", "latest", tmp_path / name)
         # A pull gets exactly the image or an error, never other bytes.
-        assert digest == hub.images[f"full/{name}"]["manifest_digest"] or failed in error, error
+        assert digest == hub.images[f"full/{name}"]["manifest_digest"] or any(word in error for word in failed), error
         if digest and stored(mirror, layer(hub, name), 3 if full else 10):
             cached.append(name)
             outcomes[name] = "cached"
@@ -103,7 +104,7 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
     assert audit.sound, audit
     assert cached == list(FULL_IMAGES[: len(cached)]) and 0 < len(cached) < len(FULL_IMAGES)
     assert not {layer(hub, name) for name in FULL_IMAGES if name not in cached} & set(audit.blobs)
-    assert any(failed in outcome for outcome in outcomes.values())
+    assert any(word in outcome for word in failed for outcome in outcomes.values())
     # What it has, it keeps serving: by digest, and by tag with the upstream refusing.
     hub.block()
     for name in cached:
