@@ -529,6 +529,10 @@ def gc(mirror="dockerhub", dry_run=True, delete_untagged=False):
     deletes manifests that no tag points at, which on a pull-through cache includes the
     per-platform manifests of every cached multi-arch image: use it only knowingly.
 
+    A repository with manifests and no layer directory (a manifest fetched alone, a pull
+    cut short) stops registry 3.x's collection; it gets an empty one first, named in
+    ``layer_dirs_added``, also on a dry run.
+
     CLI Example:
 
     .. code-block:: bash

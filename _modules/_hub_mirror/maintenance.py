@@ -23,7 +23,7 @@ from .processes import mirror_processes, registry_process
 from .registry_api import answers, fetch_blob, get_manifest, wait_serving
 from .registry_config import config_dialect
 from .settings import binary_path, mirror_paths, probe_url
-from .storage import CacheView, read_schedule, storage_view, tree_bytes
+from .storage import CacheView, add_missing_layer_dirs, read_schedule, storage_view, tree_bytes
 from .supervisor import stop_service, supervisor_for
 from .units import (
     GC_ELIGIBLE_RE,
@@ -266,6 +266,10 @@ def gc(conf, spec, dry_run=True, delete_untagged=False):
     report = {"mirror": mirror, "dry_run": bool(dry_run), "delete_untagged": bool(delete_untagged)}
     if not os.path.isdir(view.repos_root):
         return dict(report, blobs=0, manifests=0, freed=size_report(0), comment="Nothing is cached: nothing to collect")
+    # A repair, not a change of content: needed even for a dry run, which 3.x fails too.
+    added = add_missing_layer_dirs(spec["storage"], f"hub_mirror:mirrors:{mirror}:storage")
+    if added:
+        report["layer_dirs_added"] = added
     before = view.blob_files()
     if dry_run:
         output = _run_gc(conf, paths, True, delete_untagged)

@@ -101,6 +101,51 @@ def own_storage(path, uid, gid, key="hub_mirror:mirrors:storage"):
         os.close(fd)
 
 
+def add_missing_layer_dirs(storage, key="hub_mirror:mirrors:storage"):
+    """
+    Give every repository that has manifests but no ``_layers`` an empty one, owned like
+    its ``_manifests``; the repositories changed. Registry 3.x's garbage-collect stops at
+    the first such repository ("failed to mark: Path not found: .../_layers"), and a
+    mirror makes them: a client that fetched a manifest and no layer (an inspect, a tag
+    check), or a pull the full disk cut short. An empty directory means to the registry
+    what a missing one should: no layer linked.
+
+    Walked through directory fds, following no symlink: the service user owns the tree.
+    """
+    fd = open_dir(os.path.realpath(storage), key)
+    added = []
+    try:
+        repos = open_below(fd, "docker/registry/v2/repositories")
+        if repos is None:
+            return added
+        try:
+            for repo in CacheView(storage).repositories():
+                sub = open_below(repos, repo)
+                if sub is not None:
+                    try:
+                        if _add_layer_dir(sub):
+                            added.append(repo)
+                    finally:
+                        os.close(sub)
+        finally:
+            os.close(repos)
+    finally:
+        os.close(fd)
+    return added
+
+
+def _add_layer_dir(repo_fd):
+    """An empty ``_layers`` owned like ``_manifests`` in the repository ``repo_fd``, if it
+    has none; whether it added one."""
+    try:
+        manifests = os.stat("_manifests", dir_fd=repo_fd, follow_symlinks=False)
+        os.mkdir("_layers", 0o755, dir_fd=repo_fd)
+    except (FileExistsError, FileNotFoundError):
+        return False
+    os.chown("_layers", manifests.st_uid, manifests.st_gid, dir_fd=repo_fd, follow_symlinks=False)
+    return True
+
+
 def storage_writable(conf, spec):
     """Prove, as the service user, that the registry can write its storage."""
     if spec["s3"] or not os.path.isdir(spec["storage"]) or os.geteuid() != 0:

@@ -198,10 +198,24 @@ def test_gc_frees_unreferenced_blobs_and_a_pull_after_it_works(mirror, hub, tmp_
     size = blob.stat().st_size
     assert size == len(fetched.content)
 
+    # A manifest fetched alone leaves a repository without a layer directory, which
+    # stops 3.x's garbage-collect: gc gives it an empty one first.
+    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    manifest = requests.get(
+        f"{mirror.url}/v2/ratelimitpreview/test/manifests/latest", headers={"Accept": accept}, timeout=30
+    )
+    assert manifest.status_code == 200
+    repo = mirror.storage / "docker/registry/v2/repositories/ratelimitpreview/test"
+    deadline = time.monotonic() + 30
+    while not (repo / "_manifests").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (repo / "_layers").exists()
+
     usage = mirror.data("hub_mirror.usage")
     assert usage["reclaimable"]["bytes"] >= size
 
     dry = mirror.data("hub_mirror.gc")
+    assert dry["layer_dirs_added"] == ["ratelimitpreview/test"]
     assert dry["dry_run"] is True
     assert dry["freed"] == usage["reclaimable"]
     assert dry["blobs"] >= 1

@@ -63,3 +63,25 @@ def test_view_describes_an_index_with_the_platforms_actually_cached(layout):
     single = view.describe("multi", amd)
     assert single["platforms"] == ["linux/amd64"]
     assert single["size"]["bytes"] == sum(view.blob_size(d) for d in view.closure("multi", amd))
+
+
+def test_a_repository_without_layers_gets_an_empty_layer_dir_and_no_symlink_is_followed(tmp_path):
+    # 3.x's garbage-collect stops at a repository with manifests and no _layers.
+    repos = tmp_path / "docker/registry/v2/repositories"
+    (repos / "library/inspected/_manifests/tags").mkdir(parents=True)
+    (repos / "library/pulled/_manifests").mkdir(parents=True)
+    (repos / "library/pulled/_layers").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "_manifests").mkdir(parents=True)
+    (repos / "library/linked").symlink_to(outside)
+
+    assert storage.add_missing_layer_dirs(str(tmp_path)) == ["library/inspected"]
+    layers = repos / "library/inspected/_layers"
+    assert layers.is_dir() and not any(layers.iterdir())
+    assert layers.stat().st_uid == (repos / "library/inspected/_manifests").stat().st_uid
+    assert not (outside / "_layers").exists()
+    assert storage.add_missing_layer_dirs(str(tmp_path)) == []
+
+
+def test_no_repositories_no_layer_dirs(tmp_path):
+    assert storage.add_missing_layer_dirs(str(tmp_path)) == []
