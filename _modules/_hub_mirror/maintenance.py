@@ -499,6 +499,9 @@ def prune(conf, spec, max_size=None, test=False):
     def maintenance():
         if expire:
             _expire_now(conf, spec, expire)
+        added = add_missing_layer_dirs(spec["storage"], f"hub_mirror:mirrors:{mirror}:storage")
+        if added:
+            changes["layer_dirs_added"] = added
         _run_gc(conf, paths, False, False)
 
     _, window = _while_stopped(conf, spec, maintenance)

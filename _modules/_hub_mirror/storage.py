@@ -125,6 +125,12 @@ def add_missing_layer_dirs(storage, key="hub_mirror:mirrors:storage"):
                     try:
                         if _add_layer_dir(sub):
                             added.append(repo)
+                    except OSError as exc:
+                        raise CommandExecutionError(
+                            f"{key}: cannot add an empty _layers directory to repository {repo} "
+                            f"({exc.strerror}), which registry 3.x's garbage-collect needs; "
+                            "free some space or fix the storage's permissions, then retry"
+                        ) from exc
                     finally:
                         os.close(sub)
         finally:
@@ -136,13 +142,20 @@ def add_missing_layer_dirs(storage, key="hub_mirror:mirrors:storage"):
 
 def _add_layer_dir(repo_fd):
     """An empty ``_layers`` owned like ``_manifests`` in the repository ``repo_fd``, if it
-    has none; whether it added one."""
+    has none; whether it added one. Chowned through an fd of the new directory: a name
+    swapped for a link in between is refused, not followed."""
     try:
         manifests = os.stat("_manifests", dir_fd=repo_fd, follow_symlinks=False)
         os.mkdir("_layers", 0o755, dir_fd=repo_fd)
     except (FileExistsError, FileNotFoundError):
         return False
-    os.chown("_layers", manifests.st_uid, manifests.st_gid, dir_fd=repo_fd, follow_symlinks=False)
+    layers = open_below(repo_fd, "_layers")
+    if layers is None:
+        return False
+    try:
+        os.fchown(layers, manifests.st_uid, manifests.st_gid)
+    finally:
+        os.close(layers)
     return True
 
 

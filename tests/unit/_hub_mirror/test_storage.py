@@ -1,8 +1,12 @@
 """The registry's storage directory as the registry lays it out, read-only: repositories,
 revisions the expiry schedule still keeps, and what an index has of each platform."""
 
+import errno
 import json
 import os
+
+import pytest
+from salt.exceptions import CommandExecutionError
 
 from _hub_mirror import storage
 
@@ -85,3 +89,14 @@ def test_a_repository_without_layers_gets_an_empty_layer_dir_and_no_symlink_is_f
 
 def test_no_repositories_no_layer_dirs(tmp_path):
     assert storage.add_missing_layer_dirs(str(tmp_path)) == []
+
+
+def test_a_full_disk_is_a_clear_error_naming_the_repository(tmp_path, monkeypatch):
+    (tmp_path / "docker/registry/v2/repositories/library/inspected/_manifests").mkdir(parents=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "mkdir", full)
+    with pytest.raises(CommandExecutionError, match="library/inspected .No space left on device.*free some space"):
+        storage.add_missing_layer_dirs(str(tmp_path), "hub_mirror:mirrors:m:storage")
