@@ -114,18 +114,23 @@ def hostport(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def same_site(url, other):
-    """Whether two URLs' hosts share a registrable domain (the last two labels), or are
-    the same IP: 3.1 sends credentials to no other token realm, and neither do we."""
+def site_of(url):
+    """The site of a URL's host: its registrable domain (the last two labels), or the IP
+    itself; "" if it has no host. Credentials go to no token realm of another site: 3.1
+    does so for username and password, hub_mirror for its check and its helper."""
     try:
-        one, two = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(other).hostname
+        host = urllib.parse.urlsplit(url).hostname
     except ValueError:
-        return False
-    if not one or not two:
-        return False
-    if is_ip(one) or is_ip(two):
-        return one == two
-    return one.split(".")[-2:] == two.split(".")[-2:]
+        return ""
+    if not host:
+        return ""
+    return host if is_ip(host) else ".".join(host.split(".")[-2:])
+
+
+def same_site(url, other):
+    """Whether two URLs' hosts are of one site (:func:`site_of`)."""
+    one = site_of(url)
+    return bool(one) and one == site_of(other)
 
 
 def http_get(url, timeout, **kwargs):

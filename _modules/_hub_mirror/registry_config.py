@@ -9,7 +9,7 @@ import os
 
 import yaml
 
-from .net import REDACTED, hostport
+from .net import REDACTED, hostport, site_of
 from .release import binary_version
 from .settings import (
     CREDENTIAL_LIFETIME,
@@ -177,6 +177,13 @@ def _flatten(config, limit=10000):
     return out
 
 
+def credentials_text(spec):
+    """The credential helper's file: the credential, and the one site whose token realm
+    may have it (the helper answers no other: 3.x hands it any realm an upstream names)."""
+    credential = {"Username": spec["username"], "Secret": spec["token"], "Site": site_of(spec["upstream"])}
+    return json.dumps(credential, sort_keys=True)
+
+
 def render_config_files(conf, spec):
     """{paths key: text} of every file ``configure`` writes for a mirror (token included)."""
     paths = mirror_paths(conf, spec["name"])
@@ -188,5 +195,5 @@ def render_config_files(conf, spec):
     }
     if "exec" in rendered["proxy"]:
         texts["credential_helper"] = program_text("credential_helper.py")
-        texts["credentials"] = json.dumps({"Username": spec["username"], "Secret": spec["token"]}, sort_keys=True)
+        texts["credentials"] = credentials_text(spec)
     return texts

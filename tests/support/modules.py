@@ -4,7 +4,6 @@ registries that tests and benchmarks run themselves on the config hub_mirror ren
 
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -74,7 +73,7 @@ def spec_files(spec, version, workdir):
     helper, credentials = workdir / "credential-helper", workdir / "credentials.json"
     helper.write_text(lib("supervisor").program_text("credential_helper.py"))
     helper.chmod(0o755)
-    credentials.write_text(json.dumps({"Username": spec["username"], "Secret": spec["token"]}))
+    credentials.write_text(lib("registry_config").credentials_text(spec))
     os.chmod(credentials, 0o600)
     config = lib("registry_config").render_config(spec, dialect, str(helper))
     return config, {"HUB_MIRROR_CREDENTIALS": str(credentials)}

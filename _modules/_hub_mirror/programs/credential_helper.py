@@ -9,14 +9,17 @@ registry 3.x, which then asks it for the credential (docker-credential-helper pr
 ``proxy.exec.lifetime``. A token rotation then rewrites only the credentials file, and the
 registry picks the new token up without a restart.
 
-The credentials file (JSON ``{"Username": ..., "Secret": ...}``, 0600, owned by the mirror's
-user) is named by ``HUB_MIRROR_CREDENTIALS``, which the supervisor sets: the registry
-passes no arguments to a helper.
+The credentials file (JSON ``{"Username": ..., "Secret": ..., "Site": ...}``, 0600, owned
+by the mirror's user) is named by ``HUB_MIRROR_CREDENTIALS``, which the supervisor sets: the
+registry passes no arguments to a helper. The registry asks for whatever token realm the
+upstream names; the helper answers only for hosts of ``Site`` (the upstream's registrable
+domain, or its IP), so an upstream cannot send the token elsewhere.
 """
 
 import json
 import os
 import sys
+import urllib.parse
 
 NOT_FOUND = "credentials not found in native keychain"
 
@@ -29,7 +32,18 @@ def get(server, path):
     username, secret = stored.get("Username", ""), stored.get("Secret", "")
     if not (isinstance(username, str) and isinstance(secret, str)) or bool(username) != bool(secret):
         raise KeyError(server)
+    if username and not of_site(server, stored.get("Site")):
+        raise KeyError(server)
     return {"ServerURL": server, "Username": username, "Secret": secret}
+
+
+def of_site(server, site):
+    """Whether ``server`` (``host[:port]``, as the registry writes it) is ``site`` or below it."""
+    try:
+        host = urllib.parse.urlsplit(f"//{server}").hostname
+    except ValueError:
+        return False
+    return bool(host and isinstance(site, str) and site) and (host == site or host.endswith(f".{site}"))
 
 
 def main(argv=None, stdin=sys.stdin, stdout=sys.stdout):

@@ -20,23 +20,35 @@ def run_helper(args, stdin, credentials=None):
     )
 
 
-def test_get_prints_the_credential_for_the_host(tmp_path):
+def test_get_prints_the_credential_for_a_host_of_the_site(tmp_path):
     creds = tmp_path / "m.credentials.json"
-    creds.write_text(json.dumps({"Username": "bot", "Secret": "dckr_pat_x"}))
-    proc = run_helper(["get"], "registry-1.docker.io\n", creds)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {
-        "ServerURL": "registry-1.docker.io",
-        "Username": "bot",
-        "Secret": "dckr_pat_x",
-    }
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "dckr_pat_x", "Site": "docker.io"}))
+    for host in ("auth.docker.io", "docker.io", "auth.docker.io:443"):
+        proc = run_helper(["get"], f"{host}\n", creds)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {"ServerURL": host, "Username": "bot", "Secret": "dckr_pat_x"}
+
+
+def test_a_realm_of_another_site_gets_nothing(tmp_path):
+    """3.x asks for whatever realm the upstream names: the token stays with its site."""
+    creds = tmp_path / "m.credentials.json"
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "dckr_pat_x", "Site": "docker.io"}))
+    for host in ("evil.example", "docker.io.evil.example", "notdocker.io", "", "[::1]:5000", "auth.docker.io@evil"):
+        proc = run_helper(["get"], host, creds)
+        assert proc.returncode == 1, host
+        assert "dckr_pat_x" not in proc.stdout + proc.stderr
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "dckr_pat_x"}))  # no site: no answer
+    assert run_helper(["get"], "auth.docker.io", creds).returncode == 1
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "dckr_pat_x", "Site": "127.0.0.1"}))
+    assert run_helper(["get"], "127.0.0.1:5000", creds).returncode == 0
+    assert run_helper(["get"], "127.0.0.2:5000", creds).returncode == 1
 
 
 def test_a_rotated_file_is_read_on_the_next_get(tmp_path):
     creds = tmp_path / "m.credentials.json"
-    creds.write_text(json.dumps({"Username": "bot", "Secret": "old"}))
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "old", "Site": "h"}))
     assert json.loads(run_helper(["get"], "h", creds).stdout)["Secret"] == "old"
-    creds.write_text(json.dumps({"Username": "bot", "Secret": "new"}))
+    creds.write_text(json.dumps({"Username": "bot", "Secret": "new", "Site": "h"}))
     assert json.loads(run_helper(["get"], "h", creds).stdout)["Secret"] == "new"
 
 
