@@ -42,7 +42,6 @@ from tests.support.release import REGISTRY_VERSIONS
 BLOB_BYTES = 500 * MB
 QUICK_BLOB_BYTES = 50 * MB
 CLIENTS = (1, 16)
-VERSIONS = REGISTRY_VERSIONS
 REPO = "bench/big"
 CURL_TIMEOUT = 600
 
@@ -153,7 +152,7 @@ def run(ctx):
 
     storage = work / "mirror-storage"
     mirrors = {}
-    for version in VERSIONS:
+    for version in REGISTRY_VERSIONS:
         mirror = mirror_process(f"serve-{version.replace('.', '-')}", work / f"mirror-{version}", hub.url, mirror_addresses(), storage, version)
         ctx.defer(mirror.stop)
         mirror.start()

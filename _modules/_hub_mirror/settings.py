@@ -118,10 +118,11 @@ SECRET_CONFIG_KEYS = ("proxy.password", "storage.s3.secretkey", "redis.password"
 SECRET_KEYS = ("token",)
 
 
-# How long registry 3.x keeps a credential from the helper. 0 asks the helper at every
-# login (a bearer-token fetch: one per repository scope and token expiry, not one per
-# request), so a rotated token is used from the next login, without a restart.
-CREDENTIAL_LIFETIME = "0s"
+# How long registry 3.x keeps a credential from the helper: a rotated token is in use
+# within this time, without a restart. Not 0: 3.x fetches a bearer token for every
+# request that reaches the upstream, and with 0 each would start the helper, one at a
+# time behind the registry's lock.
+CREDENTIAL_LIFETIME = "10s"
 
 
 def merge(base, override):

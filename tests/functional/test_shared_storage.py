@@ -2,7 +2,6 @@
 mirror A is served by mirror B with no blob fetched from the upstream again. The S3 API is
 a real moto server on loopback; the configs come from the exec module's renderer."""
 
-import json
 import socket
 import subprocess
 import sys
@@ -116,11 +115,6 @@ def test_a_pool_with_a_redis_descriptor_cache_renders_a_config_the_registry_runs
     assert redis_keys(redis_addr) > 0  # the pool's blob descriptors live in redis
 
 
-def first_blobs(layout):
-    manifest = json.loads(oci.read_blob(layout, oci.read_tag(layout, "latest")["digest"]))
-    return [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
-
-
 def wait_stored(s3_endpoint, count, timeout=30):
     """Until ``count`` blobs are committed in the pool's bucket: the proxy stores them as
     (3.x) or after (2.8) it serves them, and a request before that misses again."""
@@ -150,7 +144,7 @@ def pool_of_two(module, hub, s3_endpoint, pool, tmp_path, image_layout, redis=No
         assert oci.pull(mirrors[0].hostport, "library/alpine", "latest", str(tmp_path / "via-a")) == expected
         first = hub.counts()
         assert first["blob_get"] > 0
-        wait_stored(s3_endpoint, len(first_blobs(tmp_path / "via-a")))
+        wait_stored(s3_endpoint, len(oci.image_blobs(tmp_path / "via-a")))
 
         hub.reset_counts()
         assert oci.pull(mirrors[1].hostport, "library/alpine", "latest", str(tmp_path / "via-b")) == expected

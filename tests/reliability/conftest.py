@@ -87,7 +87,7 @@ def mirror(hub, registry_version, registry_binary_path, tmp_path):
     """A registry of ``registry_version`` on the config hub_mirror renders, with an empty
     cache; ``.storage`` is its root."""
     storage = tmp_path / "storage"
-    pillar = hub.mirror_pillar(free_port(), debug_listen=f"127.0.0.1:{free_port()}", storage=str(storage))
+    pillar = hub.mirror_pillar(free_port(), storage=str(storage))
     config, env = registry_files("reliability", pillar, registry_version, tmp_path / "helper")
     proc = RegistryProcess(tmp_path / "mirror", config=config, binary=registry_binary_path, env=env)
     proc.storage = storage

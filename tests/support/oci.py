@@ -91,6 +91,12 @@ def read_blob(layout, digest):
     return (pathlib.Path(layout) / "blobs" / algo / hexdigest).read_bytes()
 
 
+def image_blobs(layout, tag="latest"):
+    """The config and layer digests of the single-platform image ``tag`` in ``layout``."""
+    manifest = json.loads(read_blob(layout, read_tag(layout, tag)["digest"]))
+    return [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+
+
 # -- layers -------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from .integrity import sha256_file
+from .modules import lib
 from .netutil import free_port
 
 # Debian's docker-registry stands in for the 2.8.2 release binary: it reports 2.8.2+ds1.
@@ -31,7 +32,9 @@ RELEASE_VERSION = "2.8.2"
 REGISTRY_VERSIONS = tuple(os.environ.get("HM_REGISTRY_VERSIONS", "2.8.2,3.0.0").split(","))
 NEWEST_3 = "3.1.2"
 # What hub_mirror installs when pillar names no version.
-DEFAULT_VERSION = "3.0.0"
+DEFAULT_VERSION = lib("settings").DEFAULT_VERSION
+# How long 3.x may use a rotated-out token (settings.CREDENTIAL_LIFETIME), in seconds.
+CREDENTIAL_LIFETIME_S = int(lib("settings").CREDENTIAL_LIFETIME.rstrip("s"))
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILT_RELEASES = pathlib.Path(os.environ.get("HM_REGISTRY_RELEASES", "/var/cache/hub-mirror-ci/registry-releases"))
 BUILD_TIMEOUT = 3600
@@ -91,7 +94,9 @@ def built_release(version, arch="amd64"):
     path = BUILT_RELEASES / f"v{version}" / asset_name(version, arch)
     if not (path.is_file() and pathlib.Path(f"{path}.sha256").is_file()):
         build = [str(REPO / ".ci" / "build-registry"), version, arch]
-        subprocess.run(build, check=True, timeout=BUILD_TIMEOUT, capture_output=True)
+        built = subprocess.run(build, timeout=BUILD_TIMEOUT, capture_output=True, text=True, check=False)
+        if built.returncode != 0:
+            raise RuntimeError(f"{' '.join(build)} failed:\n{built.stderr[-3000:]}")
     return path
 
 

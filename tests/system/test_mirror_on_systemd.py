@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.hub import HUB_TOKEN
 from tests.support.nspawn import TestHost, ensure_root, wait_until
-from tests.support.release import archive_pillar
+from tests.support.release import CREDENTIAL_LIFETIME_S, archive_pillar
 from tests.support.sysmaster import start_minion
 from tests.system.conftest import sha256, unblock, wait_serving
 
@@ -276,6 +276,7 @@ def test_token_rotation_restarts_only_on_2_8_and_upstream_sees_the_new_token(dep
         # 3.x's credential helper reads the new file at the next login: no restart.
         assert configured == {"credentials": {"old": "<redacted>", "new": "<redacted>"}}
         assert f"hub_mirror-service-{MIRROR}-running" not in rotated.changes
+        time.sleep(CREDENTIAL_LIFETIME_S + 1)  # the registry asks its helper again after this
 
     # Exactly the restarts it needs: a new invocation, started once, and the registry came
     # up once. (NRestarts counts only systemd's own restarts, and a restart job resets it.)

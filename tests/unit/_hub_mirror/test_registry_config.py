@@ -79,7 +79,7 @@ def test_config_text_is_yaml_the_registry_reads():
 
 def test_render_3x_takes_the_credential_from_the_helper_not_the_config():
     config = registry_config.render_config(mirror_spec(), "3", "/opt/hub-mirror/bin/helper")
-    assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "0s"}
+    assert config["proxy"]["exec"] == {"command": "/opt/hub-mirror/bin/helper", "lifetime": "10s"}
     assert "password" not in config["proxy"] and "username" not in config["proxy"]
     assert "t0k3n" not in repr(config)
 

@@ -39,8 +39,3 @@ def test_unknown_cpu_has_no_release_arch():
 def test_dialect_follows_the_major_version(version, dialect):
     assert settings.dialect_of(version) == dialect
 
-
-def test_the_tests_run_the_version_users_get_by_default():
-    from tests.support.release import DEFAULT_VERSION  # pylint: disable=import-outside-toplevel
-
-    assert settings.DEFAULT_VERSION == DEFAULT_VERSION
