@@ -121,7 +121,7 @@ def add_release(out_dir, version, arch):
     """Put the asset of ``version`` for ``arch`` and its .sha256 under ``out_dir`` as a
     release server serves them: Debian's 2.8.2 packed here, 3.x as built."""
     if version == RELEASE_VERSION:
-        binary = REGISTRY_BINARY if arch == "amd64" else fetch_debian_registry_binary(arch, pathlib.Path(out_dir) / ".debs")
+        binary = registry_binary(version, pathlib.Path(out_dir) / ".debs", arch)
         return make_release_asset(out_dir, version, arch, binary=binary)
     source = built_release(version, arch)
     release_dir = pathlib.Path(out_dir) / f"v{version}"
