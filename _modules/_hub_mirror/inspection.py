@@ -8,6 +8,7 @@ import time
 import requests
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
+from . import front
 from .net import http_get
 from .processes import registry_process
 from .registry_api import (
@@ -114,6 +115,18 @@ def status(conf, names, images=False):
     return {name: _mirror_status(conf, conf["mirrors"][name], installed, images) for name in names}
 
 
+def _count_front_hits(counters, served):
+    """The registry's blob counters never see what the front served: blob files and
+    waiters served from another's fill are hits too."""
+    blobs = (counters or {}).get("blobs")
+    if not blobs or blobs.get("hits") is None:
+        return
+    extra = served["blob_files"] + served["coalesced"]
+    blobs["requests"] += extra
+    blobs["hits"] += extra
+    blobs["hit_ratio"] = round(blobs["hits"] / blobs["requests"], 3) if blobs["requests"] else None
+
+
 def _mirror_status(conf, spec, installed, images):
     name = spec["name"]
     paths = mirror_paths(conf, name)
@@ -152,6 +165,9 @@ def _mirror_status(conf, spec, installed, images):
         "over_cap": disk["over_cap"],
         "proxy": counters,
     }
+    if front.enabled(spec):
+        report["front"] = front.counters(spec)
+        _count_front_hits(counters, report["front"])
     if images:
         report["images"] = {
             repo: {tag: digest for tag, digest in view.tag_links(repo).items() if view.live(repo, digest)}

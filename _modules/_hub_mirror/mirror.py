@@ -53,7 +53,11 @@ def configure(conf, spec, test=False):
             changes[key] = "updated"
     # The credential files of a mirror that no longer has a credential (a token taken out
     # of pillar, or a dialect without the helper) go: no old token stays on disk.
-    stale = [key for key in ("credentials", "credential_helper") if key not in texts and os.path.lexists(paths[key])]
+    stale = [
+        key
+        for key in ("credentials", "credential_helper", "front_conf")
+        if key not in texts and os.path.lexists(paths[key])
+    ]
     for key in stale:
         changes[key] = {"old": paths[key], "new": ""}
     ids = service_ids(conf, required=False)
@@ -96,8 +100,8 @@ def _fingerprint(conf, spec, files):
     elif os.path.exists(binary):
         digest.update(sha256_file(binary).encode())
     texts = render_config_files(conf, spec)
-    for key in ("config", "offline_config", "supervise_settings"):
-        digest.update(texts[key].encode())
+    for key in ("config", "offline_config", "supervise_settings", "front_conf"):
+        digest.update(texts.get(key, "").encode())
     for path in sorted(files):
         digest.update(path.encode() + b"\0" + files[path][0].encode())
     return digest.hexdigest()

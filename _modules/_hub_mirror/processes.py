@@ -68,24 +68,36 @@ def _processes():
 
 def mirror_processes(paths):
     """PIDs of every process that serves a mirror: its registry (proxy or offline mode,
-    supervised or orphaned) and its supervisor, recognised by the files they serve and
-    by running as the service user. Anyone can put "serve <our config>" in an argv: such
-    a process would pass as the mirror's own listener, and root would kill it."""
+    supervised or orphaned), its supervisor and its front (nginx's master, recognised by its
+    config, and the master's workers), recognised by the files they serve and by running as
+    the service user. Anyone can put "serve <our config>" in an argv: such a process would
+    pass as the mirror's own listener, and root would kill it."""
     uid = _service_uid(paths["user"])
     if uid is None:
         return []
     served = {paths["config"], paths["offline_config"]}
-    pids = []
+    # nginx writes its title over its argv: one string, "nginx: master process <argv>".
+    front = f" -c {paths['front_conf']} "
+    ours, others = [], []
     for pid, args in _processes():
         if len(args) >= 3 and args[-2] == "serve" and args[-1] in served:
-            pass
+            ours.append(pid)
         elif len(args) >= 2 and args[-2] == paths["supervise"] and args[-1] == paths["supervise_settings"]:
-            pass
-        else:
-            continue
-        if _process_uid(pid) == uid:
-            pids.append(pid)
-    return pids
+            ours.append(pid)
+        elif args and args[0].startswith("nginx: master process ") and front in " ".join(args) + " ":
+            ours.append(pid)
+        elif args and args[0].startswith("nginx: "):
+            others.append(pid)
+    ours += [pid for pid in others if _parent(pid) in ours]
+    return [pid for pid in ours if _process_uid(pid) == uid]
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _service_uid(user):

@@ -9,6 +9,7 @@ import os
 
 import yaml
 
+from . import front
 from .net import REDACTED, hostport, site_of
 from .release import binary_version
 from .settings import (
@@ -64,7 +65,7 @@ def render_config(mirror, dialect, credential_helper=None):
             "maintenance": {"uploadpurging": {"enabled": True, "age": "168h", "interval": "24h", "dryrun": False}},
         },
         "http": {
-            "addr": hostport(mirror["listen_host"], mirror["listen_port"]),
+            **_listener(mirror),
             "headers": {"X-Content-Type-Options": ["nosniff"]},
             "debug": {
                 "addr": mirror["debug_listen"],
@@ -77,6 +78,14 @@ def render_config(mirror, dialect, credential_helper=None):
         "proxy": proxy,
         **_redis(mirror, dialect),
     }
+
+
+def _listener(mirror):
+    """The listen address; behind a front, a unix socket the front alone reaches (relative
+    to the front's directory, where the supervisor runs the registry)."""
+    if front.enabled(mirror):
+        return {"net": "unix", "addr": front.SOCKET}
+    return {"addr": hostport(mirror["listen_host"], mirror["listen_port"])}
 
 
 def _storage_driver(mirror, dialect):
@@ -193,6 +202,8 @@ def render_config_files(conf, spec):
         "offline_config": _config_text(spec["name"], render_offline_config(rendered)),
         "supervise_settings": json.dumps(supervise_settings(conf, spec), indent=2, sort_keys=True) + "\n",
     }
+    if front.enabled(spec):
+        texts["front_conf"] = front.render_conf(spec)
     if "exec" in rendered["proxy"]:
         texts["credential_helper"] = program_text("credential_helper.py")
         texts["credentials"] = credentials_text(spec)

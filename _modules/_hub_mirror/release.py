@@ -16,6 +16,7 @@ import urllib.parse
 import requests
 from salt.exceptions import CommandExecutionError
 
+from . import front
 from .fsutil import ensure_dir, sha256_file, write_atomic
 from .net import redact_text, redact_url
 from .settings import (
@@ -155,10 +156,18 @@ def _extract_registry(tarball, dest):
 
 
 def install(conf, grains, pkg_version, pkg_install, test=False):
-    """Install the registry the ``hub_mirror`` pillar asks for; idempotent."""
+    """Install the registry the ``hub_mirror`` pillar asks for, and nginx where a mirror has
+    a front; idempotent."""
     if conf["install"]["method"] == "package":
-        return _install_package(conf, test, pkg_version, pkg_install)
-    return _install_archive(conf, grains, test)
+        result = _install_package(conf, test, pkg_version, pkg_install)
+    else:
+        result = _install_archive(conf, grains, test)
+    if any(front.enabled(spec) for spec in conf["mirrors"].values()):
+        changes = front.install(conf, pkg_version, pkg_install, supervisor_for(conf), test)
+        if changes:
+            result["changes"].update(changes)
+            result["comment"] += "; nginx installed for the front" if not test else "; nginx would be installed"
+    return result
 
 
 def _install_package(conf, test, pkg_version, pkg_install):

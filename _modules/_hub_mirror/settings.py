@@ -64,6 +64,10 @@ DEFAULTS = {
         "package": "docker-registry",
         "package_binary": "/usr/bin/docker-registry",
         "package_service": "docker-registry",
+        # nginx, the front of each mirror (front: nginx), from the distribution.
+        "front_binary": "/usr/sbin/nginx",
+        "front_package": "nginx",
+        "front_service": "nginx",
         # systemd or sysv; empty: systemd where it is PID 1, else sysv.
         "supervisor": "",
     },
@@ -84,6 +88,12 @@ MIRROR_DEFAULTS = {
     # 3.x only (2.8 fixes it at 168h); 0 keeps cached content forever.
     "ttl": "168h",
     "log_level": "info",
+    # nginx in front of the registry (see _hub_mirror/front.py), or none.
+    "front": "nginx",
+    # How long the front may answer a tag from its cache before it asks again (a Go
+    # duration). 0: every tag request asks the upstream, as the registry alone does, but
+    # requests within a second of the same one share its answer.
+    "manifest_check_interval": "0",
     # Images the state hub_mirror.warmed keeps in the cache, e.g. [library/alpine:3.20].
     "warm": [],
     # Cap on the storage directory (e.g. 50G); empty: none. The state hub_mirror.pruned enforces it.
@@ -200,6 +210,7 @@ def mirror_paths(conf, name):
         "init": os.path.join(lookup["init_dir"], f"hub-mirror-{name}"),
         "supervise": os.path.join(lookup["prefix"], "bin", "hub-mirror-supervise"),
         "supervise_settings": os.path.join(lookup["config_dir"], f"{name}.supervise.json"),
+        "front_conf": os.path.join(lookup["config_dir"], f"{name}.front.conf"),
         "pidfile": os.path.join(lookup["run_dir"], f"{name}.pid"),
         "log": os.path.join(lookup["log_dir"], f"{name}.log"),
         # Not a path: whose processes serve the mirror (see processes.mirror_processes).

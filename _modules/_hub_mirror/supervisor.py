@@ -12,6 +12,7 @@ import subprocess
 
 from salt.exceptions import CommandExecutionError
 
+from . import front
 from .accounts import service_python
 from .checks import has_control
 from .fsutil import read_file
@@ -153,8 +154,13 @@ def supervise_settings(conf, spec):
     """What the supervisor needs, as the settings file it reads: pillar values reach it
     only as JSON, never through a unit file, a script or a command line."""
     paths = mirror_paths(conf, spec["name"])
+    with_front = front.enabled(spec)
     return {
         "binary": binary_path(conf),
+        "front_binary": conf["lookup"]["front_binary"] if with_front else "",
+        "front_conf": paths["front_conf"] if with_front else "",
+        "front_dir": front.front_dir(spec) if with_front else "",
+        "socket": front.SOCKET if with_front else "",
         "config": paths["config"],
         "offline_config": paths["offline_config"],
         "listen": probe_url(spec)[len("http://") :],

@@ -256,6 +256,24 @@ def _validate_mirror(errors, name, mirror, version, grains):
             f"{show_value(mirror['log_level'])} is not a log level",
             f"use one of {', '.join(_LOG_LEVELS)}",
         )
+    if mirror["front"] not in ("nginx", "none"):
+        errors.add(
+            f"{prefix}:front",
+            f"{show_value(mirror['front'])} is not a front",
+            "use nginx (the default: hits at the disk's speed, one fill per blob) or none",
+        )
+    if not _DURATION_RE.fullmatch(mirror["manifest_check_interval"]):
+        errors.add(
+            f"{prefix}:manifest_check_interval",
+            f"{show_value(mirror['manifest_check_interval'])} is not a duration",
+            "write e.g. 5m, 1h or 0 (ask the upstream on every tag request)",
+        )
+    elif mirror["manifest_check_interval"] != "0" and (mirror["front"] != "nginx" or mirror["s3"]):
+        errors.add(
+            f"{prefix}:manifest_check_interval",
+            "needs the front (front: nginx, filesystem storage)",
+            "remove manifest_check_interval or use front: nginx",
+        )
     _validate_cache_keys(errors, prefix, mirror)
     _validate_shared_storage(errors, prefix, mirror, version)
 
@@ -367,10 +385,20 @@ def _nested(inner, outer):
 
 def _validate_lookup(errors, lookup):
     check_keys(errors, "lookup", lookup, DEFAULTS["lookup"])
-    for name in ("prefix", "config_dir", "state_dir", "log_dir", "run_dir", "unit_dir", "init_dir", "package_binary"):
+    for name in (
+        "prefix",
+        "config_dir",
+        "state_dir",
+        "log_dir",
+        "run_dir",
+        "unit_dir",
+        "init_dir",
+        "package_binary",
+        "front_binary",
+    ):
         if name in lookup and check_path(errors, f"lookup:{name}", lookup[name]) == "/":
             errors.add(f"lookup:{name}", "is /", "give a directory of its own")
-    for name in ("package", "package_service"):
+    for name in ("package", "package_service", "front_package", "front_service"):
         if name in lookup:
             check_text(
                 errors, f"lookup:{name}", lookup[name], pattern=_PACKAGE_RE, fix="give a package or service name"

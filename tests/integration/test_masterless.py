@@ -76,7 +76,8 @@ def test_installed_version_and_rendered_config(applied, release_server):
     name = minion.mirror_names()[0]
     assert minion.run("hub_mirror.version").data == reported_version(release_server.version)
     config = minion.run("hub_mirror.config", f"mirror={name}").data
-    assert config["http"]["addr"] == f"127.0.0.1:{port}"
+    # Behind the front, which listens on the port: the registry on its unix socket.
+    assert config["http"]["net"] == "unix" and config["http"]["addr"] == "registry.sock"
     if release_server.version.startswith("2."):
         assert config["proxy"]["password"] == "<redacted>"
     else:

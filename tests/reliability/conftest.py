@@ -75,8 +75,10 @@ def hub(fault_hub):
     fault_hub.set_delay(0)
     fault_hub.set_blob_rate(None)
     fault_hub.cut_blob(None)
+    fault_hub.manifest_status = None
     fault_hub.reset_counts()
     yield fault_hub
+    fault_hub.manifest_status = None
     fault_hub.unblock()
     fault_hub.set_delay(0)
     fault_hub.set_blob_rate(None)

@@ -172,6 +172,9 @@ class FakeDockerHub:
         self.username = username
         self.token = token
         self.require_auth = require_auth
+        # An HTTP status every manifest request gets instead of its answer (a Hub outage
+        # or a rate limit that HEADs meet too); None: answer normally.
+        self.manifest_status = None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.hostport = f"127.0.0.1:{self.port}"
@@ -492,6 +495,10 @@ class FakeDockerHub:
                         "WWW-Authenticate": self._challenge(h, name),
                     },
                 )
+                return
+            if kind == "manifest" and self.manifest_status:
+                entry["status"] = self.manifest_status
+                self._reply(h, self.manifest_status, _error_body("UNAVAILABLE", "stand-in fault"), {"Content-Type": "application/json"})
                 return
             if kind == "manifest" and h.command == "GET" and not self._take_pull():
                 entry["status"] = 429

@@ -64,7 +64,9 @@ def registry_files(name, mirror, version, workdir):
 
 
 def spec_files(spec, version, workdir):
-    """:func:`registry_files` for a completed mirror ``spec`` (validation is the caller's)."""
+    """:func:`registry_files` for a completed mirror ``spec`` (validation is the caller's),
+    for the registry alone: the front is the supervisor's to run."""
+    spec = {**spec, "front": "none"}
     dialect = lib("settings").dialect_of(version)
     if dialect == "2":
         return lib("registry_config").render_config(spec, dialect), {}

@@ -19,12 +19,19 @@ unit file, an init script or a command line.
 
 The registry runs as the supervisor's child and dies with it (``PR_SET_PDEATHSIG``): a
 supervisor killed with SIGKILL cannot leave a registry serving unsupervised.
+
+With a front (``front_binary`` set), the supervisor also runs nginx on the listen address,
+restarts it when it exits, and works in the front's directory inside the storage, where
+the registry's unix socket is. Every few seconds it folds nginx's log of the hits it served
+into a running total (``hits.json``), so the log stays small.
 """
 
 import ctypes
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +52,30 @@ def http_answers(url, timeout):
         return True
     except (OSError, ValueError):
         return False
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def socket_answers(path, timeout):
+    """True when the registry answers any HTTP on its unix socket within ``timeout``."""
+    connection = UnixConnection(path, timeout)
+    try:
+        connection.request("GET", "/v2/")
+        connection.getresponse().read()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 def set_aside_broken_schedule(storage):
@@ -95,7 +126,17 @@ def die_with_parent(parent):
 class Settings:
     """The supervisor's settings file, with defaults for what it may leave out."""
 
-    DEFAULTS = {"storage": "", "credentials": "", "log": "", "recheck": 15, "probe_timeout": 5}
+    DEFAULTS = {
+        "storage": "",
+        "credentials": "",
+        "log": "",
+        "recheck": 15,
+        "probe_timeout": 5,
+        "front_binary": "",
+        "front_conf": "",
+        "front_dir": "",
+        "socket": "",
+    }
     REQUIRED = ("binary", "config", "offline_config", "listen", "upstream")
 
     def __init__(self, path):
@@ -117,16 +158,112 @@ def log_to(path):
     os.close(fd)
 
 
+# Fold the front's hit log into its totals once it is this big.
+HITS_LOG_LIMIT = 1 << 20
+
+
+class Front:
+    """nginx on the listen address, restarted when it exits."""
+
+    def __init__(self, args):
+        self.args = args
+        self.process = None
+        self.next_start = 0
+
+    def keep(self):
+        if self.process is not None and self.process.poll() is None:
+            self.fold_hits()
+            return
+        if time.monotonic() < self.next_start:
+            return
+        if self.process is not None:
+            log(f"front exited with {self.process.returncode}; restarting")
+        os.makedirs("temp", exist_ok=True)
+        command = [self.args.front_binary, "-p", self.args.front_dir + "/", "-e", "stderr"]
+        command += ["-c", self.args.front_conf, "-g", "daemon off;"]
+        self.process = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid()))  # pylint: disable=consider-using-with
+        self.next_start = time.monotonic() + 2
+
+    def fold_hits(self):
+        """Rotate the hit log (nginx reopens it on SIGUSR1) and add it to the totals."""
+        try:
+            if os.path.exists("hits.log.1") or os.path.getsize("hits.log") > HITS_LOG_LIMIT:
+                if not os.path.exists("hits.log.1"):
+                    os.replace("hits.log", "hits.log.1")
+                    self.process.send_signal(signal.SIGUSR1)
+                    time.sleep(1)
+                fold_hits(".")
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log(f"cannot fold the front's hit log: {exc}")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def read_totals(path):
+    """The front's running totals ({"files", "coalesced", "bytes"}), {} if there are none."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            totals = json.load(handle)
+        return {key: int(value) for key, value in totals.items()} if isinstance(totals, dict) else {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def tally(lines, totals):
+    """Add the front's log lines (``<cache status> <status> <bytes>``) to ``totals``: "-" is
+    a blob file served, HIT a waiter served from another's fill; a MISS is the fill itself,
+    which the registry counts."""
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 3 or not fields[2].isdigit() or fields[1] not in ("200", "206"):
+            continue
+        kind = "files" if fields[0] == "-" else "coalesced" if fields[0] in ("HIT", "STALE", "UPDATING") else None
+        if kind:
+            totals[kind] = totals.get(kind, 0) + 1
+            totals["bytes"] = totals.get("bytes", 0) + int(fields[2])
+    return totals
+
+
+def fold_hits(directory):
+    """Add ``hits.log.1`` into ``hits.json`` and drop it."""
+    totals_path = os.path.join(directory, "hits.json")
+    totals = read_totals(totals_path)
+    with open(os.path.join(directory, "hits.log.1"), encoding="ascii", errors="replace") as handle:
+        tally(handle, totals)
+    with open(totals_path + ".tmp", "w", encoding="ascii") as handle:
+        json.dump(totals, handle)
+    os.replace(totals_path + ".tmp", totals_path)
+    os.unlink(os.path.join(directory, "hits.log.1"))
+
+
 class Supervisor:
     def __init__(self, args):
         self.args = args
         self.child = None
         self.stopping = False
+        self.front = Front(args) if args.front_binary else None
 
     def handle_signal(self, signum, _frame):
         self.stopping = True
         if self.child and self.child.poll() is None:
             self.child.send_signal(signum)
+
+    def keep_front(self):
+        if self.front is not None and not self.stopping:
+            self.front.keep()
+
+    def registry_answers(self, timeout):
+        if self.args.socket:
+            return socket_answers(self.args.socket, timeout)
+        return http_answers(f"http://{self.args.listen}/v2/", timeout)
 
     def spawn(self, config):
         # OTEL: 3.x exports traces to localhost by default. HUB_MIRROR_CREDENTIALS: the
@@ -136,6 +273,8 @@ class Supervisor:
             OTEL_TRACES_EXPORTER="none",
             HUB_MIRROR_CREDENTIALS=self.args.credentials,
         )
+        if self.args.socket and os.path.exists(self.args.socket):
+            os.unlink(self.args.socket)  # left by a registry that died: it would not bind
         self.child = subprocess.Popen(  # pylint: disable=consider-using-with
             [self.args.binary, "serve", config], env=env, preexec_fn=die_with_parent(os.getpid())
         )
@@ -148,10 +287,10 @@ class Supervisor:
         """Run in proxy mode; True if it served before it exited, False if it never came up."""
         set_aside_broken_schedule(self.args.storage)
         child = self.spawn(self.args.config)
-        local = f"http://{self.args.listen}/v2/"
         served = False
         while child.poll() is None:
-            if not served and http_answers(local, 1):
+            self.keep_front()
+            if not served and self.registry_answers(1):
                 served = True
                 log("serving in proxy mode")
             time.sleep(0.5 if not served else 2)
@@ -163,6 +302,7 @@ class Supervisor:
         child = self.spawn(self.args.offline_config)
         next_check = time.monotonic() + self.args.recheck
         while child.poll() is None and not self.stopping:
+            self.keep_front()
             if time.monotonic() >= next_check:
                 if self.upstream_up():
                     log("upstream answers again: back to proxy mode")
@@ -179,6 +319,11 @@ class Supervisor:
     def run(self):
         signal.signal(signal.SIGTERM, self.handle_signal)
         signal.signal(signal.SIGINT, self.handle_signal)
+        if self.front is not None:
+            # The socket is relative to it (a socket path has at most 107 bytes).
+            os.makedirs(self.args.front_dir, mode=0o750, exist_ok=True)
+            os.chdir(self.args.front_dir)
+            self.keep_front()
         backoff = 1
         while not self.stopping:
             if not self.upstream_up():
@@ -191,10 +336,13 @@ class Supervisor:
             if self.stopping:
                 break
             log(f"registry exited with {self.child.returncode}; restarting in {backoff}s")
+            self.keep_front()
             time.sleep(backoff)
             backoff = min(backoff * 2, 30)
         if self.child and self.child.poll() is None:
             self.child.wait()
+        if self.front is not None:
+            self.front.stop()
         return 0
 
 

@@ -24,7 +24,8 @@ def test_render_3x_sets_ttl():
 
 def test_render_defaults_are_the_safe_ones():
     config = registry_config.render_config(mirror_spec(), "3")
-    assert config["http"]["addr"] == "127.0.0.1:5000"
+    # Behind the front, which listens on 127.0.0.1:5000; a socket path is 107 bytes at most.
+    assert config["http"]["net"] == "unix" and config["http"]["addr"] == "registry.sock"
     assert config["http"]["debug"]["addr"] == "127.0.0.1:15000"
     assert config["storage"]["delete"] == {"enabled": True}
     assert config["storage"]["filesystem"]["rootdirectory"] == "/var/lib/hub-mirror/dockerhub"
@@ -40,13 +41,20 @@ def test_anonymous_mirror_has_no_credentials_but_the_helper_on_3():
     assert set(registry_config.render_config(mirror_spec(username="", token=""), "2")["proxy"]) == {"remoteurl"}
 
 
-def test_ipv6_and_interface_listen():
-    assert registry_config.render_config(mirror_spec(listen="[::1]:5000"), "3")["http"][
-        "addr"
-    ] == "[::1]:5000"
-    assert registry_config.render_config(mirror_spec(listen="eth0:5001"), "3")["http"][
+def test_ipv6_and_interface_listen_without_a_front():
+    assert registry_config.render_config(mirror_spec(listen="[::1]:5000", front="none"), "3")["http"] == {
+        "addr": "[::1]:5000",
+        "headers": {"X-Content-Type-Options": ["nosniff"]},
+        "debug": {"addr": "127.0.0.1:15000", "prometheus": {"enabled": True, "path": "/metrics"}},
+    }
+    assert registry_config.render_config(mirror_spec(listen="eth0:5001", front="none"), "3")["http"][
         "addr"
     ] == "192.0.2.10:5001"
+
+
+def test_an_s3_mirror_has_no_front():
+    s3 = {"bucket": "b", "region": "r", "rootdirectory": "/", "accesskey": "", "secretkey": "", "endpoint": ""}
+    assert registry_config.render_config(mirror_spec(s3={**s3, "path_style": True}), "3")["http"]["addr"] == "127.0.0.1:5000"
 
 
 def test_offline_config_serves_the_same_storage_read_only_without_proxy():
@@ -60,7 +68,7 @@ def test_offline_config_serves_the_same_storage_read_only_without_proxy():
 
 
 def test_config_changes_never_show_the_token():
-    spec = mirror_spec()
+    spec = mirror_spec(front="none")
     old = registry_config._config_text("dockerhub", registry_config.render_config(spec, "2"))
     spec["token"] = "n3wt0k3n"
     spec["listen_port"] = 5050

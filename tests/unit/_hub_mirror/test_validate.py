@@ -93,6 +93,9 @@ BAD = [
     ),
     ("ttl-on-2.8", pillar(good_mirror(ttl="24h")), f"{M}:ttl:", "remove ttl or use a 3.x version"),
     ("ttl-not-duration", pillar(good_mirror(ttl="1 week"), version="3.0.0"), f"{M}:ttl:", "write e.g. 168h"),
+    ("front-unknown", pillar(good_mirror(front="varnish")), f"{M}:front:", "use nginx"),
+    ("check-not-duration", pillar(good_mirror(manifest_check_interval="5 min")), f"{M}:manifest_check_interval:", "write e.g. 5m"),
+    ("check-without-front", pillar(good_mirror(front="none", manifest_check_interval="5m")), f"{M}:manifest_check_interval:", "use front: nginx"),
     ("log-level", pillar(good_mirror(log_level="verbose")), f"{M}:log_level:", "use one of error, warn, info, debug"),
     ("install-not-mapping", pillar(install="archive"), "hub_mirror:install: must be a mapping", "see pillar.example"),
     ("install-method", pillar(install={"method": "docker"}), "hub_mirror:install:method:", "use archive or package"),
@@ -158,6 +161,8 @@ GOOD = [
     ("debug-same-port-other-host", pillar(good_mirror(listen="192.0.2.10:5000", debug_listen="127.0.0.1:5000"))),
     ("3.x-ttl-forever", pillar(good_mirror(ttl="0"), version="3.0.0")),
     ("3.x-ttl-compound", pillar(good_mirror(ttl="1h30m"), version="3.0.0")),
+    ("no-front", pillar(good_mirror(front="none"))),
+    ("tag-checked-hourly", pillar(good_mirror(manifest_check_interval="1h"))),
     ("source-hash-forms", pillar(install={"source_hash": "sha256:" + "A" * 64})),
     ("source-hash-url", pillar(install={"source_hash": "file:///srv/registry.sha256"})),
     (

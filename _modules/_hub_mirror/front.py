@@ -1,0 +1,232 @@
+"""
+The mirror's front: nginx from the distribution, run by the mirror's supervisor as the
+service user on the mirror's listen address, with the registry behind it on a unix socket.
+
+Why (measured; docs/architecture.md, "The front"):
+
+- The registry does not coalesce: in 2.8 and through 3.1 every request for a blob that is
+  still being fetched copies it from the upstream again and stores nothing. nginx's
+  ``proxy_cache_lock`` lets one request per digest through and makes the others wait for
+  it, so N clients pulling one cold image cost one fill per blob. Waiting clients get their
+  first byte when the fill ends (nginx cannot stream a fill to a waiter), and nginx looks
+  again every 500 ms.
+- A cached blob is a file named by its digest
+  (``docker/registry/v2/blobs/sha256/<2>/<64>/data``, written under another name and
+  renamed into place once complete): nginx serves it with ``sendfile``, at the disk's
+  speed and without the registry's CPU.
+- Everything else (tags, catalog, the registry's errors, pushes it refuses) goes to the
+  registry unchanged.
+
+S3 mirrors run without a front: their blobs are not local files. Pillar ``front: none``
+turns it off for a mirror.
+"""
+
+import os
+import re
+
+from salt.exceptions import CommandExecutionError
+
+from .net import hostport
+from .programs.supervise import read_totals, tally
+from .units import size_report
+
+# Inside the storage: the only directory the hardened unit lets the service write.
+FRONT_DIR = ".hub-mirror-front"
+
+# Relative to the front's directory, the registry's and nginx's working directory: a unix
+# socket's path is limited to 107 bytes and the storage path is the user's to choose.
+SOCKET = "registry.sock"
+
+HITS_LOG = "hits.log"
+HITS_TOTALS = "hits.json"
+
+# How long a client may wait for another's fill of the same blob (nginx's default is 5 s,
+# after which the waiter fetches on its own and stores nothing): a big layer over a slow
+# link takes minutes.
+LOCK_WAIT = "15m"
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def enabled(spec):
+    return spec.get("front") == "nginx" and not spec["s3"]
+
+
+def front_dir(spec):
+    return os.path.join(spec["storage"], FRONT_DIR)
+
+
+def seconds(duration):
+    """Whole seconds (rounded up) of a validated Go duration such as ``90s`` or ``1h30m``."""
+    total = sum(float(number) * _GO_UNITS[unit] for number, unit in re.findall(r"([0-9.]+)(ns|us|ms|s|m|h)", duration))
+    return int(-(-total // 1))
+
+
+# A tag asked by many clients at once is asked of the registry once (which asks the
+# upstream: a HEAD, and a counted GET on a cold cache); the others share its answer, which
+# the front then keeps for manifest_check_interval, and for at least this long.
+TAG_ANSWER_MIN = 1
+
+CONF_TEMPLATE = """\
+# Managed by Salt (hub_mirror mirror {name}). Local changes are overwritten.
+# The front of the registry: hits as files, one fill per digest, the rest proxied.
+worker_processes auto;
+pid nginx.pid;
+error_log stderr warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    server_tokens off;
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    types {{ }}
+    default_type application/octet-stream;
+    client_body_temp_path temp/body;
+    proxy_temp_path temp/proxy;
+    fastcgi_temp_path temp/fastcgi;
+    uwsgi_temp_path temp/uwsgi;
+    scgi_temp_path temp/scgi;
+    # "-" for a blob file served, HIT for a waiter served from another's fill, MISS for a fill.
+    log_format hits '$upstream_cache_status $status $body_bytes_sent';
+    # Transient: each fill lands here too (the registry keeps its own copy), so waiting
+    # clients are served from it; gone after a minute without readers.
+    proxy_cache_path fill levels=1:2 keys_zone=fill:4m max_size=4g min_free=1g inactive=1m use_temp_path=off;
+    upstream registry {{
+        server unix:{socket};
+        keepalive 16;
+    }}
+    server {{
+        listen {listen}{listen_options};
+        # Pushes go to the registry, which refuses them in proxy mode: it answers them.
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        proxy_buffering off;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_read_timeout 10m;
+        proxy_ignore_headers Cache-Control Expires Set-Cookie X-Accel-Expires X-Accel-Buffering;
+        proxy_cache_convert_head off;
+        location / {{
+            proxy_pass http://registry;
+        }}
+        location ~ "^/v2/.+/blobs/sha256:(?<d2>[0-9a-f]{{2}})(?<d62>[0-9a-f]{{62}})$" {{
+            root {blobs};
+            try_files /$d2/$d2$d62/data @fill;
+            access_log {hits_log} hits;
+            etag off;
+            add_header Docker-Content-Digest sha256:$d2$d62;
+            add_header Docker-Distribution-Api-Version registry/2.0;
+            add_header ETag "\\"sha256:$d2$d62\\"";
+            add_header Cache-Control "max-age=31536000";
+            add_header X-Content-Type-Options nosniff;
+        }}
+        location @fill {{
+            proxy_pass http://registry;
+            proxy_buffering on;
+            proxy_cache fill;
+            proxy_cache_key "$request_method sha256:$d2$d62";
+            proxy_cache_valid 200 1m;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout {lock_wait};
+            proxy_cache_lock_age {lock_wait};
+            # A client that goes away does not abort the fill the others wait for.
+            proxy_ignore_client_abort on;
+            access_log {hits_log} hits;
+        }}
+        # By digest a manifest never changes: concurrent requests share one fetch.
+        location ~ "^/v2/.+/manifests/sha256:[0-9a-f]{{64}}$" {{
+            proxy_pass http://registry;
+            proxy_buffering on;
+            proxy_cache fill;
+            proxy_cache_key "$request_method $uri $http_accept";
+            proxy_cache_valid 200 1m;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout {lock_wait};
+            proxy_cache_lock_age {lock_wait};
+            proxy_ignore_client_abort on;
+        }}
+        # A tag's answer is kept {tag_valid}s; a stale one serves while the registry fails
+        # (429 and 5xx from the upstream the registry answers itself, from the cache).
+        location ~ "^/v2/.+/manifests/[^/]+$" {{
+            proxy_pass http://registry;
+            proxy_buffering on;
+            proxy_cache fill;
+            proxy_cache_key "$request_method $uri $http_accept";
+            proxy_cache_valid 200 {tag_valid}s;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout {lock_wait};
+            proxy_cache_lock_age {lock_wait};
+            proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
+        }}
+    }}
+}}
+"""
+
+_NGINX_SAFE = re.compile(r"[A-Za-z0-9._@+/:\[\]-]+")
+
+
+def _safe(value, key):
+    """Values written into nginx's config carry no quote, space, ``;``, brace or ``$``:
+    validation allow-lists them already; this keeps a future caller honest."""
+    if not _NGINX_SAFE.fullmatch(value):
+        raise CommandExecutionError(f"{key}: {value!r} cannot go into the front's config")
+    return value
+
+
+def render_conf(spec):
+    """nginx's config for the front of a completed mirror ``spec`` (paths relative to the
+    front's directory, nginx's prefix)."""
+    host = spec["listen_host"]
+    interval = seconds(spec.get("manifest_check_interval") or "0")
+    return CONF_TEMPLATE.format(
+        name=spec["name"],
+        socket=SOCKET,
+        listen=_safe(hostport(host, spec["listen_port"]), "listen"),
+        # The registry listened on both families for "::"; so does the front.
+        listen_options=" ipv6only=off" if host == "::" else "",
+        blobs=_safe(os.path.join(spec["storage"], "docker/registry/v2/blobs/sha256"), "storage"),
+        hits_log=HITS_LOG,
+        lock_wait=LOCK_WAIT,
+        tag_valid=max(interval, TAG_ANSWER_MIN),
+    )
+
+
+def counters(spec):
+    """What the front served itself since the cache began: blob files (hits the registry
+    never saw), waiters served from another's fill, and their bytes."""
+    directory = front_dir(spec)
+    totals = read_totals(os.path.join(directory, HITS_TOTALS))
+    for name in (HITS_LOG + ".1", HITS_LOG):
+        try:
+            with open(os.path.join(directory, name), encoding="ascii", errors="replace") as handle:
+                tally(handle, totals)
+        except OSError:
+            continue
+    return {
+        "blob_files": totals.get("files", 0),
+        "coalesced": totals.get("coalesced", 0),
+        "served": size_report(totals.get("bytes", 0)),
+    }
+
+
+def install(conf, pkg_version, pkg_install, supervisor, test=False):
+    """Install nginx where a mirror has a front and it is missing. Its package starts the
+    distribution's own nginx (a welcome page on port 80): when hub_mirror installed it,
+    that service is stopped and disabled; an nginx that was there before is left alone."""
+    package = conf["lookup"]["front_package"]
+    if os.path.exists(conf["lookup"]["front_binary"]) or pkg_version(package):
+        return {}
+    if test:
+        return {"front": {"old": "", "new": f"{package} (its own service stopped and disabled)"}}
+    result = pkg_install(package, refresh=True)
+    current = pkg_version(package)
+    if not current or not os.path.exists(conf["lookup"]["front_binary"]):
+        raise CommandExecutionError(
+            f"installing package {package} failed: {result}; install it, set lookup:front_binary "
+            "to its nginx, or set front: none on each mirror"
+        )
+    supervisor.package_disable(conf["lookup"]["front_service"])
+    return {"front": {"old": "", "new": f"{package} {current}, its own service stopped and disabled"}}

@@ -1,0 +1,137 @@
+"""The front's config (checked by the real nginx), its tally of what it served, and its
+install: nginx where a mirror has a front, the distribution's own nginx service off."""
+
+import shutil
+import string
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from salt.exceptions import CommandExecutionError
+
+from _hub_mirror import front
+from _hub_mirror.programs import supervise
+from tests.support.netutil import free_port
+from tests.unit.host import mirror_spec
+
+NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin")
+
+
+def nginx_accepts(text, tmp_path):
+    """``nginx -t`` on ``text``, with the front's directory as its prefix."""
+    (tmp_path / "front.conf").write_text(text)
+    (tmp_path / "temp").mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [NGINX, "-t", "-q", "-p", f"{tmp_path}/", "-e", "stderr", "-c", str(tmp_path / "front.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("interval", ["0", "90s", "1h30m"])
+def test_nginx_accepts_the_rendered_config(tmp_path, interval):
+    spec = mirror_spec(listen=f"127.0.0.1:{free_port()}", storage=str(tmp_path / "cache"), manifest_check_interval=interval)
+    accepted, errors = nginx_accepts(front.render_conf(spec), tmp_path)
+    assert accepted, errors
+
+
+def test_the_config_serves_blob_files_and_coalesces_the_rest():
+    spec = mirror_spec(storage="/srv/cache", manifest_check_interval="10m")
+    text = front.render_conf(spec)
+    assert "listen 127.0.0.1:5000;" in text
+    assert "root /srv/cache/docker/registry/v2/blobs/sha256;" in text
+    assert "try_files /$d2/$d2$d62/data @fill;" in text
+    assert "server unix:registry.sock;" in text
+    assert "proxy_cache_valid 200 600s;" in text  # the tag, for manifest_check_interval
+    assert text.count("proxy_cache_lock on;") == 3  # blobs, manifests by digest, tags
+    assert "proxy_ignore_client_abort on;" in text
+    assert "proxy_cache_valid 200 1s;" in front.render_conf(mirror_spec())
+    assert "listen [::]:5000 ipv6only=off;" in front.render_conf(mirror_spec(listen="[::]:5000"))
+
+
+@pytest.mark.parametrize(("duration", "expected"), [("0", 0), ("90s", 90), ("1h30m", 5400), ("1.5s", 2), ("500ms", 1)])
+def test_seconds_of_a_go_duration_round_up(duration, expected):
+    assert front.seconds(duration) == expected
+
+
+@given(st.text(alphabet=string.ascii_letters + string.digits + "._@+-", min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_an_allowed_storage_path_goes_into_the_config_as_it_is(part):
+    storage = f"/srv/{part}"
+    text = front.render_conf(mirror_spec(storage=storage))
+    assert f"    root {storage}/docker/registry/v2/blobs/sha256;\n" in text
+
+
+@given(st.text(min_size=1, max_size=20).filter(lambda s: any(c in s for c in " ;{}$\"'\\\n#")))
+@settings(max_examples=200, deadline=None)
+def test_a_value_nginx_would_read_differently_is_refused(bad):
+    # Validation allow-lists storage paths before this; the renderer refuses on its own.
+    with pytest.raises(CommandExecutionError):
+        front.render_conf({**mirror_spec(), "storage": f"/srv/{bad}"})
+
+
+def test_counters_add_the_totals_and_the_logs(tmp_path):
+    spec = mirror_spec(storage=str(tmp_path))
+    directory = tmp_path / front.FRONT_DIR
+    directory.mkdir()
+    (directory / "hits.log").write_text("- 200 100\nHIT 200 50\nMISS 200 999\n- 404 0\nbroken\n- 206 10\n")
+    (directory / "hits.log.1").write_text("- 200 1000\n")
+    supervise.fold_hits(str(directory))
+    assert not (directory / "hits.log.1").exists()
+    assert front.counters(spec) == {
+        "blob_files": 3,
+        "coalesced": 1,
+        "served": {"bytes": 1160, "human": "1.1 KiB"},
+    }
+    (directory / "hits.json").write_text("[not a dict]")
+    assert front.counters(spec)["blob_files"] == 2
+
+
+class Packages:
+    """pkg.version and pkg.install of a host without nginx."""
+
+    def __init__(self, binary, works=True):
+        self.binary, self.works, self.installed = binary, works, []
+
+    def version(self, name):
+        return "1.22.1" if self.installed else ""
+
+    def install(self, name, refresh=False):
+        self.installed.append(name)
+        if self.works:
+            self.binary.write_text("")
+        return {name: {"new": "1.22.1"}} if self.works else "E: unable to locate package"
+
+
+class Supervisor:
+    def __init__(self):
+        self.disabled = []
+
+    def package_disable(self, service):
+        self.disabled.append(service)
+
+
+def install_conf(tmp_path):
+    lookup = {"front_binary": str(tmp_path / "nginx"), "front_package": "nginx", "front_service": "nginx"}
+    return {"lookup": lookup}
+
+
+def test_nginx_is_installed_where_missing_and_its_own_service_turned_off(tmp_path):
+    conf, supervisor = install_conf(tmp_path), Supervisor()
+    packages = Packages(tmp_path / "nginx")
+    assert front.install(conf, packages.version, packages.install, supervisor, test=True)["front"]["old"] == ""
+    assert packages.installed == [] and supervisor.disabled == []
+    assert "stopped and disabled" in front.install(conf, packages.version, packages.install, supervisor)["front"]["new"]
+    assert packages.installed == ["nginx"] and supervisor.disabled == ["nginx"]
+    assert front.install(conf, packages.version, packages.install, supervisor) == {}
+    assert supervisor.disabled == ["nginx"]  # an nginx that is there is left alone
+
+
+def test_a_failed_nginx_install_says_how_to_go_on(tmp_path):
+    packages = Packages(tmp_path / "nginx", works=False)
+    with pytest.raises(CommandExecutionError, match="front: none"):
+        front.install(install_conf(tmp_path), packages.version, packages.install, Supervisor())
