@@ -161,7 +161,106 @@ def _fallback(result):
     return rows
 
 
-ROWS = {"converge": _converge, "wan": _wan, "serve": _serve, "catalog": _catalog, "fleet": _fleet, "fallback": _fallback}
+def _fanin(result):
+    rows = []
+    for profile, data in result["profiles"].items():
+        for key, figures in data["figures"].items():
+            label = f"7 fan-in {profile}"
+            for subject in ("hub_mirror", "distribution"):
+                got = figures[subject]
+                what = "hub_mirror (front)" if subject == "hub_mirror" else "distribution alone"
+                rows.append(
+                    (
+                        label,
+                        f"{key}, {what}: last client / one direct pull",
+                        _r(got["last_vs_direct"]),
+                        _s(figures["direct_s"]),
+                        f"{_s(got['last_client_s'])}; upstream GETs/blob {got['upstream_gets_per_blob']['median']:.2f}, "
+                        f"upstream bytes/image {got['upstream_layer_bytes_per_image']['median']:.2f}, "
+                        f"first byte {got['first_byte_s']['median']:.2f}–{got['first_byte_s']['max']:.2f} s",
+                    )
+                )
+    return rows
+
+
+ROWS = {
+    "converge": _converge,
+    "wan": _wan,
+    "serve": _serve,
+    "catalog": _catalog,
+    "fleet": _fleet,
+    "fallback": _fallback,
+    "fanin": _fanin,
+}
+
+PLOTS = REPO / "docs" / "img"
+
+
+def _plot_fanin(result):
+    """Last client / direct and upstream GETs per blob over N, per profile: one PNG."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("agg")
+    from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+
+    profiles = result["profiles"]
+    figure, axes = pyplot.subplots(2, len(profiles), figsize=(5 * len(profiles), 7), squeeze=False)
+    for column, (profile, data) in enumerate(profiles.items()):
+        series = {}
+        for key, figures in data["figures"].items():
+            version = key.split()[0]
+            for subject in ("hub_mirror", "distribution"):
+                name = f"{'hub_mirror' if subject == 'hub_mirror' else 'distribution alone'} {version}"
+                series.setdefault(name, []).append(
+                    (figures["clients"], figures[subject]["last_vs_direct"]["median"], figures[subject]["upstream_gets_per_blob"]["median"])
+                )
+        for name, points in series.items():
+            points.sort()
+            style = "-o" if name.startswith("hub_mirror") else "--s"
+            axes[0][column].plot([p[0] for p in points], [p[1] for p in points], style, label=name)
+            axes[1][column].plot([p[0] for p in points], [p[2] for p in points], style, label=name)
+        axes[0][column].set_title(f"{profile}: last client / one direct pull")
+        axes[1][column].set_title(f"{profile}: upstream GETs per blob")
+        for row in (0, 1):
+            axes[row][column].set_xscale("log", base=2)
+            axes[row][column].set_xlabel("clients pulling at once")
+            axes[row][column].grid(True, alpha=0.3)
+        axes[0][column].axhline(1.2, color="grey", linestyle=":", label="target 1.2")
+        axes[0][column].legend(fontsize=7)
+    figure.tight_layout()
+    PLOTS.mkdir(exist_ok=True)
+    figure.savefig(PLOTS / "fanin.png", dpi=90, metadata={"Software": None})
+    pyplot.close(figure)
+    return "img/fanin.png"
+
+
+def _plot_serve(result):
+    """Throughput over clients, per server: one PNG."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("agg")
+    from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+
+    figure, axis = pyplot.subplots(figsize=(6, 4))
+    clients = {key: int(key.split("_")[0]) for key in result["figures"]}
+    names = [key[: -len("_mb_s")] for key in next(iter(result["figures"].values())) if key.endswith("_mb_s")]
+    for name in names:
+        points = sorted((clients[key], figures[f"{name}_mb_s"]["median"]) for key, figures in result["figures"].items())
+        axis.plot([p[0] for p in points], [p[1] for p in points], "-o", label=name.replace("_", " "))
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("clients downloading at once")
+    axis.set_ylabel("MB/s, all clients together")
+    axis.set_title("Cache hits: throughput over clients")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    PLOTS.mkdir(exist_ok=True)
+    figure.savefig(PLOTS / "serve.png", dpi=90, metadata={"Software": None})
+    pyplot.close(figure)
+    return "img/serve.png"
+
+
+PLOTTERS = {"fanin": (_plot_fanin, "N clients pulling one cold image at once"), "serve": (_plot_serve, "Cache hits over clients")}
 
 
 def render(document, notes=""):
@@ -182,6 +281,10 @@ def render(document, notes=""):
         for row in ROWS[name](result):
             lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     lines.append("")
+    for name, (plotter, title) in PLOTTERS.items():
+        result = document["benchmarks"].get(name, {})
+        if result and "error" not in result:
+            lines += [f"![{title}]({plotter(result)})", ""]
     wan = document["benchmarks"].get("wan", {})
     if "emulator" in wan:
         lines.append(f"WAN emulation used: {wan['emulator']}.")

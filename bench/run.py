@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 
-from bench import catalog, converge, fallback, fleet, report, serve, wan
+from bench import catalog, converge, fallback, fanin, fleet, report, serve, wan
 from bench.common import Context, log, machine, rmtree
 
 BENCHMARKS = {
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "catalog": catalog.run,
     "fleet": fleet.run,
     "fallback": fallback.run,
+    "fanin": fanin.run,
 }
 DEFAULT_RUNS = 3
 

@@ -4,8 +4,11 @@ A 500 MB blob is pulled through a mirror (registry 2.8.2, Debian's, with the con
 hub_mirror renders, in proxy mode before the Docker Hub stand-in) until it is in the
 mirror's storage. Then 1 and 16 concurrent ``curl`` clients download it from:
 
-- the mirror on 2.8.2 and on 3.0.0 (``GET /v2/<repo>/blobs/<digest>``; both on that
-  storage, a proxy each): the figures;
+- hub_mirror as it runs, with its front, on 2.8.2 and on 3.0.0 (the supervisor running
+  nginx and the registry as the service user, tests/support/supervised.py, each on a
+  hard link of that storage): the figures;
+- the registry alone on 2.8.2 and on 3.0.0 (``GET /v2/<repo>/blobs/<digest>``; both on
+  that storage, a proxy each), as hub_mirror ran before its front;
 - nginx serving that very file (``sendfile``): the practical limit of this machine;
 - a plain registry (no proxy) on the same storage, read-only: tells the proxy layer's
   cost apart from the registry's own.
@@ -37,7 +40,8 @@ from tests.support.hub import FakeDockerHub
 from tests.support.netutil import free_port, wait_http
 from tests.support.processes import cpu_seconds, process_group
 from tests.support.registry import RegistryProcess, default_config
-from tests.support.release import REGISTRY_VERSIONS
+from tests.support.release import REGISTRY_VERSIONS, registry_binary
+from tests.support.supervised import SupervisedMirror
 
 BLOB_BYTES = 500 * MB
 QUICK_BLOB_BYTES = 50 * MB
@@ -172,8 +176,23 @@ def run(ctx):
     plain.start()
     plain_url = f"{plain.url}/v2/{REPO}/blobs/{digest}"
 
+    fronted = {}
+    for version in REGISTRY_VERSIONS:
+        # The same blob file (a hard link), in a storage of its own: two fronts cannot
+        # share a front directory.
+        own = work / f"front-storage-{version}"
+        subprocess.run(["cp", "-al", str(storage), str(own)], check=True)
+        binary = registry_binary(version, work / f"front-{version}" / "binary")
+        addresses = mirror_addresses()
+        pillar = {"upstream": hub.url, "listen": addresses["listen"], "debug_listen": addresses["debug_listen"],
+                  "storage": str(own), "username": HUB_USER, "token": HUB_TOKEN}
+        front = SupervisedMirror(work / f"front-{version}", "serve", pillar, version, binary).start()
+        ctx.defer(front.stop)
+        fronted[version] = (f"{front.url}/v2/{REPO}/blobs/{digest}", front.cpu)
+
     servers = {
         "nginx": (nginx.url, nginx.cpu),
+        **{f"hub_mirror_{version}": entry for version, entry in fronted.items()},
         **{f"mirror_{version}": (url, partial(cpu_seconds, proc.pid)) for version, (url, proc) in mirrors.items()},
         "plain_registry": (plain_url, lambda: cpu_seconds(plain.pid)),
     }

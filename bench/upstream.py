@@ -53,6 +53,9 @@ def serve(requests, answer):
                     answer({})
                 elif op == "counts":
                     answer(hub.counts())
+                elif op == "requests":
+                    with hub._lock:  # pylint: disable=protected-access
+                        answer(list(hub.requests))
                 elif op == "stop":
                     answer({})
                     return
@@ -130,6 +133,10 @@ class Upstream:
 
     def counts(self):
         return self.call(op="counts")
+
+    def requests(self):
+        """The stand-in's log of registry requests since the last reset."""
+        return self.call(op="requests")
 
     def stop(self):
         try:

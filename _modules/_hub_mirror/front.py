@@ -115,6 +115,8 @@ http {{
         location ~ "^/v2/.+/blobs/sha256:(?<d2>[0-9a-f]{{2}})(?<d62>[0-9a-f]{{62}})$" {{
             root {blobs};
             try_files /$d2/$d2$d62/data @fill;
+            # A file answers GET and HEAD; the registry answers the rest (it refuses them).
+            error_page 405 = @registry;
             access_log {hits_log} hits;
             etag off;
             add_header Docker-Content-Digest sha256:$d2$d62;
@@ -122,6 +124,9 @@ http {{
             add_header ETag "\\"sha256:$d2$d62\\"";
             add_header Cache-Control "max-age=31536000";
             add_header X-Content-Type-Options nosniff;
+        }}
+        location @registry {{
+            proxy_pass http://registry;
         }}
         location @fill {{
             proxy_pass http://registry;

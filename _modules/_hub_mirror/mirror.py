@@ -15,6 +15,7 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 
 from .accounts import service_ids
 from .checks import Errors, check_path, show_value
+from .front import FRONT_DIR
 from .fsutil import open_dir, read_file, sha256_file, write_atomic
 from .net import REDACTED, is_loopback_host, parse_hostport
 from .processes import check_listen_free, mirror_processes, stop_leftovers
@@ -170,7 +171,8 @@ def _save_last_good(paths, service_files):
     """Keep every file the mirror just served with (configs and service files), with
     owner and mode, so that a later change that does not come up can be undone whole."""
     snapshot = {}
-    for path in [paths["config"], paths["offline_config"], paths["supervise_settings"], *service_files]:
+    fronted = [paths["front_conf"]] if os.path.exists(paths["front_conf"]) else []
+    for path in [paths["config"], paths["offline_config"], paths["supervise_settings"], *fronted, *service_files]:
         info = os.stat(path)
         snapshot[path] = {
             "text": read_file(path),
@@ -197,21 +199,24 @@ def _rollback(conf, spec, paths):
     restore = {path: f for path, f in snapshot.items() if read_file(path) != f["text"]}
     if not restore:
         return message
-    if read_file(paths["config"]) is not None:
-        shutil.copy2(paths["config"], paths["config"] + ".failed")
+    # What failed stays beside what serves again, to be read: the registry's config, the front's.
+    failed = [path for path in (paths["config"], paths["front_conf"]) if path in restore and os.path.exists(path)]
+    for path in failed:
+        shutil.copy2(path, path + ".failed")
     for path, saved in restore.items():
         write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
     supervisor = supervisor_for(conf)
     if paths["unit"] in restore:
         supervisor.files_changed()
     supervisor.start(name, restart=True)
-    # The restored config serves on its own address, which may not be the new one.
-    host, port = parse_hostport(yaml.safe_load(snapshot[paths["config"]]["text"])["http"]["addr"])
+    # The restored setup serves on its own address, which may not be the new one (the
+    # supervisor's settings name it, front or not).
+    host, port = parse_hostport(json.loads(snapshot[paths["supervise_settings"]]["text"])["listen"])
     restored = wait_serving(dict(spec, listen_host=host, listen_port=port), conf["probe_timeout"])
     return message + (
         "\nRestored the last setup that served "
-        f"({'it serves again' if restored else 'it does not answer either'}); "
-        f"the new config is kept as {paths['config']}.failed"
+        f"({'it serves again' if restored else 'it does not answer either'})"
+        + "".join(f"; the new config is kept as {path}.failed" for path in failed)
     )
 
 
@@ -286,10 +291,11 @@ def start(conf, spec):
 
 
 def _purge_targets(storage):
-    """What a purge deletes: only what the registry wrote, in a directory marked as ours."""
+    """What a purge deletes: only what the registry and the front wrote, in a directory
+    marked as ours."""
     if not storage or not os.path.isfile(os.path.join(storage, STORAGE_MARKER)):
         return []
-    names = ["docker"] + [entry for entry in os.listdir(storage) if entry.startswith("scheduler-state.json")]
+    names = ["docker", FRONT_DIR] + [entry for entry in os.listdir(storage) if entry.startswith("scheduler-state.json")]
     return [
         os.path.join(storage, entry)
         for entry in names + [STORAGE_MARKER]
@@ -312,11 +318,12 @@ def remove(conf, spec, purge_storage=False, test=False):
             "offline_config",
             "supervise_settings",
             "credentials",
+            "front_conf",
             "last_good",
             "fingerprint",
         )
     ]
-    candidates += [paths["config"] + ".failed"]
+    candidates += [paths["config"] + ".failed", paths["front_conf"] + ".failed"]
     present = [path for path in candidates if os.path.exists(path)]
     purge = _purge_targets(spec["storage"]) if purge_storage else []
     supervisor = supervisor_for(conf)

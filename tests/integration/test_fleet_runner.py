@@ -6,6 +6,8 @@ Needs the saltfactories plugin: run without ``-p no:saltfactories``.
 """
 
 
+import time
+
 import pytest
 
 from tests.support import oci
@@ -48,6 +50,7 @@ def test_fleet_shows_what_is_cached_where_bytes_ratios_and_the_mirror_that_is_do
     cluster, busy, idle = fleet
     for attempt in ("miss", "hit"):
         oci.pull(busy.mirror_listen, "library/alpine", "latest", str(tmp_path / attempt))
+        time.sleep(1.5)  # apart: within a second the front answers the same tag itself
     stopped = cluster.salt(idle, "hub_mirror.stop", f"mirror={idle.mirror_name}")
     assert stopped.returncode == 0 and stopped.data is True, stopped
 

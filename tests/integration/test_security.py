@@ -14,7 +14,7 @@ import requests
 from tests.support import oci
 from tests.support.hub import HUB_TOKEN
 from tests.support.netutil import free_port, loopback_session
-from tests.support.processes import cmdline, parent_pid, registry_pids, status
+from tests.support.processes import cmdline, parent_pid, pids, registry_pids, stat_fields, status
 from tests.support.release import archive_pillar
 from tests.support.saltcall import Masterless, unique_name
 
@@ -40,6 +40,10 @@ def port_free_on_both():
                 continue
         return port
     raise RuntimeError("no port free on both loopback addresses")
+
+
+def pids_with_parent(parent):
+    return [pid for pid in pids() if (fields := stat_fields(pid)) and int(fields[1]) == parent]
 
 
 def listening_sockets(pid):
@@ -136,13 +140,17 @@ def test_mirror_answers_only_on_its_configured_address(mirror, session):
         session.get(f"http://127.0.0.1:{mirror['port']}/v2/", timeout=10)
 
 
-def test_registry_listens_on_exactly_the_mirror_and_loopback_debug_addresses(mirror):
+def test_the_mirror_listens_on_exactly_its_address_and_the_loopback_debug_address(mirror):
     pids = registry_pids(mirror["config_path"])
     assert len(pids) == 1, pids
-    assert listening_sockets(pids[0]) == {
-        f"{LISTEN_HOST}:{mirror['port']}",
-        f"127.0.0.1:{mirror['port'] + 10000}",
-    }
+    # The registry: TCP only for its debug listener (the front reaches it on a unix socket).
+    assert listening_sockets(pids[0]) == {f"127.0.0.1:{mirror['port'] + 10000}"}
+    # The front: nginx's master (the registry's sibling under the supervisor) and its workers.
+    supervisor = parent_pid(pids[0])
+    master = [pid for pid in pids_with_parent(supervisor) if pid != pids[0]]
+    front = master + [pid for pid in pids_with_parent(master[0])]
+    assert len(master) == 1 and cmdline(master[0])[0].startswith("nginx: master process"), master
+    assert set().union(*(listening_sockets(pid) for pid in front)) == {f"{LISTEN_HOST}:{mirror['port']}"}
 
 
 def test_debug_listener_serves_metrics_and_vars_on_loopback_only(mirror, session):
