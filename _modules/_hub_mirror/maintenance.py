@@ -395,6 +395,8 @@ def _expire_now(conf, spec, keys, timeout=120):
     stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubUpstream)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     env = _registry_env(
+        # TCP on loopback, also for a mirror whose registry sits behind a front.
+        REGISTRY_HTTP_NET="tcp",
         REGISTRY_HTTP_ADDR=f"127.0.0.1:{free_loopback_port()}",
         REGISTRY_HTTP_DEBUG_ADDR=f"127.0.0.1:{free_loopback_port()}",
         REGISTRY_PROXY_REMOTEURL=f"http://127.0.0.1:{stub.server_address[1]}",

@@ -30,6 +30,7 @@ import ctypes
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,6 +179,9 @@ class Front:
             return
         if self.process is not None:
             log(f"front exited with {self.process.returncode}; restarting")
+        # The fills of a front that stopped go: they are in the registry's storage (or
+        # failed), and a blob that gc or prune deleted meanwhile must not be served again.
+        shutil.rmtree("fill", ignore_errors=True)
         os.makedirs("temp", exist_ok=True)
         command = [self.args.front_binary, "-p", self.args.front_dir + "/", "-e", "stderr"]
         command += ["-c", self.args.front_conf, "-g", "daemon off;"]
