@@ -91,8 +91,9 @@ http {{
     # "-" for a blob file served, HIT for a waiter served from another's fill, MISS for a fill.
     log_format hits '$upstream_cache_status $status $body_bytes_sent';
     # Transient: each fill lands here too (the registry keeps its own copy), so waiting
-    # clients are served from it; gone after a minute without readers.
-    proxy_cache_path fill levels=1:2 keys_zone=fill:4m max_size=4g min_free=1g inactive=1m use_temp_path=off;
+    # clients are served from it; gone 10 s after its last reader began (a reader keeps
+    # its open file), so a finished fill holds the disk twice only briefly.
+    proxy_cache_path fill levels=1:2 keys_zone=fill:4m max_size=4g min_free=1g inactive=10s use_temp_path=off;
     upstream registry {{
         server unix:{socket};
         keepalive 16;

@@ -217,7 +217,10 @@ def test_hardening_user_sandbox_exposure_and_secret_files(deployed):
     props = site.show("User", "Group", "MainPID")
     assert (props["User"], props["Group"]) == ("hub-mirror", "hub-mirror")
     supervisor = int(props["MainPID"])
-    for pid in (supervisor, site.registry_pid(supervisor)):
+    front = int(host.sh(f"pgrep -P {supervisor} -x nginx"))  # the front's master
+    workers = [int(pid) for pid in host.sh(f"pgrep -P {front}").split()]
+    assert workers, "the front has no workers"
+    for pid in (supervisor, site.registry_pid(supervisor), front, *workers):
         assert host.sh(f"ps -o user= -p {pid}") == "hub-mirror"
         status = host.sh(f"cat /proc/{pid}/status")
         assert re.search(r"^CapEff:\s+0+$", status, re.M), status
