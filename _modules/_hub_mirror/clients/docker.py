@@ -9,12 +9,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 
 from ..fsutil import ensure_dir, read_file, remove_exact, write_exact
 from ..processes import find_program
+from ..programs.supervise import UnixConnection
 from ..supervisor import run_systemctl
 from .render import json_member_value, json_set_member
 
@@ -131,22 +131,10 @@ def _docker_reload(client, test):
     return f"SIGHUP to dockerd (pid {pid})"
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket: how the Docker API is reached."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
 def _dockerd_mirrors(socket_path):
     """The registry mirrors the running dockerd uses (Docker API ``/info``), or None."""
-    connection = _UnixHTTPConnection(socket_path, 5)
+    # HTTP over a unix socket: how the Docker API is reached.
+    connection = UnixConnection(socket_path, 5)
     try:
         connection.request("GET", "/info")
         response = connection.getresponse()

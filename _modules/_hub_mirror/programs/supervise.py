@@ -56,6 +56,8 @@ def http_answers(url, timeout):
 
 
 class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the registry's behind a front; the Docker API's)."""
+
     def __init__(self, path, timeout):
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
