@@ -171,7 +171,8 @@ class Front:
     def __init__(self, args):
         self.args = args
         self.process = None
-        self.next_start = 0
+        self.started = self.next_start = 0
+        self.backoff = 2
 
     def keep(self):
         if self.process is not None and self.process.poll() is None:
@@ -180,7 +181,12 @@ class Front:
         if time.monotonic() < self.next_start:
             return
         if self.process is not None:
-            log(f"front exited with {self.process.returncode}; restarting")
+            # A front that keeps failing at once (its port taken) is retried less often.
+            lived = time.monotonic() - self.started
+            self.backoff = 2 if lived > 60 else min(self.backoff * 2, 30)
+            log(f"front exited with {self.process.returncode}; restarting in {self.backoff}s")
+            self.process, self.next_start = None, time.monotonic() + self.backoff
+            return
         # The fills of a front that stopped go: they are in the registry's storage (or
         # failed), and a blob that gc or prune deleted meanwhile must not be served again.
         shutil.rmtree("fill", ignore_errors=True)
@@ -188,7 +194,7 @@ class Front:
         command = [self.args.front_binary, "-p", self.args.front_dir + "/", "-e", "stderr"]
         command += ["-c", self.args.front_conf, "-g", "daemon off;"]
         self.process = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid()))  # pylint: disable=consider-using-with
-        self.next_start = time.monotonic() + 2
+        self.started = time.monotonic()
 
     def fold_hits(self):
         """Rotate the hit log (nginx reopens it on SIGUSR1) and add it to the totals."""

@@ -66,3 +66,28 @@ def test_the_registry_dies_with_its_supervisor(tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"the child {child} outlived its parent")
+
+
+def test_the_front_starts_in_its_directory_without_old_fills_and_backs_off_when_it_fails(tmp_path, monkeypatch):
+    """A fake nginx that records its arguments and fails at once, as one whose port is taken."""
+    fake = tmp_path / "nginx"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\nexit 1\n")
+    fake.chmod(0o755)
+    front_dir = tmp_path / "front"
+    (front_dir / "fill" / "a").mkdir(parents=True)
+    monkeypatch.chdir(front_dir)
+    args = type("Args", (), {"front_binary": str(fake), "front_dir": str(front_dir), "front_conf": "/etc/m.front.conf"})
+    front = supervise.Front(args)
+    front.keep()
+    front.process.wait()
+    assert not (front_dir / "fill").exists() and (front_dir / "temp").is_dir()
+    front.keep()  # it failed: the next start waits
+    assert front.process is None and front.backoff == 4
+    front.keep()
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"-p {front_dir}/ -e stderr -c /etc/m.front.conf -g daemon off;"
+    ]
+    front.next_start = 0
+    front.keep()
+    front.process.wait()
+    assert len((tmp_path / "calls").read_text().splitlines()) == 2
