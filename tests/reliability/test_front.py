@@ -103,6 +103,7 @@ def test_a_tag_is_served_from_the_cache_when_the_upstream_answers(hub, salt_mirr
     assert hub.counts()["manifest_head"] + hub.counts()["manifest_get"] >= 1  # it asked, and was refused
 
 
+@pytest.mark.one_registry  # the front's own cache answers: the registry's version does not reach it
 def test_manifest_check_interval_answers_a_tag_from_the_front(hub, salt_mirror_factory):
     checked = salt_mirror_factory(manifest_check_interval="1h")
     default = salt_mirror_factory()
