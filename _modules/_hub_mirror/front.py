@@ -23,11 +23,12 @@ turns it off for a mirror.
 
 import os
 import re
+import stat
 
 from salt.exceptions import CommandExecutionError
 
 from .net import hostport
-from .programs.supervise import read_totals, tally
+from .programs.supervise import parse_totals, tally
 from .units import size_report
 
 # Inside the storage: the only directory the hardened unit lets the service write.
@@ -200,17 +201,38 @@ def render_conf(spec):
     )
 
 
+# More than a year of hits between two folds is no log of ours.
+_LOG_LIMIT = 64 << 20
+
+
+def _read_own(directory_fd, name):
+    """The text of ``name`` in the front's directory, opened without following a symlink
+    (the service user owns the directory; root reads it) and read up to a limit."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory_fd)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return ""
+        return handle.read(_LOG_LIMIT).decode("ascii", errors="replace")
+
+
 def counters(spec):
     """What the front served itself since the cache began: blob files (hits the registry
     never saw), waiters served from another's fill, and their bytes."""
-    directory = front_dir(spec)
-    totals = read_totals(os.path.join(directory, HITS_TOTALS))
-    for name in (HITS_LOG + ".1", HITS_LOG):
+    totals = {}
+    try:
+        directory_fd = os.open(front_dir(spec), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        directory_fd = None
+    if directory_fd is not None:
         try:
-            with open(os.path.join(directory, name), encoding="ascii", errors="replace") as handle:
-                tally(handle, totals)
-        except OSError:
-            continue
+            totals = parse_totals(_read_own(directory_fd, HITS_TOTALS))
+            for name in (HITS_LOG + ".1", HITS_LOG):
+                tally(_read_own(directory_fd, name).splitlines(), totals)
+        finally:
+            os.close(directory_fd)
     return {
         "blob_files": totals.get("files", 0),
         "coalesced": totals.get("coalesced", 0),

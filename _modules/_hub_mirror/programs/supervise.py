@@ -219,13 +219,13 @@ class Front:
                 self.process.wait()
 
 
-def read_totals(path):
-    """The front's running totals ({"files", "coalesced", "bytes"}), {} if there are none."""
+def parse_totals(text):
+    """The front's running totals ({"files", "coalesced", "bytes"}) from their JSON, {} if
+    there are none or they are no totals of ours."""
     try:
-        with open(path, encoding="ascii") as handle:
-            totals = json.load(handle)
-        return {key: int(value) for key, value in totals.items()} if isinstance(totals, dict) else {}
-    except (OSError, ValueError, TypeError, AttributeError):
+        totals = json.loads(text)
+        return {key: int(totals[key]) for key in ("files", "coalesced", "bytes") if key in totals}
+    except (ValueError, TypeError, KeyError):
         return {}
 
 
@@ -247,7 +247,11 @@ def tally(lines, totals):
 def fold_hits(directory):
     """Add ``hits.log.1`` into ``hits.json`` and drop it."""
     totals_path = os.path.join(directory, "hits.json")
-    totals = read_totals(totals_path)
+    try:
+        with open(totals_path, encoding="ascii", errors="replace") as handle:
+            totals = parse_totals(handle.read())
+    except OSError:
+        totals = {}
     with open(os.path.join(directory, "hits.log.1"), encoding="ascii", errors="replace") as handle:
         tally(handle, totals)
     with open(totals_path + ".tmp", "w", encoding="ascii") as handle:

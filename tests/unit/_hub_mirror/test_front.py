@@ -135,3 +135,19 @@ def test_a_failed_nginx_install_says_how_to_go_on(tmp_path):
     packages = Packages(tmp_path / "nginx", works=False)
     with pytest.raises(CommandExecutionError, match="front: none"):
         front.install(install_conf(tmp_path), packages.version, packages.install, Supervisor())
+
+
+def test_counters_follow_no_symlink_the_service_user_put_there(tmp_path):
+    """Root reads the front's directory, which the service user owns: a log or a directory
+    swapped for a symlink to somewhere else is not read."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "hits.log").write_text("- 200 100\n")
+    storage = tmp_path / "storage"
+    (storage / front.FRONT_DIR).mkdir(parents=True)
+    (storage / front.FRONT_DIR / "hits.log").symlink_to(elsewhere / "hits.log")
+    assert front.counters(mirror_spec(storage=str(storage)))["blob_files"] == 0
+    (storage / front.FRONT_DIR / "hits.log").unlink()
+    (storage / front.FRONT_DIR).rmdir()
+    (storage / front.FRONT_DIR).symlink_to(elsewhere)
+    assert front.counters(mirror_spec(storage=str(storage)))["blob_files"] == 0
