@@ -71,11 +71,12 @@ TAG_ANSWER_MIN = 1
 CONF_TEMPLATE = """\
 # Managed by Salt (hub_mirror mirror {name}). Local changes are overwritten.
 # The front of the registry: hits as files, one fill per digest, the rest proxied.
-worker_processes auto;
+worker_processes {workers};
 pid nginx.pid;
 error_log stderr warn;
 events {{
-    worker_connections 4096;
+    # Within the 1024 open files a service gets by default (a proxied client takes two).
+    worker_connections 512;
 }}
 http {{
     server_tokens off;
@@ -95,12 +96,14 @@ http {{
     # clients are served from it; gone 10 s after its last reader began (a reader keeps
     # its open file), so a finished fill holds the disk twice only briefly.
     proxy_cache_path fill levels=1:2 keys_zone=fill:4m max_size=4g min_free=1g inactive=10s use_temp_path=off;
+    # Manifests (small): kept as long as manifest_check_interval asks, idle or not.
+    proxy_cache_path manifests levels=1:2 keys_zone=manifests:2m max_size=256m inactive=7d use_temp_path=off;
     upstream registry {{
         server unix:{socket};
         keepalive 16;
     }}
     server {{
-        listen {listen}{listen_options};
+        listen {listen}{listen_options};{listen_v6}
         # Pushes go to the registry, which refuses them in proxy mode: it answers them.
         client_max_body_size 0;
         proxy_request_buffering off;
@@ -109,7 +112,9 @@ http {{
         proxy_set_header Connection "";
         proxy_set_header Host $http_host;
         proxy_read_timeout 10m;
-        proxy_ignore_headers Cache-Control Expires Set-Cookie X-Accel-Expires X-Accel-Buffering;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_ignore_headers Cache-Control Expires Set-Cookie
+                             X-Accel-Expires X-Accel-Buffering X-Accel-Redirect X-Accel-Limit-Rate X-Accel-Charset;
         proxy_cache_convert_head off;
         location / {{
             proxy_pass http://registry;
@@ -143,12 +148,15 @@ http {{
             proxy_ignore_client_abort on;
             access_log {hits_log} hits;
         }}
-        # By digest a manifest never changes: concurrent requests share one fetch.
+        # By digest a manifest never changes: concurrent requests share one fetch. The
+        # registry answers by the Accept headers, of which nginx 1.22 sees only the first
+        # line ($http_accept): the User-Agent (a client's version and, for docker, its arch)
+        # keeps clients that may accept other types apart.
         location ~ "^/v2/.+/manifests/sha256:[0-9a-f]{{64}}$" {{
             proxy_pass http://registry;
             proxy_buffering on;
-            proxy_cache fill;
-            proxy_cache_key "$request_method $uri $http_accept";
+            proxy_cache manifests;
+            proxy_cache_key "$request_method $uri $http_accept $http_user_agent";
             proxy_cache_valid 200 1m;
             proxy_cache_lock on;
             proxy_cache_lock_timeout {lock_wait};
@@ -160,8 +168,8 @@ http {{
         location ~ "^/v2/.+/manifests/[^/]+$" {{
             proxy_pass http://registry;
             proxy_buffering on;
-            proxy_cache fill;
-            proxy_cache_key "$request_method $uri $http_accept";
+            proxy_cache manifests;
+            proxy_cache_key "$request_method $uri $http_accept $http_user_agent";
             proxy_cache_valid 200 {tag_valid}s;
             proxy_cache_lock on;
             proxy_cache_lock_timeout {lock_wait};
@@ -188,12 +196,16 @@ def render_conf(spec):
     front's directory, nginx's prefix)."""
     host = spec["listen_host"]
     interval = seconds(spec.get("manifest_check_interval") or "0")
+    # Go's registry listened on both families for 0.0.0.0 and for ::; so does the front
+    # (IPv6 where the host has it: nginx would not start without).
+    both = host == "0.0.0.0" and os.path.exists("/proc/net/if_inet6")
     return CONF_TEMPLATE.format(
         name=spec["name"],
+        workers=min(os.cpu_count() or 1, 4),
         socket=SOCKET,
         listen=_safe(hostport(host, spec["listen_port"]), "listen"),
-        # The registry listened on both families for "::"; so does the front.
         listen_options=" ipv6only=off" if host == "::" else "",
+        listen_v6=f"\n        listen [::]:{spec['listen_port']} ipv6only=on;" if both else "",
         blobs=_safe(os.path.join(spec["storage"], "docker/registry/v2/blobs/sha256"), "storage"),
         hits_log=HITS_LOG,
         lock_wait=LOCK_WAIT,
@@ -201,8 +213,8 @@ def render_conf(spec):
     )
 
 
-# More than a year of hits between two folds is no log of ours.
-_LOG_LIMIT = 64 << 20
+# The supervisor folds the log at 1 MB: more is no log of ours.
+_LOG_LIMIT = 4 << 20
 
 
 def _read_own(directory_fd, name):

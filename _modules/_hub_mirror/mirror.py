@@ -16,6 +16,7 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 from .accounts import service_ids
 from .checks import Errors, check_path, show_value
 from .front import FRONT_DIR
+from .front import enabled as front_enabled
 from .fsutil import open_dir, read_file, sha256_file, write_atomic
 from .net import REDACTED, is_loopback_host, parse_hostport
 from .processes import check_listen_free, mirror_processes, stop_leftovers
@@ -115,6 +116,11 @@ def deploy(conf, spec, test=False):
     if not os.path.exists(binary_path(conf)) and not test:
         raise CommandExecutionError(
             f"the registry binary {binary_path(conf)} is missing; apply hub_mirror.install first"
+        )
+    if front_enabled(spec) and not os.path.exists(conf["lookup"]["front_binary"]) and not test:
+        raise CommandExecutionError(
+            f"the front's nginx {conf['lookup']['front_binary']} is missing; apply hub_mirror.install "
+            f"first, or set hub_mirror:mirrors:{mirror}:front: none"
         )
     files = render_service_files(conf, spec)
     stale = {path: entry for path, entry in files.items() if read_file(path) != entry[0]}

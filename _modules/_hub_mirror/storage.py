@@ -12,6 +12,7 @@ import time
 from salt.exceptions import CommandExecutionError
 
 from .accounts import service_python, service_user_kwargs
+from .front import FRONT_DIR
 from .fsutil import ensure_dir, open_below, open_dir
 from .registry_api import cached_tags, v2_root
 from .units import iso, parse_go_time, parse_size, platform_name, size_report
@@ -410,8 +411,10 @@ class CacheView:
 
 
 def tree_bytes(path):
-    """Apparent size of every file under ``path`` (as ``du -sb``)."""
+    """Apparent size of every file under ``path`` (as ``du -sb``), the front's directory
+    left out: its fills are transient copies of what the cache holds, not the cache."""
     total, pending = 0, [path]
+    front = os.path.join(path, FRONT_DIR)
     while pending:
         try:
             entries = list(os.scandir(pending.pop()))
@@ -419,6 +422,8 @@ def tree_bytes(path):
             continue
         for entry in entries:
             try:
+                if entry.path == front:
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
                 else:

@@ -20,6 +20,7 @@ from .checks import (
     show_value,
 )
 from .clients.validate import mirror_url_problem, validate_client
+from .front import seconds
 from .net import (
     HOST_RE,
     REDACTED,
@@ -268,7 +269,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
             f"{show_value(mirror['manifest_check_interval'])} is not a duration",
             "write e.g. 5m, 1h or 0 (ask the upstream on every tag request)",
         )
-    elif mirror["manifest_check_interval"] != "0" and (mirror["front"] != "nginx" or mirror["s3"]):
+    elif seconds(mirror["manifest_check_interval"]) and (mirror["front"] != "nginx" or mirror["s3"]):
         errors.add(
             f"{prefix}:manifest_check_interval",
             "needs the front (front: nginx, filesystem storage)",

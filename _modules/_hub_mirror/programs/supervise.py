@@ -181,20 +181,38 @@ class Front:
         if time.monotonic() < self.next_start:
             return
         if self.process is not None:
-            # A front that keeps failing at once (its port taken) is retried less often.
-            lived = time.monotonic() - self.started
-            self.backoff = 2 if lived > 60 else min(self.backoff * 2, 30)
-            log(f"front exited with {self.process.returncode}; restarting in {self.backoff}s")
-            self.process, self.next_start = None, time.monotonic() + self.backoff
+            # Workers outlive a master killed with SIGKILL, and would hold the port.
+            self.kill_group(signal.SIGKILL)
+            self.back_off(f"front exited with {self.process.returncode}")
             return
         # The fills of a front that stopped go: they are in the registry's storage (or
         # failed), and a blob that gc or prune deleted meanwhile must not be served again.
         shutil.rmtree("fill", ignore_errors=True)
         os.makedirs("temp", exist_ok=True)
-        command = [self.args.front_binary, "-p", self.args.front_dir + "/", "-e", "stderr"]
-        command += ["-c", self.args.front_conf, "-g", "daemon off;"]
-        self.process = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid()))  # pylint: disable=consider-using-with
+        # -c first: nginx writes its title over its argv, truncated to the argv's space.
+        command = [self.args.front_binary, "-c", self.args.front_conf, "-p", self.args.front_dir + "/"]
+        command += ["-e", "stderr", "-g", "daemon off;"]
         self.started = time.monotonic()
+        try:
+            # Its own process group: the master and its workers go together.
+            self.process = subprocess.Popen(  # pylint: disable=consider-using-with
+                command, preexec_fn=die_with_parent(os.getpid()), start_new_session=True
+            )
+        except OSError as exc:
+            self.back_off(f"cannot start the front {self.args.front_binary}: {exc}")
+
+    def back_off(self, why):
+        """A front that keeps failing at once (its port taken) is retried less often."""
+        lived = time.monotonic() - self.started
+        self.backoff = 2 if lived > 60 else min(self.backoff * 2, 30)
+        log(f"{why}; restarting in {self.backoff}s")
+        self.process, self.next_start = None, time.monotonic() + self.backoff
+
+    def kill_group(self, sig):
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def fold_hits(self):
         """Rotate the hit log (nginx reopens it on SIGUSR1) and add it to the totals."""
@@ -210,13 +228,15 @@ class Front:
                 log(f"cannot fold the front's hit log: {exc}")
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is None:
+            return
+        self.kill_group(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill_group(signal.SIGKILL)
+        self.process.wait()
 
 
 def parse_totals(text):

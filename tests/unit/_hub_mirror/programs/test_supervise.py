@@ -85,7 +85,7 @@ def test_the_front_starts_in_its_directory_without_old_fills_and_backs_off_when_
     assert front.process is None and front.backoff == 4
     front.keep()
     assert (tmp_path / "calls").read_text().splitlines() == [
-        f"-p {front_dir}/ -e stderr -c /etc/m.front.conf -g daemon off;"
+        f"-c /etc/m.front.conf -p {front_dir}/ -e stderr -g daemon off;"
     ]
     front.next_start = 0
     front.keep()
