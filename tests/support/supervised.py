@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.support.modules import exec_module, lib, program
 from tests.support.netutil import clean_env, wait_http
-from tests.support.processes import cpu_seconds, process_group
+from tests.support.processes import cpu_seconds, pids, stat_fields
 
 SERVICE_USER = "hub-mirror"
 NGINX = "/usr/sbin/nginx"
@@ -121,8 +121,13 @@ class SupervisedMirror:
         return self
 
     def cpu(self):
-        """CPU seconds of the supervisor, the registry and nginx (its own session)."""
-        return sum(cpu_seconds(pid) or 0.0 for pid in process_group(self.proc.pid))
+        """CPU seconds of the supervisor and every process under it: the registry, and
+        nginx's master and workers (a process group of their own)."""
+        family, found = {self.proc.pid}, True
+        while found:
+            found = {pid for pid in pids() if pid not in family and int((stat_fields(pid) or [0, 0])[1]) in family}
+            family |= found
+        return sum(cpu_seconds(pid) or 0.0 for pid in family)
 
     def stop(self):
         if self.proc is None or self.proc.poll() is not None:
