@@ -105,7 +105,7 @@ class Client:
 def fan_in(url, repo, tag, clients):
     """``clients`` pulls at once; the results of each. The first client checks every
     digest, the others every size: 32 clients hashing on the benchmark's two cores would
-    measure hashlib, not the mirror (tests/reliability/test_front.py checks every digest
+    measure hashlib, not the mirror (tests/reliability/test_fan_in.py checks every digest
     of every client)."""
     start = threading.Barrier(clients)
     with ThreadPoolExecutor(clients) as pool:
