@@ -104,6 +104,15 @@ def _wan(result):
     return rows
 
 
+def _server_label(name):
+    """``hub_mirror_3.0.0`` is the front as hub_mirror runs it; ``mirror_3.0.0`` the registry alone."""
+    if name.startswith("hub_mirror_"):
+        return f"hub_mirror {name[len('hub_mirror_'):]} (front)"
+    if name.startswith("mirror_"):
+        return f"registry {name[len('mirror_'):]} alone"
+    return "plain registry, same storage" if name == "plain_registry" else name
+
+
 def _serve(result):
     rows = []
     for clients, figures in result["figures"].items():
@@ -111,10 +120,10 @@ def _serve(result):
         cpu = figures["server_cpu_s_per_gb"]
         subjects = [name for name in cpu if name != "nginx"]
         for name in subjects:
-            what = "plain registry, same storage" if name == "plain_registry" else name.replace("_", " ")
+            what = _server_label(name)
             rows.append((label, f"{what} / nginx (MB/s)", _r(figures[f"{name}_vs_nginx"]), _s(figures["nginx_mb_s"], "MB/s", 0), _s(figures[f"{name}_mb_s"], "MB/s", 0)))
         names = ["nginx", *subjects]
-        rows.append((label, f"server CPU s per GB: {' / '.join(name.replace('_', ' ') for name in names)}", "", "", " / ".join(_s(cpu[k], "", 2).strip() for k in names)))
+        rows.append((label, f"server CPU s per GB: {' / '.join(_server_label(name) for name in names)}", "", "", " / ".join(_s(cpu[k], "", 2).strip() for k in names)))
     return rows
 
 
@@ -248,7 +257,7 @@ def _plot_serve(result):
     names = [key[: -len("_mb_s")] for key in next(iter(result["figures"].values())) if key.endswith("_mb_s")]
     for name in names:
         points = sorted((clients[key], figures[f"{name}_mb_s"]["median"]) for key, figures in result["figures"].items())
-        axis.plot([p[0] for p in points], [p[1] for p in points], "-o", label=name.replace("_", " "))
+        axis.plot([p[0] for p in points], [p[1] for p in points], "-o", label=_server_label(name))
     axis.set_xscale("log", base=2)
     axis.set_xticks(sorted(clients.values()), [str(c) for c in sorted(clients.values())])
     axis.set_xlabel("clients downloading at once")
