@@ -96,7 +96,9 @@ http {{
     # clients are served from it; gone 10 s after its last reader began (a reader keeps
     # its open file), so a finished fill holds the disk twice only briefly.
     proxy_cache_path fill levels=1:2 keys_zone=fill:4m max_size=4g min_free=1g inactive=10s use_temp_path=off;
-    # Manifests (small): kept as long as manifest_check_interval asks, idle or not.
+    # Manifests (small): kept as long as manifest_check_interval asks, idle or not; off
+    # the storage (the supervisor links it to a private directory under /tmp), so that a
+    # full storage does not cut cached manifests.
     proxy_cache_path manifests levels=1:2 keys_zone=manifests:2m max_size=256m inactive=7d use_temp_path=off;
     upstream registry {{
         server unix:{socket};

@@ -81,8 +81,11 @@ def valid_json(path):
 
 # How a miss the full disk cannot store fails the pull: 2.8 answers 500; 3.x too for a
 # manifest, but a blob's one fetch feeds the client and the store together, so 3.x cuts
-# the body when the store fails.
-MISS_ON_A_FULL_DISK = {"2": ("500 Internal Server Error",), "3": ("500 Internal Server Error", "unexpected EOF")}
+# the body when the store fails. The front writes each blob it fills to disk as well and
+# cuts the body (or closes before any answer: a bare EOF) when that write fails, on
+# either version.
+CUT = ("500 Internal Server Error", "unexpected EOF", '": EOF')
+MISS_ON_A_FULL_DISK = {"2": CUT, "3": CUT}
 
 
 def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirror, registry_version, tmp_path):
@@ -93,21 +96,24 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
         digest, error = try_pull(mirror, f"full/{name}", "latest", tmp_path / name)
         # A pull gets exactly the image or an error, never other bytes.
         assert digest == hub.images[f"full/{name}"]["manifest_digest"] or any(word in error for word in failed), error
-        if digest and stored(mirror, layer(hub, name), 3 if full else 10):
+        # 2.8 stores a miss from a fetch of its own: its copy may land while the front's
+        # fails the pull. Whatever is stored must be sound (the audit below).
+        if stored(mirror, layer(hub, name), 3 if full else 10):
             cached.append(name)
-            outcomes[name] = "cached"
+            outcomes[name] = "cached" if digest else f"cached, though the pull failed: {error}"
         else:
             full = True
             outcomes[name] = "served, not cached" if digest else error
     audit = StorageAudit(mirror.storage)
     print(f"\npulls of 5 x 6 MB on a {FS_SIZE} filesystem: {outcomes}\n{audit}")
     assert audit.sound, audit
-    assert cached == list(FULL_IMAGES[: len(cached)]) and 0 < len(cached) < len(FULL_IMAGES)
+    assert cached[0] == FULL_IMAGES[0] and len(cached) < len(FULL_IMAGES)
     assert not {layer(hub, name) for name in FULL_IMAGES if name not in cached} & set(audit.blobs)
     assert any(word in outcome for word in failed for outcome in outcomes.values())
     # What it has, it keeps serving: by digest, and by tag with the upstream refusing.
+    whole = [name for name in cached if outcomes[name] == "cached"]  # pulled whole and stored
     hub.block()
-    for name in cached:
+    for name in whole:
         want = hub.images[f"full/{name}"]["manifest_digest"]
         assert try_pull(mirror, f"full/{name}", want, tmp_path / f"{name}-digest") == (want, None)
         assert try_pull(mirror, f"full/{name}", "latest", tmp_path / f"{name}-tag") == (want, None)
@@ -122,7 +128,12 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
     # (3.x may not have written one at all before the disk filled up.)
     state = mirror.storage / "scheduler-state.json"
     state_truncated = state.exists() and not valid_json(state)
-    shutil.rmtree(mirror.storage / REPO_ROOT / "full" / cached[0])
+    # Room for two copies of a miss (the registry's and the front's fill): two images go,
+    # and the partial uploads the failed stores left (upload purging would take 168h).
+    for name in cached[:2]:
+        shutil.rmtree(mirror.storage / REPO_ROOT / "full" / name)
+    for uploads in (mirror.storage / REPO_ROOT).glob("*/*/_uploads"):
+        shutil.rmtree(uploads)
     collected = mirror.call("hub_mirror.gc", "dry_run=False")
     assert collected.returncode == 0, collected
     assert collected.data["freed"]["bytes"] >= FULL_LAYER, collected.data
@@ -130,7 +141,7 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
     if state_truncated:
         assert list(mirror.storage.glob("scheduler-state.json.broken-*"))
         assert "moved the unreadable expiry schedule aside" in mirror.log()
-    assert free_bytes(mirror.storage) >= FULL_LAYER
+    assert free_bytes(mirror.storage) >= 2 * FULL_LAYER
 
     # Recovered: the first image that did not fit is now pulled and cached, and the rest
     # of the cache is still served.
@@ -139,7 +150,7 @@ def test_storage_full_fails_cleanly_serves_the_cache_and_recovers(hub, full_mirr
     assert try_pull(mirror, f"full/{missing}", "latest", tmp_path / f"{missing}-again") == (want, None)
     assert stored(mirror, layer(hub, missing), 15), StorageAudit(mirror.storage)
     hub.block()
-    for name in [*cached[1:], missing]:
+    for name in [*(name for name in whole if name not in cached[:2]), missing]:
         want = hub.images[f"full/{name}"]["manifest_digest"]
         assert try_pull(mirror, f"full/{name}", want, tmp_path / f"{name}-after") == (want, None)
     hub.unblock()

@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -173,6 +174,7 @@ class Front:
         self.process = None
         self.started = self.next_start = 0
         self.backoff = 2
+        self.private = None
 
     def keep(self):
         if self.process is not None and self.process.poll() is None:
@@ -189,6 +191,7 @@ class Front:
         # failed), and a blob that gc or prune deleted meanwhile must not be served again.
         shutil.rmtree("fill", ignore_errors=True)
         os.makedirs("temp", exist_ok=True)
+        self.keep_manifests_off_the_storage()
         # -c first: nginx writes its title over its argv, truncated to the argv's space.
         command = [self.args.front_binary, "-c", self.args.front_conf, "-p", self.args.front_dir + "/"]
         command += ["-e", "stderr", "-g", "daemon off;"]
@@ -200,6 +203,23 @@ class Front:
             )
         except OSError as exc:
             self.back_off(f"cannot start the front {self.args.front_binary}: {exc}")
+
+    def keep_manifests_off_the_storage(self):
+        """The manifest cache is a link to a private directory under /tmp (the unit's own
+        /tmp under systemd): nginx cuts a response whose cache file it cannot write, so a
+        cache on a full storage would stop cached manifests from being served."""
+        if self.private is None or not os.path.isdir(self.private):
+            self.private = tempfile.mkdtemp(prefix="hub-mirror-front-")
+        if os.path.islink("manifests"):
+            # Left by a supervisor that was killed: its directory goes too (it is ours).
+            left = os.readlink("manifests")
+            prefix = os.path.join(tempfile.gettempdir(), "hub-mirror-front-")
+            if left != self.private and left.startswith(prefix) and "/" not in left[len(prefix) :]:
+                shutil.rmtree(left, ignore_errors=True)
+            os.unlink("manifests")
+        elif os.path.exists("manifests"):
+            shutil.rmtree("manifests", ignore_errors=True)
+        os.symlink(self.private, "manifests")
 
     def back_off(self, why):
         """A front that keeps failing at once (its port taken) is retried less often."""
@@ -228,15 +248,16 @@ class Front:
                 log(f"cannot fold the front's hit log: {exc}")
 
     def stop(self):
-        if self.process is None:
-            return
-        self.kill_group(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill_group(signal.SIGKILL)
-        self.process.wait()
+        if self.process is not None:
+            self.kill_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill_group(signal.SIGKILL)
+            self.process.wait()
+        if self.private:
+            shutil.rmtree(self.private, ignore_errors=True)
 
 
 def parse_totals(text):

@@ -4,7 +4,9 @@ full disk leaves empty (registry 2.8 panics on it at every start)."""
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from _hub_mirror.programs import supervise
 from tests.support.modules import program
@@ -91,3 +93,9 @@ def test_the_front_starts_in_its_directory_without_old_fills_and_backs_off_when_
     front.keep()
     front.process.wait()
     assert len((tmp_path / "calls").read_text().splitlines()) == 2
+    # The manifest cache is off the storage, in a private directory that goes with the front.
+    private = (front_dir / "manifests").resolve()
+    assert (front_dir / "manifests").is_symlink() and private.parent == Path(tempfile.gettempdir())
+    assert private.stat().st_mode & 0o777 == 0o700
+    front.stop()
+    assert not private.exists()
