@@ -118,6 +118,9 @@ http {{
         proxy_ignore_headers Cache-Control Expires Set-Cookie
                              X-Accel-Expires X-Accel-Buffering X-Accel-Redirect X-Accel-Limit-Rate X-Accel-Charset;
         proxy_cache_convert_head off;
+        # Where a cache lock is on: how long a client may wait for another's fill.
+        proxy_cache_lock_timeout {lock_wait};
+        proxy_cache_lock_age {lock_wait};
         location / {{
             proxy_pass http://registry;
         }}
@@ -144,8 +147,6 @@ http {{
             proxy_cache_key "$request_method sha256:$d2$d62";
             proxy_cache_valid 200 1m;
             proxy_cache_lock on;
-            proxy_cache_lock_timeout {lock_wait};
-            proxy_cache_lock_age {lock_wait};
             # A client that goes away does not abort the fill the others wait for.
             proxy_ignore_client_abort on;
             access_log {hits_log} hits;
@@ -161,8 +162,6 @@ http {{
             proxy_cache_key "$request_method $uri $http_accept $http_user_agent";
             proxy_cache_valid 200 1m;
             proxy_cache_lock on;
-            proxy_cache_lock_timeout {lock_wait};
-            proxy_cache_lock_age {lock_wait};
             proxy_ignore_client_abort on;
         }}
         # A tag's answer is kept {tag_valid}s; a stale one serves while the registry fails
@@ -174,8 +173,6 @@ http {{
             proxy_cache_key "$request_method $uri $http_accept $http_user_agent";
             proxy_cache_valid 200 {tag_valid}s;
             proxy_cache_lock on;
-            proxy_cache_lock_timeout {lock_wait};
-            proxy_cache_lock_age {lock_wait};
             proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
         }}
     }}

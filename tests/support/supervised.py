@@ -7,13 +7,12 @@ cannot reach, and which compare the mirror with and without its front."""
 import json
 import os
 import pwd
-import signal
 import subprocess
 from pathlib import Path
 
 from tests.support.modules import exec_module, lib, program
 from tests.support.netutil import clean_env, wait_http
-from tests.support.processes import cpu_seconds, pids, stat_fields
+from tests.support.processes import cpu_seconds, pids, stat_fields, stop_group
 
 SERVICE_USER = "hub-mirror"
 NGINX = "/usr/sbin/nginx"
@@ -130,11 +129,5 @@ class SupervisedMirror:
         return sum(cpu_seconds(pid) or 0.0 for pid in family)
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_group(self.proc, 30)
