@@ -106,7 +106,8 @@ def check_path(errors, key, value, example="/var/lib/hub-mirror"):
     if any(len(part) > 255 for part in path.split("/")):
         errors.add(key, f"{show_value(path)} has a part longer than 255 characters", "shorten it")
         return None
-    return os.path.normpath(path)
+    # normpath keeps a leading "//" (POSIX leaves its meaning open): "//" is "/" here.
+    return "/" + os.path.normpath(path).lstrip("/")
 
 
 def check_url(errors, key, value, schemes=("http", "https"), credentials=False, placeholders=False):

@@ -21,9 +21,11 @@ S3 mirrors run without a front: their blobs are not local files. Pillar ``front:
 turns it off for a mirror.
 """
 
+import math
 import os
 import re
 import stat
+from decimal import Decimal
 
 from salt.exceptions import CommandExecutionError
 
@@ -46,7 +48,7 @@ HITS_TOTALS = "hits.json"
 # link takes minutes.
 LOCK_WAIT = "15m"
 
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+_GO_UNITS = {"ns": Decimal("1e-9"), "us": Decimal("1e-6"), "ms": Decimal("1e-3"), "s": 1, "m": 60, "h": 3600}
 
 
 def enabled(spec):
@@ -59,8 +61,10 @@ def front_dir(spec):
 
 def seconds(duration):
     """Whole seconds (rounded up) of a validated Go duration such as ``90s`` or ``1h30m``."""
-    total = sum(float(number) * _GO_UNITS[unit] for number, unit in re.findall(r"([0-9.]+)(ns|us|ms|s|m|h)", duration))
-    return int(-(-total // 1))
+    # Decimal, not float: 8.3m is 498 s, not 499.
+    parts = re.findall(r"([0-9.]+)(ns|us|ms|s|m|h)", duration)
+    total = sum(Decimal(number) * _GO_UNITS[unit] for number, unit in parts)
+    return math.ceil(total)
 
 
 # A tag asked by many clients at once is asked of the registry once (which asks the

@@ -3,6 +3,7 @@ Every rule a ``hub_mirror`` pillar value must pass, and the settings built from 
 valid pillar. Each value is allow-listed where it enters; errors name the key and the fix.
 """
 
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -238,7 +239,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
         if problem:
             errors.add(f"{prefix}:advertise", problem, "write it like http://mirror1.example.net:5000")
 
-    if not _DURATION_RE.fullmatch(mirror["ttl"]):
+    if not _is_duration(mirror["ttl"]):
         errors.add(
             f"{prefix}:ttl",
             f"{show_value(mirror['ttl'])} is not a duration",
@@ -263,7 +264,7 @@ def _validate_mirror(errors, name, mirror, version, grains):
             f"{show_value(mirror['front'])} is not a front",
             "use nginx (the default: hits at the disk's speed, one fill per blob) or none",
         )
-    if not _DURATION_RE.fullmatch(mirror["manifest_check_interval"]):
+    if not _is_duration(mirror["manifest_check_interval"]):
         errors.add(
             f"{prefix}:manifest_check_interval",
             f"{show_value(mirror['manifest_check_interval'])} is not a duration",
@@ -275,8 +276,33 @@ def _validate_mirror(errors, name, mirror, version, grains):
             "needs the front (front: nginx, filesystem storage)",
             "remove manifest_check_interval or use front: nginx",
         )
+    listen = bound.get("listen", ("", 0))[0]
+    if mirror["front"] == "nginx" and not mirror["s3"] and _nginx_cannot_listen(listen):
+        errors.add(
+            f"{prefix}:listen",
+            f"the front (nginx) cannot listen on {listen!r} (an IPv6 zone or an IPv4-mapped address)",
+            "write the plain address, e.g. 127.0.0.1:5000 or [fe80::1]:5000, or set front: none",
+        )
     _validate_cache_keys(errors, prefix, mirror)
     _validate_shared_storage(errors, prefix, mirror, version)
+
+
+# Go's time.Duration is an int64 of nanoseconds: about 2562047h at most.
+_MAX_DURATION_S = (2**63 - 1) // 10**9
+
+
+def _is_duration(value):
+    return bool(_DURATION_RE.fullmatch(value)) and seconds(value) <= _MAX_DURATION_S
+
+
+def _nginx_cannot_listen(host):
+    if "%" in host:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 6 and address.ipv4_mapped is not None
 
 
 def _validate_shared_storage(errors, prefix, mirror, version):
@@ -363,7 +389,17 @@ def validate_storage(errors, key, path, lookup, example):
     if real in _SHARED_DIRS:
         errors.add(key, f"{shown} is a shared system directory", example)
         return
-    for name in ("prefix", "config_dir", "state_dir", "log_dir", "run_dir", "unit_dir", "init_dir", "package_binary"):
+    for name in (
+        "prefix",
+        "config_dir",
+        "state_dir",
+        "log_dir",
+        "run_dir",
+        "unit_dir",
+        "init_dir",
+        "package_binary",
+        "front_binary",
+    ):
         other = os.path.realpath(lookup[name])
         # The default storage is <state_dir>/<mirror>: inside state_dir is fine, but not in
         # its dot directories (fingerprints, client records). Nothing of hub_mirror's may be
@@ -404,6 +440,10 @@ def _validate_lookup(errors, lookup):
             check_text(
                 errors, f"lookup:{name}", lookup[name], pattern=_PACKAGE_RE, fix="give a package or service name"
             )
+    service = lookup.get("front_service", "")
+    if isinstance(service, str) and (service.startswith("hub-mirror") or service.endswith(".service")):
+        # It is stopped and disabled when hub_mirror installs nginx: never a mirror's own.
+        errors.add("lookup:front_service", f"{service!r} is not the nginx package's service", "write e.g. nginx")
     if lookup.get("supervisor", "") not in ("", "systemd", "sysv"):
         errors.add("lookup:supervisor", "must be systemd, sysv or empty", "remove it to detect")
     user, group = (

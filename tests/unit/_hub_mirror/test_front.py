@@ -53,7 +53,7 @@ def test_the_config_serves_blob_files_and_coalesces_the_rest():
     assert "listen [::]:5000 ipv6only=off;" in front.render_conf(mirror_spec(listen="[::]:5000"))
 
 
-@pytest.mark.parametrize(("duration", "expected"), [("0", 0), ("90s", 90), ("1h30m", 5400), ("1.5s", 2), ("500ms", 1)])
+@pytest.mark.parametrize(("duration", "expected"), [("0", 0), ("90s", 90), ("1h30m", 5400), ("1.5s", 2), ("500ms", 1), ("8.3m", 498), ("32.2m", 1932)])
 def test_seconds_of_a_go_duration_round_up(duration, expected):
     assert front.seconds(duration) == expected
 
