@@ -94,8 +94,10 @@ http {{
     fastcgi_temp_path temp/fastcgi;
     uwsgi_temp_path temp/uwsgi;
     scgi_temp_path temp/scgi;
-    # "-" for a blob file served, HIT for a waiter served from another's fill, MISS for a fill.
-    log_format hits '$upstream_cache_status $status $body_bytes_sent';
+    # A blob: "-" for a file served, HIT for a waiter served from another's fill, MISS for
+    # a fill. A manifest: HIT (or STALE) when the front answered it without the registry.
+    log_format blobs 'blob $upstream_cache_status $status $body_bytes_sent';
+    log_format manifests 'manifest $upstream_cache_status $status $body_bytes_sent';
     # Transient: each fill lands here too (the registry keeps its own copy), so waiting
     # clients are served from it; gone 10 s after its last reader began (a reader keeps
     # its open file), so a finished fill holds the disk twice only briefly.
@@ -133,7 +135,7 @@ http {{
             try_files /$d2/$d2$d62/data @fill;
             # A file answers GET and HEAD; the registry answers the rest (it refuses them).
             error_page 405 = @registry;
-            access_log {hits_log} hits;
+            access_log {hits_log} blobs;
             etag off;
             add_header Docker-Content-Digest sha256:$d2$d62;
             add_header Docker-Distribution-Api-Version registry/2.0;
@@ -153,7 +155,7 @@ http {{
             proxy_cache_lock on;
             # A client that goes away does not abort the fill the others wait for.
             proxy_ignore_client_abort on;
-            access_log {hits_log} hits;
+            access_log {hits_log} blobs;
         }}
         # By digest a manifest never changes: concurrent requests share one fetch. The
         # registry answers by the Accept headers, of which nginx 1.22 sees only the first
@@ -167,6 +169,7 @@ http {{
             proxy_cache_valid 200 1m;
             proxy_cache_lock on;
             proxy_ignore_client_abort on;
+            access_log {hits_log} manifests;
         }}
         # A tag's answer is kept {tag_valid}s; a stale one serves while the registry fails
         # (429 and 5xx from the upstream the registry answers itself, from the cache).
@@ -178,6 +181,7 @@ http {{
             proxy_cache_valid 200 {tag_valid}s;
             proxy_cache_lock on;
             proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
+            access_log {hits_log} manifests;
         }}
     }}
 }}
@@ -234,8 +238,9 @@ def _read_own(directory_fd, name):
 
 
 def counters(spec):
-    """What the front served itself since the cache began: blob files (hits the registry
-    never saw), waiters served from another's fill, and their bytes."""
+    """What the front served itself since the cache began, which the registry never saw:
+    blob files, waiters served from another's fill, manifests from its own cache, and
+    their bytes."""
     totals = {}
     try:
         directory_fd = os.open(front_dir(spec), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -251,6 +256,7 @@ def counters(spec):
     return {
         "blob_files": totals.get("files", 0),
         "coalesced": totals.get("coalesced", 0),
+        "manifests": totals.get("manifests", 0),
         "served": size_report(totals.get("bytes", 0)),
     }
 

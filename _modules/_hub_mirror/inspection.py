@@ -116,15 +116,15 @@ def status(conf, names, images=False):
 
 
 def _count_front_hits(counters, served):
-    """The registry's blob counters never see what the front served: blob files and
-    waiters served from another's fill are hits too."""
-    blobs = (counters or {}).get("blobs")
-    if not blobs or blobs.get("hits") is None:
-        return
-    extra = served["blob_files"] + served["coalesced"]
-    blobs["requests"] += extra
-    blobs["hits"] += extra
-    blobs["hit_ratio"] = round(blobs["hits"] / blobs["requests"], 3) if blobs["requests"] else None
+    """The registry's counters never see what the front served: blob files, waiters
+    served from another's fill and manifests from the front's cache are hits too."""
+    for kind, extra in (("blobs", served["blob_files"] + served["coalesced"]), ("manifests", served["manifests"])):
+        entry = (counters or {}).get(kind)
+        if not entry or entry.get("hits") is None:
+            continue
+        entry["requests"] += extra
+        entry["hits"] += extra
+        entry["hit_ratio"] = round(entry["hits"] / entry["requests"], 3) if entry["requests"] else None
 
 
 def _mirror_status(conf, spec, installed, images):

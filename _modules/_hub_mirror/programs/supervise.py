@@ -260,28 +260,36 @@ class Front:
             shutil.rmtree(self.private, ignore_errors=True)
 
 
+TOTALS = ("files", "coalesced", "manifests", "bytes")
+# What each log line ``<blob|manifest> <cache status> <status> <bytes>`` counts as. A MISS
+# (or EXPIRED) went to the registry, which counts it itself.
+_KINDS = {
+    ("blob", "-"): "files",
+    **{("blob", status): "coalesced" for status in ("HIT", "STALE", "UPDATING")},
+    **{("manifest", status): "manifests" for status in ("HIT", "STALE", "UPDATING")},
+}
+
+
 def parse_totals(text):
-    """The front's running totals ({"files", "coalesced", "bytes"}) from their JSON, {} if
-    there are none or they are no totals of ours."""
+    """The front's running totals (``TOTALS``) from their JSON, {} if there are none or
+    they are no totals of ours."""
     try:
         totals = json.loads(text)
-        return {key: int(totals[key]) for key in ("files", "coalesced", "bytes") if key in totals}
+        return {key: int(totals[key]) for key in TOTALS if key in totals}
     except (ValueError, TypeError, KeyError):
         return {}
 
 
 def tally(lines, totals):
-    """Add the front's log lines (``<cache status> <status> <bytes>``) to ``totals``: "-" is
-    a blob file served, HIT a waiter served from another's fill; a MISS is the fill itself,
-    which the registry counts."""
+    """Add the front's log lines to ``totals``."""
     for line in lines:
         fields = line.split()
-        if len(fields) != 3 or not fields[2].isdigit() or fields[1] not in ("200", "206"):
+        if len(fields) != 4 or not fields[3].isdigit() or fields[2] not in ("200", "206"):
             continue
-        kind = "files" if fields[0] == "-" else "coalesced" if fields[0] in ("HIT", "STALE", "UPDATING") else None
+        kind = _KINDS.get((fields[0], fields[1]))
         if kind:
             totals[kind] = totals.get(kind, 0) + 1
-            totals["bytes"] = totals.get("bytes", 0) + int(fields[2])
+            totals["bytes"] = totals.get("bytes", 0) + int(fields[3])
     return totals
 
 

@@ -79,14 +79,18 @@ def test_counters_add_the_totals_and_the_logs(tmp_path):
     spec = mirror_spec(storage=str(tmp_path))
     directory = tmp_path / front.FRONT_DIR
     directory.mkdir()
-    (directory / "hits.log").write_text("- 200 100\nHIT 200 50\nMISS 200 999\n- 404 0\nbroken\n- 206 10\n")
-    (directory / "hits.log.1").write_text("- 200 1000\n")
+    (directory / "hits.log").write_text(
+        "blob - 200 100\nblob HIT 200 50\nblob MISS 200 999\nblob - 404 0\nbroken\nblob - 206 10\n"
+        "manifest HIT 200 7\nmanifest MISS 200 7\nmanifest EXPIRED 200 7\nmanifest STALE 200 3\n- 200 1\n"
+    )
+    (directory / "hits.log.1").write_text("blob - 200 1000\n")
     supervise.fold_hits(str(directory))
     assert not (directory / "hits.log.1").exists()
     assert front.counters(spec) == {
         "blob_files": 3,
         "coalesced": 1,
-        "served": {"bytes": 1160, "human": "1.1 KiB"},
+        "manifests": 2,
+        "served": {"bytes": 1170, "human": "1.1 KiB"},
     }
     (directory / "hits.json").write_text("[not a dict]")
     assert front.counters(spec)["blob_files"] == 2
@@ -143,7 +147,7 @@ def test_counters_follow_no_symlink_the_service_user_put_there(tmp_path):
     swapped for a symlink to somewhere else is not read."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "hits.log").write_text("- 200 100\n")
+    (elsewhere / "hits.log").write_text("blob - 200 100\n")
     storage = tmp_path / "storage"
     (storage / front.FRONT_DIR).mkdir(parents=True)
     (storage / front.FRONT_DIR / "hits.log").symlink_to(elsewhere / "hits.log")
