@@ -93,7 +93,9 @@ def _fingerprint(conf, spec, files):
     What the mirror must serve with: the binary the pillar asks for, the configs rendered
     from pillar and the service files. Computed from pillar, not from disk, so that a test
     run sees the restart a pending install or config change will cause. The credentials
-    file is left out: registry 3.x rereads it without a restart.
+    file is left out: registry 3.x rereads it without a restart. The front's nginx is read
+    from disk: a package upgrade replaces it under a running front, which keeps the old
+    code until the next apply restarts the mirror.
     """
     digest = hashlib.sha256()
     binary = binary_path(conf)
@@ -101,6 +103,9 @@ def _fingerprint(conf, spec, files):
         digest.update(asset_url(conf["version"], conf["arch"], conf["install"]["source"]).encode())
     elif os.path.exists(binary):
         digest.update(sha256_file(binary).encode())
+    front_binary = conf["lookup"]["front_binary"]
+    if front_enabled(spec) and os.path.isfile(front_binary):
+        digest.update(sha256_file(front_binary).encode())
     texts = render_config_files(conf, spec)
     for key in ("config", "offline_config", "supervise_settings", "front_conf"):
         digest.update(texts.get(key, "").encode())

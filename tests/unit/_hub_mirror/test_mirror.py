@@ -126,3 +126,25 @@ def test_a_token_taken_out_of_pillar_leaves_it_in_no_file(tmp_path, monkeypatch)
     assert third["changes"]["credential_helper"] == {"old": paths["credential_helper"], "new": ""}
     assert not os.path.lexists(paths["credentials"]) and not os.path.lexists(paths["credential_helper"])
     assert configure(version="2.8.2")[1]["changes"] == {}
+
+
+def test_an_upgraded_nginx_restarts_the_front_at_the_next_apply(tmp_path):
+    # A package upgrade replaces nginx under a running front, which keeps the old code.
+    nginx = tmp_path / "nginx"
+    nginx.write_bytes(b"1.22.1")
+    lookup = {**lookup_in(tmp_path), "front_binary": str(nginx)}
+    conf = settings_of({"lookup": lookup, "mirrors": {"hub": pillar_mirror(storage=str(tmp_path / "cache"))}})
+    spec = conf["mirrors"]["hub"]
+
+    def fingerprint():
+        return mirror._fingerprint(conf, spec, supervisor.render_service_files(conf, spec))
+
+    before = fingerprint()
+    assert fingerprint() == before
+    nginx.write_bytes(b"1.22.1-7+deb12u1")
+    assert fingerprint() != before
+    # A mirror without a front does not restart for it.
+    unfronted = {**spec, "front": "none"}
+    without = mirror._fingerprint(conf, unfronted, {})
+    nginx.write_bytes(b"1.22.1-7+deb12u2")
+    assert mirror._fingerprint(conf, unfronted, {}) == without
