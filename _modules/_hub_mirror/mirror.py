@@ -151,6 +151,9 @@ def deploy(conf, spec, test=False):
         changes["started"] = True
     elif changed:
         changes["restarted"] = True
+    unused_front = _unused_front_dir(spec)
+    if unused_front:
+        changes[unused_front] = "removed"
     if not changes:
         if wait_serving(spec, min(conf["probe_timeout"], 5)):
             return {"changes": {}, "comment": f"Mirror {mirror} is running and answers /v2/"}
@@ -172,6 +175,9 @@ def deploy(conf, spec, test=False):
         supervisor.start(mirror, restart=is_running)
     if not wait_serving(spec, conf["probe_timeout"]):
         raise CommandExecutionError(_rollback(conf, spec, paths))
+    if unused_front:
+        # Only now: until the restart above, the old front still used it.
+        _remove_from_storage(spec, [unused_front])
     # 0600: a digest over the rendered config is still derived from the token.
     write_atomic(paths["fingerprint"], fingerprint + "\n", 0o600)
     _save_last_good(paths, files)
@@ -314,6 +320,32 @@ def _purge_targets(storage):
     ]
 
 
+def _remove_from_storage(spec, paths):
+    """Delete ``paths``, entries of the storage directory, through a descriptor of that
+    directory: the service user owns it and may swap it for a symlink meanwhile."""
+    storage_fd = open_dir(spec["storage"], f"hub_mirror:mirrors:{spec['name']}:storage")
+    try:
+        for path in paths:
+            # By the fd's own /proc link, which stays on the opened directory.
+            pinned = os.path.join(f"/proc/self/fd/{storage_fd}", os.path.basename(path))
+            if stat.S_ISDIR(os.lstat(pinned).st_mode):
+                shutil.rmtree(pinned)
+            else:
+                os.unlink(pinned)
+    finally:
+        os.close(storage_fd)
+
+
+def _unused_front_dir(spec):
+    """The front's directory in the storage of a mirror that runs without a front now:
+    its fill cache may hold gigabytes nobody empties any more."""
+    storage = spec["storage"]
+    if front_enabled(spec) or not storage or not os.path.isfile(os.path.join(storage, STORAGE_MARKER)):
+        return None
+    path = os.path.join(storage, FRONT_DIR)
+    return path if os.path.lexists(path) else None
+
+
 def remove(conf, spec, purge_storage=False, test=False):
     """Stop the mirror ``spec`` and remove its service files, config and fingerprint. The cache in its
     storage directory stays unless ``purge_storage=True``; a purge deletes only what the
@@ -354,21 +386,11 @@ def remove(conf, spec, purge_storage=False, test=False):
     supervisor.disable(mirror)
     if not stopped:
         raise CommandExecutionError(f"mirror {mirror} still serves after its service was stopped: nothing was removed")
-    # Stopping takes seconds: the storage chosen before must still be that directory.
-    storage_fd = open_dir(spec["storage"], f"hub_mirror:mirrors:{mirror}:storage") if purge else None
-    try:
-        for path in present:
-            os.unlink(path)
-        for path in purge:
-            # By the fd's own /proc link, which stays on the opened directory.
-            pinned = os.path.join(f"/proc/self/fd/{storage_fd}", os.path.basename(path))
-            if stat.S_ISDIR(os.lstat(pinned).st_mode):
-                shutil.rmtree(pinned)
-            else:
-                os.unlink(pinned)
-    finally:
-        if storage_fd is not None:
-            os.close(storage_fd)
+    if purge:
+        # Stopping takes seconds: the storage chosen before must still be that directory.
+        _remove_from_storage(spec, purge)
+    for path in present:
+        os.unlink(path)
     if purge:
         try:
             os.rmdir(spec["storage"])

@@ -2,6 +2,8 @@
 the release asset from a loopback server, the registry as a supervised service, a pull
 through it with skopeo, and `hub_mirror.catalog` listing what was pulled."""
 
+import os
+
 import pytest
 
 from tests.support import oci
@@ -85,3 +87,31 @@ def test_installed_version_and_rendered_config(applied, release_server):
     assert config["storage"]["delete"] == {"enabled": True}
     assert config["http"]["debug"]["addr"].startswith("127.0.0.1:")
     assert set(config["health"]) == {"storagedriver"}
+
+
+def test_front_none_and_back_keeps_serving_the_cache_and_leaves_no_front_behind(applied, clean_hub, image_layout, tmp_path):
+    minion, port, _, _ = applied
+    name = minion.mirror_names()[0]
+    digest = oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "cold"))
+    storage = minion.run("hub_mirror.settings").data["mirrors"][name]["storage"]
+    front_dir = os.path.join(storage, ".hub-mirror-front")
+    assert os.path.isdir(front_dir)
+
+    def switch(front):
+        minion.set_pillar({**minion.pillar, "mirrors": {name: {**minion.pillar["mirrors"][name], "front": front}}})
+        predicted = minion.apply(test=True)
+        live = minion.apply()
+        assert live.returncode == 0, live
+        assert set(predicted.changes) == set(live.changes), (predicted.changes, live.changes)
+        assert minion.apply().changes == {}
+
+    # Without a front the registry listens on the port itself; the front's directory (its
+    # fill cache can hold gigabytes) goes once the registry serves without it.
+    switch("none")
+    assert not os.path.lexists(front_dir)
+    assert minion.run("hub_mirror.config", f"mirror={name}").data["http"]["addr"] == f"127.0.0.1:{port}"
+    assert oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "unfronted")) == digest
+    switch("nginx")
+    assert os.path.isdir(front_dir)
+    assert oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "fronted")) == digest
+    assert minion.run("hub_mirror.status", f"mirror={name}").data[name]["front"]["blob_files"] > 0
