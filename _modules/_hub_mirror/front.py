@@ -262,9 +262,9 @@ def counters(spec):
 
 
 def install(conf, pkg_version, pkg_install, supervisor, test=False):
-    """Install nginx where a mirror has a front and it is missing. Its package starts the
-    distribution's own nginx (a welcome page on port 80): when hub_mirror installed it,
-    that service is stopped and disabled; an nginx that was there before is left alone."""
+    """Install nginx where a mirror has a front and it is missing. The distribution's own
+    nginx service (a welcome page on port 80) is not started (see
+    ``release.install``), and disabled; an nginx that was there before is left alone."""
     package = conf["lookup"]["front_package"]
     if os.path.exists(conf["lookup"]["front_binary"]) or pkg_version(package):
         return {}

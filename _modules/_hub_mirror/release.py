@@ -17,7 +17,7 @@ import requests
 from salt.exceptions import CommandExecutionError
 
 from . import front
-from .fsutil import ensure_dir, sha256_file, write_atomic
+from .fsutil import ensure_dir, read_file, sha256_file, write_atomic
 from .net import redact_text, redact_url
 from .settings import (
     RELEASE_ARCHES_2,
@@ -155,9 +155,35 @@ def _extract_registry(tarball, dest):
     raise CommandExecutionError(f"the release tarball has no top-level 'registry' file: {tarball}")
 
 
+# Debian's maintainer scripts start a package's service through invoke-rc.d or
+# deb-systemd-invoke, which both ask this program first: 101 means "not now".
+POLICY_RC_D = "/usr/sbin/policy-rc.d"
+_NO_STARTS = "#!/bin/sh\n# hub_mirror is installing a package whose own service is not to start.\nexit 101\n"
+
+
+def _without_service_starts(pkg_install):
+    """``pkg_install`` with no package service started while it runs: Debian's
+    docker-registry would serve its own config on :5000 and nginx its welcome page on :80
+    until hub_mirror disabled them. A policy the host has already (a container image's)
+    is left to decide."""
+
+    def install(*args, **kwargs):
+        if os.path.lexists(POLICY_RC_D):
+            return pkg_install(*args, **kwargs)
+        write_atomic(POLICY_RC_D, _NO_STARTS, 0o755)
+        try:
+            return pkg_install(*args, **kwargs)
+        finally:
+            if read_file(POLICY_RC_D) == _NO_STARTS:
+                os.unlink(POLICY_RC_D)
+
+    return install
+
+
 def install(conf, grains, pkg_version, pkg_install, test=False):
     """Install the registry the ``hub_mirror`` pillar asks for, and nginx where a mirror has
     a front; idempotent."""
+    pkg_install = _without_service_starts(pkg_install)
     if conf["install"]["method"] == "package":
         result = _install_package(conf, test, pkg_version, pkg_install)
     else:

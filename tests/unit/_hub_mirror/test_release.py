@@ -2,6 +2,7 @@
 expected digest comes from the built-in table, the pillar or a URL."""
 
 import hashlib
+import subprocess
 
 import pytest
 from salt.exceptions import CommandExecutionError
@@ -61,3 +62,30 @@ def test_a_credentialed_source_never_shows_when_the_download_fails(tmp_path, sou
         assert secret not in str(failed.value)
         for path in tmp_path.rglob("*"):
             assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+
+
+def test_no_package_service_starts_while_a_package_installs(tmp_path, monkeypatch):
+    """Debian's maintainer scripts ask policy-rc.d before they start a service (101: not
+    now): it is there, and says no, exactly while a package installs."""
+    policy = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(release, "POLICY_RC_D", str(policy))
+    answers = []
+
+    def pkg_install(name, refresh=False):
+        answers.append(subprocess.run([str(policy), f"{name}.service", "start"], check=False).returncode)
+        if name == "broken":
+            raise CommandExecutionError("E: unable to locate package broken")
+        return {name: {"new": "1"}}
+
+    quiet = release._without_service_starts(pkg_install)
+    assert quiet("nginx", refresh=True) == {"nginx": {"new": "1"}}
+    with pytest.raises(CommandExecutionError):
+        quiet("broken")
+    assert answers == [101, 101]
+    assert not policy.exists()
+
+    # A host's own policy decides, and stays as it was.
+    policy.write_text("#!/bin/sh\nexit 0\n")
+    policy.chmod(0o755)
+    quiet("nginx")
+    assert answers[-1] == 0 and policy.read_text() == "#!/bin/sh\nexit 0\n"
