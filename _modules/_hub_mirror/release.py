@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -156,25 +157,49 @@ def _extract_registry(tarball, dest):
 
 
 # Debian's maintainer scripts start a package's service through invoke-rc.d or
-# deb-systemd-invoke, which both ask this program first: 101 means "not now".
+# deb-systemd-invoke, which both run this program first: 101 means "do not".
 POLICY_RC_D = "/usr/sbin/policy-rc.d"
-_NO_STARTS = "#!/bin/sh\n# hub_mirror is installing a package whose own service is not to start.\nexit 101\n"
+_POLICY_MARK = "# hub_mirror is installing a package: its own service does not start now"
 
 
-def _without_service_starts(pkg_install):
-    """``pkg_install`` with no package service started while it runs: Debian's
-    docker-registry would serve its own config on :5000 and nginx its welcome page on :80
-    until hub_mirror disabled them. A policy the host has already (a container image's)
-    is left to decide."""
+def _policy_text(services):
+    """A policy that refuses ``services`` (as init scripts and as units) and allows the rest."""
+    names = "|".join(shlex.quote(name) for service in services for name in (service, f"{service}.service"))
+    return (
+        f"#!/bin/sh\n{_POLICY_MARK}; other services may.\n"
+        'while [ "${1#--}" != "$1" ]; do shift; done\n'  # invoke-rc.d passes --quiet first
+        f'case "$1" in\n    {names}) exit 101 ;;\nesac\nexit 0\n'
+    )
+
+
+def _is_our_policy():
+    text = read_file(POLICY_RC_D)
+    return text is not None and text.startswith(f"#!/bin/sh\n{_POLICY_MARK}")
+
+
+def _without_service_starts(pkg_install, services):
+    """``pkg_install`` during which Debian starts none of ``services``: docker-registry would
+    serve its own config on :5000 and nginx its welcome page on :80 until hub_mirror
+    disabled them. A policy the host has (a container image's) is left to decide; one a
+    run killed mid-install left behind is ours to replace and remove."""
 
     def install(*args, **kwargs):
-        if os.path.lexists(POLICY_RC_D):
+        if _is_our_policy():
+            os.unlink(POLICY_RC_D)
+        try:
+            # Exclusive: a policy that appeared meanwhile is never overwritten.
+            descriptor = os.open(POLICY_RC_D, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+        except FileExistsError:
             return pkg_install(*args, **kwargs)
-        write_atomic(POLICY_RC_D, _NO_STARTS, 0o755)
+        try:
+            os.fchmod(descriptor, 0o755)
+            os.write(descriptor, _policy_text(services).encode())
+        finally:
+            os.close(descriptor)
         try:
             return pkg_install(*args, **kwargs)
         finally:
-            if read_file(POLICY_RC_D) == _NO_STARTS:
+            if _is_our_policy():
                 os.unlink(POLICY_RC_D)
 
     return install
@@ -183,7 +208,8 @@ def _without_service_starts(pkg_install):
 def install(conf, grains, pkg_version, pkg_install, test=False):
     """Install the registry the ``hub_mirror`` pillar asks for, and nginx where a mirror has
     a front; idempotent."""
-    pkg_install = _without_service_starts(pkg_install)
+    lookup = conf["lookup"]
+    pkg_install = _without_service_starts(pkg_install, [lookup["package_service"], lookup["front_service"]])
     if conf["install"]["method"] == "package":
         result = _install_package(conf, test, pkg_version, pkg_install)
     else:

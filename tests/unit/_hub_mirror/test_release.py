@@ -2,12 +2,17 @@
 expected digest comes from the built-in table, the pillar or a URL."""
 
 import hashlib
+import os
 import subprocess
+import tempfile
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from salt.exceptions import CommandExecutionError
 
-from _hub_mirror import release, settings
+from _hub_mirror import release, settings, validate
 from tests.unit.host import GRAINS, lookup_in, settings_of
 
 
@@ -65,27 +70,49 @@ def test_a_credentialed_source_never_shows_when_the_download_fails(tmp_path, sou
 
 
 def test_no_package_service_starts_while_a_package_installs(tmp_path, monkeypatch):
-    """Debian's maintainer scripts ask policy-rc.d before they start a service (101: not
-    now): it is there, and says no, exactly while a package installs."""
+    """Debian's maintainer scripts ask policy-rc.d before they start a service (101: do
+    not): it is there, and says no to the installed packages' own services only, exactly
+    while a package installs."""
     policy = tmp_path / "policy-rc.d"
     monkeypatch.setattr(release, "POLICY_RC_D", str(policy))
+    asked = [("nginx", "start"), ("--quiet", "nginx", "start"), ("nginx.service", "start"), ("docker-registry", "restart"), ("ssh.service", "restart"), ()]
     answers = []
 
     def pkg_install(name, refresh=False):
-        answers.append(subprocess.run([str(policy), f"{name}.service", "start"], check=False).returncode)
+        answers.append([subprocess.run([str(policy), *args], check=False).returncode for args in asked])
         if name == "broken":
             raise CommandExecutionError("E: unable to locate package broken")
         return {name: {"new": "1"}}
 
-    quiet = release._without_service_starts(pkg_install)
+    quiet = release._without_service_starts(pkg_install, ["docker-registry", "nginx"])
     assert quiet("nginx", refresh=True) == {"nginx": {"new": "1"}}
     with pytest.raises(CommandExecutionError):
         quiet("broken")
-    assert answers == [101, 101]
+    assert answers == [[101, 101, 101, 101, 0, 0]] * 2
     assert not policy.exists()
+
+    # One left by a run killed mid-install is replaced and goes.
+    policy.write_text(release._policy_text(["old"]))
+    policy.chmod(0o755)
+    quiet("nginx")
+    assert answers[-1][0] == 101 and not policy.exists()
 
     # A host's own policy decides, and stays as it was.
     policy.write_text("#!/bin/sh\nexit 0\n")
     policy.chmod(0o755)
     quiet("nginx")
-    assert answers[-1] == 0 and policy.read_text() == "#!/bin/sh\nexit 0\n"
+    assert answers[-1] == [0] * len(asked) and policy.read_text() == "#!/bin/sh\nexit 0\n"
+
+
+@given(st.lists(st.from_regex(validate._PACKAGE_RE, fullmatch=True), min_size=1, max_size=3))
+@hypothesis_settings(max_examples=50, deadline=None)
+def test_the_policy_refuses_exactly_the_services_named(names):
+    # Every name validation lets through (lookup:package_service, lookup:front_service).
+    with tempfile.TemporaryDirectory() as directory:
+        policy = os.path.join(directory, "policy-rc.d")
+        with open(policy, "w", encoding="utf-8") as handle:
+            handle.write(release._policy_text(names))
+        os.chmod(policy, 0o755)
+        for name in names:
+            assert subprocess.run([policy, name, "start"], check=False).returncode == 101
+        assert subprocess.run([policy, "x" + names[0] + "x", "start"], check=False).returncode == 0
