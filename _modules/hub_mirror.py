@@ -255,7 +255,9 @@ def deploy(mirror="dockerhub", test=False):
     loop), enables it and (re)starts the registry only when the binary, the config or the
     service files differ from what it last started with. Success means ``/v2/`` answers
     within ``probe_timeout``: a restart that does not come up restores the last config
-    that served, restarts on it and fails.
+    that served, restarts on it and fails. Before a restart, the front's nginx must accept
+    its config (``nginx -t``), or nothing restarts. A mirror switched to ``front: none``
+    loses the front's directory in its storage once it serves without it.
 
     CLI Example:
 

@@ -24,11 +24,15 @@ turns it off for a mirror.
 import math
 import os
 import re
+import shutil
 import stat
+import subprocess
+import tempfile
 from decimal import Decimal
 
 from salt.exceptions import CommandExecutionError
 
+from .fsutil import write_atomic
 from .net import hostport
 from .programs.supervise import parse_totals, tally
 from .units import size_report
@@ -95,7 +99,7 @@ http {{
     uwsgi_temp_path temp/uwsgi;
     scgi_temp_path temp/scgi;
     # A blob: "-" for a file served, HIT for a waiter served from another's fill, MISS for
-    # a fill. A manifest: HIT (or STALE) when the front answered it without the registry.
+    # a fill. A manifest: HIT when the front answered it without the registry.
     log_format blobs 'blob $upstream_cache_status $status $body_bytes_sent';
     log_format manifests 'manifest $upstream_cache_status $status $body_bytes_sent';
     # Transient: each fill lands here too (the registry keeps its own copy), so waiting
@@ -259,6 +263,36 @@ def counters(spec):
         "manifests": totals.get("manifests", 0),
         "served": size_report(totals.get("bytes", 0)),
     }
+
+
+def check_conf(binary, text, user_kwargs):
+    """nginx's own check (``nginx -t``) of the front's config ``text``, run as the service
+    user (``user_kwargs`` for subprocess) in a private prefix: a config, or an upgraded
+    nginx, that the front cannot run is found while the running front still serves. The
+    error, or None."""
+    prefix = tempfile.mkdtemp(prefix="hub-mirror-front-check-")
+    try:
+        for path in (prefix, os.path.join(prefix, "temp")):
+            os.makedirs(path, exist_ok=True)
+            if "user" in user_kwargs:
+                os.chown(path, user_kwargs["user"], user_kwargs["group"])
+        conf_path = os.path.join(prefix, "front.conf")
+        write_atomic(conf_path, text, 0o600, user_kwargs.get("user", -1), user_kwargs.get("group", -1))
+        try:
+            proc = subprocess.run(
+                [binary, "-t", "-q", "-c", conf_path, "-p", prefix + "/", "-e", "stderr"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={},
+                **user_kwargs,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+    return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit status {proc.returncode}")
 
 
 def install(conf, pkg_version, pkg_install, supervisor, test=False):

@@ -13,9 +13,10 @@ import urllib.parse
 import yaml
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
-from .accounts import service_ids
+from .accounts import service_ids, service_user_kwargs
 from .checks import Errors, check_path, show_value
 from .front import FRONT_DIR
+from .front import check_conf as check_front_conf
 from .front import enabled as front_enabled
 from .fsutil import open_dir, read_file, sha256_file, write_atomic
 from .net import REDACTED, is_loopback_host, parse_hostport
@@ -151,15 +152,17 @@ def deploy(conf, spec, test=False):
         changes["started"] = True
     elif changed:
         changes["restarted"] = True
+    if not changes and not wait_serving(spec, min(conf["probe_timeout"], 5)):
+        changes["restarted"] = True
     unused_front = _unused_front_dir(spec)
     if unused_front:
         changes[unused_front] = "removed"
     if not changes:
-        if wait_serving(spec, min(conf["probe_timeout"], 5)):
-            return {"changes": {}, "comment": f"Mirror {mirror} is running and answers /v2/"}
-        changes["restarted"] = True
+        return {"changes": {}, "comment": f"Mirror {mirror} is running and answers /v2/"}
     if test:
         return {"changes": changes, "comment": f"Mirror {mirror} would be brought up"}
+    if front_enabled(spec) and ("started" in changes or "restarted" in changes):
+        _check_front(conf, spec, paths)
 
     for path, (text, mode) in stale.items():
         write_atomic(path, text, mode)
@@ -175,13 +178,35 @@ def deploy(conf, spec, test=False):
         supervisor.start(mirror, restart=is_running)
     if not wait_serving(spec, conf["probe_timeout"]):
         raise CommandExecutionError(_rollback(conf, spec, paths))
-    if unused_front:
-        # Only now: until the restart above, the old front still used it.
-        _remove_from_storage(spec, [unused_front])
     # 0600: a digest over the rendered config is still derived from the token.
     write_atomic(paths["fingerprint"], fingerprint + "\n", 0o600)
     _save_last_good(paths, files)
-    return {"changes": changes, "comment": f"Mirror {mirror} runs and answers /v2/"}
+    comment = f"Mirror {mirror} runs and answers /v2/"
+    if unused_front:
+        # Only now: until the restart above, the old front used it. What serves has
+        # changed and is recorded: a directory that will not go is said, not raised.
+        try:
+            _remove_from_storage(spec, [unused_front])
+        except FileNotFoundError:
+            pass
+        except (OSError, CommandExecutionError) as exc:
+            del changes[unused_front]
+            comment += f"; {unused_front}, which it no longer uses, could not be removed ({exc}): remove it by hand"
+    return {"changes": changes, "comment": comment}
+
+
+def _check_front(conf, spec, paths):
+    """Before the running front stops: the nginx to start must accept its config (an
+    upgraded nginx may not, and a rollback cannot bring back the old binary). Refused,
+    the files of the setup that serves are put back, and nothing restarts."""
+    binary = conf["lookup"]["front_binary"]
+    refused = check_front_conf(binary, read_file(paths["front_conf"]) or "", service_user_kwargs(conf))
+    if refused:
+        kept = _restore_last_good(paths)
+        raise CommandExecutionError(
+            f"mirror {spec['name']}: {binary} refuses the front's config, so nothing was restarted: {refused}"
+            + "".join(f"; the new config is kept as {path}.failed" for path in kept)
+        )
 
 
 def _save_last_good(paths, service_files):
@@ -208,20 +233,11 @@ def _rollback(conf, spec, paths):
         f"mirror {name} did not answer {probe_url(spec)}/v2/ within "
         f"{conf['probe_timeout']}s. Recent log:\n{supervisor_for(conf).recent_log(name)}"
     )
-    try:
-        with open(paths["last_good"], encoding="utf-8") as handle:
-            snapshot = json.load(handle)
-    except (OSError, ValueError):
-        return message
+    snapshot = _read_last_good(paths)
     restore = {path: f for path, f in snapshot.items() if read_file(path) != f["text"]}
     if not restore:
         return message
-    # What failed stays beside what serves again, to be read: the registry's config, the front's.
-    failed = [path for path in (paths["config"], paths["front_conf"]) if path in restore and os.path.exists(path)]
-    for path in failed:
-        shutil.copy2(path, path + ".failed")
-    for path, saved in restore.items():
-        write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
+    failed = _restore_last_good(paths)
     supervisor = supervisor_for(conf)
     if paths["unit"] in restore:
         supervisor.files_changed()
@@ -235,6 +251,26 @@ def _rollback(conf, spec, paths):
         f"({'it serves again' if restored else 'it does not answer either'})"
         + "".join(f"; the new config is kept as {path}.failed" for path in failed)
     )
+
+
+def _read_last_good(paths):
+    try:
+        with open(paths["last_good"], encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _restore_last_good(paths):
+    """Write back every file of the last setup that served which differs now; the new
+    configs that failed stay beside them, to be read (``.failed``), and are returned."""
+    restore = {path: f for path, f in _read_last_good(paths).items() if read_file(path) != f["text"]}
+    failed = [path for path in (paths["config"], paths["front_conf"]) if path in restore and os.path.exists(path)]
+    for path in failed:
+        shutil.copy2(path, path + ".failed")
+    for path, saved in restore.items():
+        write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
+    return failed
 
 
 def orphans(conf):

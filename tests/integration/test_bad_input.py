@@ -8,7 +8,9 @@ import dataclasses
 import hashlib
 import json
 import pwd
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -440,3 +442,47 @@ def test_config_that_does_not_serve_is_rolled_back(masterless, release_server, c
     again = masterless.apply()
     assert again.returncode == 0, again
     assert oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "again")) == digest
+
+
+def test_an_nginx_that_refuses_the_front_config_restarts_nothing(masterless, release_server, clean_hub, mirror_name, tmp_path):
+    """An upgraded nginx that cannot run the front's config (here one that says so on
+    ``-t``): the check before the restart refuses it, the same processes keep serving and
+    every file of theirs is put back. A rollback after the restart could not have brought
+    the old nginx back."""
+    port = free_port()
+    good = archive_pillar(release_server, {mirror_name: clean_hub.mirror_pillar(port)})
+    masterless.set_pillar(good)
+    assert masterless.apply().returncode == 0
+    digest = oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "first"))
+    config_dir = Path(masterless.lookup["config_dir"])
+    before = {path: path.read_bytes() for path in config_dir.iterdir() if path.is_file()}
+    (registry,) = registry_pids(str(config_dir / f"{mirror_name}.yml"))
+    supervisor = parent_pid(registry)
+
+    # Where the service user can run it (pytest's own directories are root's alone).
+    home = Path(tempfile.mkdtemp(prefix="hub-mirror-nginx-"))
+    try:
+        home.chmod(0o755)
+        upgraded = home / "nginx"
+        upgraded.write_text(
+            '#!/bin/sh\nfor arg; do [ "$arg" = -t ] && { echo \'nginx: [emerg] unknown directive "proxy_cache_lock_age"\' >&2; exit 1; }; done\n'
+            'exec /usr/sbin/nginx "$@"\n'
+        )
+        upgraded.chmod(0o755)
+        refused = copy.deepcopy(good)
+        refused.setdefault("lookup", {})["front_binary"] = str(upgraded)
+        masterless.set_pillar(refused)
+        result = masterless.apply()
+    finally:
+        shutil.rmtree(home)
+    masterless.set_pillar(good)
+
+    assert result.returncode != 0, result
+    assert "refuses the front's config, so nothing was restarted" in result.output
+    assert 'unknown directive "proxy_cache_lock_age"' in result.output
+    assert registry_pids(str(config_dir / f"{mirror_name}.yml")) == [registry] and parent_pid(registry) == supervisor
+    assert {path: path.read_bytes() for path in before} == before
+    assert oci.pull(f"127.0.0.1:{port}", "library/alpine", "latest", str(tmp_path / "after")) == digest
+    again = masterless.apply()
+    assert again.returncode == 0, again
+    assert again.changes == {}

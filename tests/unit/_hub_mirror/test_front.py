@@ -1,9 +1,11 @@
 """The front's config (checked by the real nginx), its tally of what it served, and its
 install: nginx where a mirror has a front, the distribution's own nginx service off."""
 
+import pathlib
 import shutil
 import string
 import subprocess
+import tempfile
 
 import pytest
 from hypothesis import given, settings
@@ -81,19 +83,20 @@ def test_counters_add_the_totals_and_the_logs(tmp_path):
     directory.mkdir()
     (directory / "hits.log").write_text(
         "blob - 200 100\nblob HIT 200 50\nblob MISS 200 999\nblob - 404 0\nbroken\nblob - 206 10\n"
-        "manifest HIT 200 7\nmanifest MISS 200 7\nmanifest EXPIRED 200 7\nmanifest STALE 200 3\n- 200 1\n"
+        "manifest HIT 200 7\nmanifest MISS 200 7\nmanifest EXPIRED 200 7\nmanifest STALE 200 3\nmanifest UPDATING 200 3\n"
+        "- 200 1\nHIT 200 2\nblob - 404 5 extra\n"  # lines of a front from before manifests were logged
     )
     (directory / "hits.log.1").write_text("blob - 200 1000\n")
     supervise.fold_hits(str(directory))
     assert not (directory / "hits.log.1").exists()
     assert front.counters(spec) == {
-        "blob_files": 3,
-        "coalesced": 1,
+        "blob_files": 4,
+        "coalesced": 2,
         "manifests": 2,
-        "served": {"bytes": 1170, "human": "1.1 KiB"},
+        "served": {"bytes": 1173, "human": "1.1 KiB"},
     }
     (directory / "hits.json").write_text("[not a dict]")
-    assert front.counters(spec)["blob_files"] == 2
+    assert front.counters(spec)["blob_files"] == 3
 
 
 class Packages:
@@ -156,3 +159,14 @@ def test_counters_follow_no_symlink_the_service_user_put_there(tmp_path):
     (storage / front.FRONT_DIR).rmdir()
     (storage / front.FRONT_DIR).symlink_to(elsewhere)
     assert front.counters(mirror_spec(storage=str(storage)))["blob_files"] == 0
+
+
+def test_the_check_before_a_restart_runs_nginx_on_the_config(tmp_path):
+    spec = mirror_spec(listen=f"127.0.0.1:{free_port()}", storage=str(tmp_path / "cache"))
+    text = front.render_conf(spec)
+    checks = set(pathlib.Path(tempfile.gettempdir()).glob("hub-mirror-front-check-*"))
+    assert front.check_conf(NGINX, text, {}) is None
+    refused = front.check_conf(NGINX, text.replace("proxy_cache_lock on;", "proxy_cache_lock_age_unknown on;", 1), {})
+    assert 'unknown directive "proxy_cache_lock_age_unknown"' in refused
+    assert "No such file" in front.check_conf(str(tmp_path / "no-nginx"), text, {})
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("hub-mirror-front-check-*")) == checks  # its prefix goes
