@@ -262,11 +262,12 @@ class Front:
 
 TOTALS = ("files", "coalesced", "manifests", "bytes")
 # What each log line ``<blob|manifest> <cache status> <status> <bytes>`` counts as. A MISS
-# (or EXPIRED) went to the registry, which counts it itself.
+# or EXPIRED went to the registry, which counts it itself, and so did a STALE manifest
+# (served because the registry failed).
 _KINDS = {
     ("blob", "-"): "files",
     **{("blob", status): "coalesced" for status in ("HIT", "STALE", "UPDATING")},
-    **{("manifest", status): "manifests" for status in ("HIT", "STALE", "UPDATING")},
+    **{("manifest", status): "manifests" for status in ("HIT", "UPDATING")},
 }
 
 
@@ -284,6 +285,8 @@ def tally(lines, totals):
     """Add the front's log lines to ``totals``."""
     for line in lines:
         fields = line.split()
+        if len(fields) == 3:
+            fields = ["blob", *fields]  # written before manifests were logged too
         if len(fields) != 4 or not fields[3].isdigit() or fields[2] not in ("200", "206"):
             continue
         kind = _KINDS.get((fields[0], fields[1]))
