@@ -1,8 +1,9 @@
 """Benchmark 2: pulls through the mirror over an emulated WAN.
 
-The Docker Hub stand-in sits in namespace ``wan``; the mirrors (registry 2.8.2 and
-3.0.0, each with the config hub_mirror renders) and the client (skopeo) sit in namespace
-``lan``; the veth between them is shaped (bench/wanlink.py). Per profile, image and
+The Docker Hub stand-in sits in namespace ``wan``; the mirrors (hub_mirror's supervisor
+running its front and registry 2.8.2 or 3.0.0, as the service runs them,
+tests/support/supervised.py) and the client (skopeo) sit in namespace ``lan``; the veth
+between them is shaped (bench/wanlink.py). Per profile, image and
 registry version, interleaved per run: a direct pull from the stand-in, a cold pull
 through a mirror with empty storage, and a warm pull through the same mirror. Every
 pull's manifest digest is checked, and the stand-in's access log gives the upstream
@@ -13,11 +14,12 @@ import pathlib
 import time
 import uuid
 
-from bench.common import HUB_TOKEN, HUB_USER, MB, log, mirror_addresses, mirror_process, ratio, rmtree, summary, timed
+from bench.common import HUB_TOKEN, HUB_USER, MB, log, mirror_addresses, ratio, rmtree, summary, timed
 from bench.upstream import Upstream
 from bench.wanlink import WAN_ADDR, WanLink
 from tests.support import oci
-from tests.support.release import REGISTRY_VERSIONS
+from tests.support.release import REGISTRY_VERSIONS, registry_binary
+from tests.support.supervised import SupervisedMirror
 
 PROFILES = (
     # The stand-in's own capacity, one run: if direct pulls here are far faster than the
@@ -55,13 +57,23 @@ def _pull(hostport, repo, tag, dest):
 
 
 class _Mirror:
-    """The mirror in ``lan``: a registry with hub_mirror's rendered config, emptied at will."""
+    """The mirror in ``lan``, front and registry, emptied at will."""
 
     def __init__(self, workdir, upstream_url, version):
         self.workdir = workdir
         self.version = version
         self.storage = workdir / "storage"
-        self.process = mirror_process("wan", workdir, upstream_url, mirror_addresses(), self.storage, version)
+        addresses = mirror_addresses()
+        pillar = {
+            "upstream": upstream_url,
+            "listen": addresses["listen"],
+            "debug_listen": addresses["debug_listen"],
+            "storage": str(self.storage),
+            "username": HUB_USER,
+            "token": HUB_TOKEN,
+        }
+        binary = registry_binary(version, workdir / "binary")
+        self.process = SupervisedMirror(workdir / "supervised", "wan", pillar, version, binary)
         self.hostport = self.process.hostport
 
     def wait_committed(self, digests, timeout=300):
@@ -150,6 +162,9 @@ def _measure(runs, work, upstream, mirror, image, info):
                 # again. Warm means committed, and the cold pull's count includes those
                 # fetches.
                 commit_lag.append(mirror.wait_committed(blobs))
+                # The front keeps a tag's answer for a second: a warm pull is a later one,
+                # which asks the upstream (a HEAD), as a pull the next day would.
+                time.sleep(1.5)
             times[kind].append(seconds)
             requests[kind].append(upstream.counts())
             log(f"wan:   {image} on {mirror.version} run {run + 1} {kind}: {seconds:.2f}s")
