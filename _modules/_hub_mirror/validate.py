@@ -571,8 +571,8 @@ def _validate(raw, grains):
             for other, other_key, other_host, other_port in sockets:
                 if other != name and port == other_port and hosts_overlap(host, other_host):
                     errors.add(
-                        f"mirrors:{name}:{key}",
-                        f"{hostport(host, port)} is also mirror {other!r}'s {other_key}",
+                        f"mirrors:{key_part(name)}:{key}",
+                        f"{hostport(host, port)} is also mirror {show_value(other)}'s {other_key}",
                         "give each mirror its own port (debug_listen defaults to listen + 10000)",
                     )
             sockets.append((name, key, host, port))

@@ -121,6 +121,13 @@ BAD = [
         "give each mirror its own port",
     ),
     (
+        # Found by the fuzzer: the overlap's key showed a bad name's newline as it is.
+        "same-listen-bad-names",
+        pillar() | {"mirrors": {"": None, "\n": None}},
+        "hub_mirror:mirrors:\\n:listen: 127.0.0.1:5000 is also mirror '''s listen",
+        "give each mirror its own port",
+    ),
+    (
         "same-storage",
         pillar()
         | {
