@@ -269,7 +269,13 @@ def check_conf(binary, text, user_kwargs):
     """nginx's own check (``nginx -t``) of the front's config ``text``, run as the service
     user (``user_kwargs`` for subprocess) in a private prefix: a config, or an upgraded
     nginx, that the front cannot run is found while the running front still serves. The
-    error, or None."""
+    error, or None.
+
+    The listen address is left to the start itself (and to the rollback when it fails):
+    ``nginx -t`` binds it, and the service may bind where the check may not (systemd gives
+    it CAP_NET_BIND_SERVICE below port 1024). The check listens on sockets of its own."""
+    sockets = iter(range(1 << 16))
+    text = re.sub(r"(?m)^( *)listen [^;]*;", lambda line: f"{line.group(1)}listen unix:{next(sockets)}.sock;", text)
     prefix = tempfile.mkdtemp(prefix="hub-mirror-front-check-")
     try:
         for path in (prefix, os.path.join(prefix, "temp")):
@@ -286,6 +292,7 @@ def check_conf(binary, text, user_kwargs):
                 timeout=60,
                 check=False,
                 env={},
+                cwd=prefix,  # where the check's own sockets are
                 **user_kwargs,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:

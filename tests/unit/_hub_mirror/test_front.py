@@ -2,6 +2,7 @@
 install: nginx where a mirror has a front, the distribution's own nginx service off."""
 
 import pathlib
+import pwd
 import shutil
 import string
 import subprocess
@@ -170,3 +171,12 @@ def test_the_check_before_a_restart_runs_nginx_on_the_config(tmp_path):
     assert 'unknown directive "proxy_cache_lock_age_unknown"' in refused
     assert "No such file" in front.check_conf(str(tmp_path / "no-nginx"), text, {})
     assert set(pathlib.Path(tempfile.gettempdir()).glob("hub-mirror-front-check-*")) == checks  # its prefix goes
+
+
+def test_the_check_leaves_the_address_to_the_start(tmp_path):
+    # nginx -t binds, and a privileged port is one the service may bind (systemd gives it
+    # CAP_NET_BIND_SERVICE below 1024) where the check, run without it, may not.
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    for listen in ("0.0.0.0:80", "[::]:443", "127.0.0.1:5000"):
+        assert front.check_conf(NGINX, front.render_conf(mirror_spec(listen=listen, storage=str(tmp_path))), as_nobody) is None
