@@ -15,7 +15,8 @@ HEADER = """\
 converges compared with the floor Salt itself imposes, how a pull through the mirror
 compares with a pull from Docker Hub over a WAN, how fast the mirror serves what it has
 compared with nginx, how `hub_mirror.catalog` scales, how a fleet applies through one
-master, and what a dead mirror costs a client.
+master, what a dead mirror costs a client, and what many clients pulling one cold image
+at once cost the upstream.
 
 Every figure is a **ratio against a baseline measured in the same run on the same
 machine**, the runs interleaved (baseline, subject, baseline, subject, ...) so that load
@@ -38,11 +39,13 @@ sudo /var/cache/hub-mirror-ci/venv/bin/python -m bench.run --write-docs     # al
 `--runs N` (default 3) sets the runs per figure, `--runs-for NAME=N` one benchmark's;
 `--quick` shrinks sizes and fleets to check the code in about four minutes (two of
 them are the black-holed pulls' timeouts; its figures mean nothing); `--json-out FILE` keeps the JSON. Benchmarks: `converge`, `wan`, `serve`,
-`catalog`, `fleet`, `fallback`. Progress goes to stderr. A benchmark that fails reports
+`catalog`, `fleet`, `fallback`, `fanin`. Progress goes to stderr. A benchmark that fails reports
 its error in the JSON and the others still run.
 
-Needs what `.ci/run` installs plus Debian's `nginx` (started with a private config on
-loopback, never the system service), `containerd`, `skopeo`, `iproute2` and `curl`.
+Needs what `.ci/run` installs (the CI venv has matplotlib, for the plots) plus Debian's `nginx` (started with a private config on
+loopback, never the system service), `containerd`, `skopeo`, `podman`, `runc`, `iproute2`
+and `curl`; `fallback` also runs containerd 2.x, buildkit and crictl, which it builds with
+`.ci/build-go-tools` when they are not built yet.
 """
 
 
