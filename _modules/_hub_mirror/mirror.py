@@ -202,7 +202,7 @@ def _check_front(conf, spec, paths):
     binary = conf["lookup"]["front_binary"]
     refused = check_front_conf(binary, read_file(paths["front_conf"]) or "", service_user_kwargs(conf))
     if refused:
-        kept = _restore_last_good(paths)
+        _, kept = _restore_last_good(paths, _read_last_good(paths))
         raise CommandExecutionError(
             f"mirror {spec['name']}: {binary} refuses the front's config, so nothing was restarted: {refused}"
             + "".join(f"; the new config is kept as {path}.failed" for path in kept)
@@ -234,12 +234,11 @@ def _rollback(conf, spec, paths):
         f"{conf['probe_timeout']}s. Recent log:\n{supervisor_for(conf).recent_log(name)}"
     )
     snapshot = _read_last_good(paths)
-    restore = {path: f for path, f in snapshot.items() if read_file(path) != f["text"]}
-    if not restore:
+    restored, failed = _restore_last_good(paths, snapshot)
+    if not restored:
         return message
-    failed = _restore_last_good(paths)
     supervisor = supervisor_for(conf)
-    if paths["unit"] in restore:
+    if paths["unit"] in restored:
         supervisor.files_changed()
     supervisor.start(name, restart=True)
     # The restored setup serves on its own address, which may not be the new one (the
@@ -261,16 +260,17 @@ def _read_last_good(paths):
         return {}
 
 
-def _restore_last_good(paths):
-    """Write back every file of the last setup that served which differs now; the new
-    configs that failed stay beside them, to be read (``.failed``), and are returned."""
-    restore = {path: f for path, f in _read_last_good(paths).items() if read_file(path) != f["text"]}
+def _restore_last_good(paths, snapshot):
+    """Write back every file of the last setup that served (``snapshot``) which differs
+    now; the new configs that failed stay beside them, to be read (``.failed``). Returns
+    the files written back and the configs kept as failed."""
+    restore = {path: f for path, f in snapshot.items() if read_file(path) != f["text"]}
     failed = [path for path in (paths["config"], paths["front_conf"]) if path in restore and os.path.exists(path)]
     for path in failed:
         shutil.copy2(path, path + ".failed")
     for path, saved in restore.items():
         write_atomic(path, saved["text"], saved["mode"], saved["uid"], saved["gid"])
-    return failed
+    return restore, failed
 
 
 def orphans(conf):

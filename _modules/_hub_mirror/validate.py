@@ -389,17 +389,7 @@ def validate_storage(errors, key, path, lookup, example):
     if real in _SHARED_DIRS:
         errors.add(key, f"{shown} is a shared system directory", example)
         return
-    for name in (
-        "prefix",
-        "config_dir",
-        "state_dir",
-        "log_dir",
-        "run_dir",
-        "unit_dir",
-        "init_dir",
-        "package_binary",
-        "front_binary",
-    ):
+    for name in _LOOKUP_PATHS:
         other = os.path.realpath(lookup[name])
         # The default storage is <state_dir>/<mirror>: inside state_dir is fine, but not in
         # its dot directories (fingerprints, client records). Nothing of hub_mirror's may be
@@ -415,6 +405,20 @@ def validate_storage(errors, key, path, lookup, example):
             return
 
 
+# The lookup keys that name a path of hub_mirror's own.
+_LOOKUP_PATHS = (
+    "prefix",
+    "config_dir",
+    "state_dir",
+    "log_dir",
+    "run_dir",
+    "unit_dir",
+    "init_dir",
+    "package_binary",
+    "front_binary",
+)
+
+
 def _nested(inner, outer):
     """Whether ``inner`` is ``outer`` or inside it (absolute, resolved paths)."""
     return (inner.rstrip("/") + "/").startswith(outer.rstrip("/") + "/")
@@ -422,17 +426,7 @@ def _nested(inner, outer):
 
 def _validate_lookup(errors, lookup):
     check_keys(errors, "lookup", lookup, DEFAULTS["lookup"])
-    for name in (
-        "prefix",
-        "config_dir",
-        "state_dir",
-        "log_dir",
-        "run_dir",
-        "unit_dir",
-        "init_dir",
-        "package_binary",
-        "front_binary",
-    ):
+    for name in _LOOKUP_PATHS:
         if name in lookup and check_path(errors, f"lookup:{name}", lookup[name]) == "/":
             errors.add(f"lookup:{name}", "is /", "give a directory of its own")
     for name in ("package", "package_service", "front_package", "front_service"):
