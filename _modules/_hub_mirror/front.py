@@ -278,12 +278,15 @@ def check_conf(binary, text, user_kwargs):
     text = re.sub(r"(?m)^( *)listen [^;]*;", lambda line: f"{line.group(1)}listen unix:{next(sockets)}.sock;", text)
     prefix = tempfile.mkdtemp(prefix="hub-mirror-front-check-")
     try:
-        for path in (prefix, os.path.join(prefix, "temp")):
-            os.makedirs(path, exist_ok=True)
-            if "user" in user_kwargs:
-                os.chown(path, user_kwargs["user"], user_kwargs["group"])
+        # Everything is made while the prefix is root's alone, and handed over last, links
+        # not followed: the service user could otherwise put a link where root chowns.
+        temp = os.path.join(prefix, "temp")
+        os.mkdir(temp, 0o700)
         conf_path = os.path.join(prefix, "front.conf")
         write_atomic(conf_path, text, 0o600, user_kwargs.get("user", -1), user_kwargs.get("group", -1))
+        if "user" in user_kwargs:
+            for path in (temp, prefix):
+                os.chown(path, user_kwargs["user"], user_kwargs["group"], follow_symlinks=False)
         try:
             proc = subprocess.run(
                 [binary, "-t", "-q", "-c", conf_path, "-p", prefix + "/", "-e", "stderr"],
@@ -298,8 +301,17 @@ def check_conf(binary, text, user_kwargs):
         except (OSError, subprocess.TimeoutExpired) as exc:
             return str(exc)
     finally:
-        shutil.rmtree(prefix, ignore_errors=True)
+        _remove_as(prefix, user_kwargs)
     return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit status {proc.returncode}")
+
+
+def _remove_as(path, user_kwargs):
+    """Remove ``path``, a tree the service user wrote in, as that user: root walking it
+    could be held up (a FIFO swapped in) or sent too deep."""
+    if "user" not in user_kwargs:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    subprocess.run(["/bin/rm", "-rf", "--", path], capture_output=True, timeout=60, check=False, env={}, **user_kwargs)
 
 
 def install(conf, pkg_version, pkg_install, supervisor, test=False):

@@ -1,6 +1,7 @@
 """The front's config (checked by the real nginx), its tally of what it served, and its
 install: nginx where a mirror has a front, the distribution's own nginx service off."""
 
+import os
 import pathlib
 import pwd
 import shutil
@@ -180,3 +181,27 @@ def test_the_check_leaves_the_address_to_the_start(tmp_path):
     as_nobody = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
     for listen in ("0.0.0.0:80", "[::]:443", "127.0.0.1:5000"):
         assert front.check_conf(NGINX, front.render_conf(mirror_spec(listen=listen, storage=str(tmp_path))), as_nobody) is None
+
+
+def test_the_check_hands_the_service_user_nothing_it_could_redirect(tmp_path, monkeypatch):
+    """Found by an adversarial pass: the check's prefix was the service user's before root
+    chowned what is in it, so a link planted there (``temp`` -> /etc) took root's chown
+    elsewhere. Root now hands the prefix over last, and removes it as the service user."""
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    victim = tmp_path / "victim"  # stands for /etc
+    victim.mkdir()
+    tmp_path.chmod(0o755)
+    real_chown = os.chown
+
+    def chown(path, *args, **kwargs):
+        real_chown(path, *args, **kwargs)
+        if os.path.basename(str(path)).startswith("hub-mirror-front-check-"):
+            # The service user, the moment it may write in the prefix.
+            plant = 'rm -rf "$0/temp"; ln -s "$1" "$0/temp"'
+            subprocess.run(["sh", "-c", plant, str(path), str(victim)], check=False, **as_nobody)
+
+    monkeypatch.setattr(os, "chown", chown)
+    front.check_conf(NGINX, front.render_conf(mirror_spec(storage=str(tmp_path / "cache"))), as_nobody)
+    assert victim.stat().st_uid == 0
+    assert victim.exists()
