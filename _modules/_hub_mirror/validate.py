@@ -434,10 +434,11 @@ def _validate_lookup(errors, lookup):
             check_text(
                 errors, f"lookup:{name}", lookup[name], pattern=_PACKAGE_RE, fix="give a package or service name"
             )
-    service = lookup.get("front_service", "")
-    if isinstance(service, str) and (service.startswith("hub-mirror") or service.endswith(".service")):
-        # It is stopped and disabled when hub_mirror installs nginx: never a mirror's own.
-        errors.add("lookup:front_service", f"{service!r} is not the nginx package's service", "write e.g. nginx")
+    for name, example in (("package_service", "docker-registry"), ("front_service", "nginx")):
+        service = lookup.get(name, "")
+        if isinstance(service, str) and (service.startswith("hub-mirror") or service.endswith(".service")):
+            # Stopped and disabled when hub_mirror installs its package: never a mirror's own.
+            errors.add(f"lookup:{name}", f"{service!r} is not a package's own service", f"write e.g. {example}")
     if lookup.get("supervisor", "") not in ("", "systemd", "sysv"):
         errors.add("lookup:supervisor", "must be systemd, sysv or empty", "remove it to detect")
     user, group = (

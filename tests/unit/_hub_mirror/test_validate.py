@@ -102,6 +102,9 @@ BAD = [
     ("front-ipv4-mapped", pillar(good_mirror(listen="[::ffff:127.0.0.1]:5000")), f"{M}:listen:", "write the plain address"),
     ("front-service-a-mirror", pillar(good_mirror(), lookup={"front_service": "hub-mirror-dockerhub"}), "lookup:front_service:", "write e.g. nginx"),
     ("front-service-unit-name", pillar(good_mirror(), lookup={"front_service": "nginx.service"}), "lookup:front_service:", "write e.g. nginx"),
+    # Found by an adversarial pass: package_service had no such rule.
+    ("package-service-a-mirror", pillar(good_mirror(), lookup={"package_service": "hub-mirror-dockerhub"}), "lookup:package_service:", "write e.g. docker-registry"),
+    ("package-service-unit-name", pillar(good_mirror(), lookup={"package_service": "docker-registry.service"}), "lookup:package_service:", "write e.g. docker-registry"),
     ("front-binary-in-storage", pillar(good_mirror(storage="/srv/cache"), lookup={"front_binary": "/srv/cache/bin/nginx"}), f"{M}:storage:", "overlaps lookup:front_binary"),
     ("lookup-double-slash", pillar(good_mirror(), lookup={"front_binary": "//"}), "lookup:front_binary:", "give a directory of its own"),
     ("log-level", pillar(good_mirror(log_level="verbose")), f"{M}:log_level:", "use one of error, warn, info, debug"),
