@@ -30,6 +30,7 @@ import ctypes
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -271,14 +272,21 @@ _KINDS = {
 }
 
 
+# The service user writes the log and the totals that root reads: a count is at most 18
+# digits, or it is not one.
+_COUNT = re.compile(r"[0-9]{1,18}")
+
+
 def parse_totals(text):
     """The front's running totals (``TOTALS``) from their JSON, {} if there are none or
     they are no totals of ours."""
     try:
         totals = json.loads(text)
-        return {key: int(totals[key]) for key in TOTALS if key in totals}
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, RecursionError):
         return {}
+    if not isinstance(totals, dict):
+        return {}
+    return {key: totals[key] for key in TOTALS if type(totals.get(key)) is int and 0 <= totals[key] < 10**18}
 
 
 def tally(lines, totals):
@@ -287,7 +295,7 @@ def tally(lines, totals):
         fields = line.split()
         if len(fields) == 3:
             fields = ["blob", *fields]  # written before manifests were logged too
-        if len(fields) != 4 or not fields[3].isdigit() or fields[2] not in ("200", "206"):
+        if len(fields) != 4 or not _COUNT.fullmatch(fields[3]) or fields[2] not in ("200", "206"):
             continue
         kind = _KINDS.get((fields[0], fields[1]))
         if kind:

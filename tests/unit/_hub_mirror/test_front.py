@@ -205,3 +205,22 @@ def test_the_check_hands_the_service_user_nothing_it_could_redirect(tmp_path, mo
     front.check_conf(NGINX, front.render_conf(mirror_spec(storage=str(tmp_path / "cache"))), as_nobody)
     assert victim.stat().st_uid == 0
     assert victim.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("hits.json", b"[" * 100000),
+        ("hits.json", b'{"files": Infinity}'),
+        ("hits.json", b'{"bytes": 1e308}'),
+        ("hits.log", b"blob - 200 " + b"9" * 5000 + b"\n"),
+        ("hits.log", b"blob - 200 " + b"9" * 400 + b"\n"),
+    ],
+)
+def test_the_counters_survive_whatever_the_service_user_writes(tmp_path, name, data):
+    # Found by an adversarial pass: each of these was a traceback in root's status.
+    (tmp_path / front.FRONT_DIR).mkdir()
+    (tmp_path / front.FRONT_DIR / name).write_bytes(data)
+    report = front.counters(mirror_spec(storage=str(tmp_path)))
+    assert all(0 <= report[key] < 1 << 63 for key in ("blob_files", "coalesced", "manifests"))
+    assert 0 <= report["served"]["bytes"] < 1 << 63
