@@ -189,7 +189,7 @@ def deploy(conf, spec, test=False):
             _remove_from_storage(spec, [unused_front])
         except FileNotFoundError:
             pass
-        except (OSError, CommandExecutionError) as exc:
+        except (OSError, CommandExecutionError, RecursionError) as exc:  # a tree too deep for rmtree
             del changes[unused_front]
             comment += f"; {unused_front}, which it no longer uses, could not be removed ({exc}): remove it by hand"
     return {"changes": changes, "comment": comment}

@@ -173,7 +173,10 @@ def _policy_text(services):
 
 
 def _is_our_policy():
-    text = read_file(POLICY_RC_D)
+    try:
+        text = read_file(POLICY_RC_D)
+    except OSError:  # a directory or a link loop there: not ours
+        return False
     return text is not None and text.startswith(f"#!/bin/sh\n{_POLICY_MARK}")
 
 
@@ -194,6 +197,10 @@ def _without_service_starts(pkg_install, services):
         try:
             os.fchmod(descriptor, 0o755)
             os.write(descriptor, _policy_text(services).encode())
+        except OSError:
+            # An empty script would pass for the host's own and allow every start.
+            os.unlink(POLICY_RC_D)
+            raise
         finally:
             os.close(descriptor)
         try:

@@ -116,3 +116,21 @@ def test_the_policy_refuses_exactly_the_services_named(names):
         for name in names:
             assert subprocess.run([policy, name, "start"], check=False).returncode == 101
         assert subprocess.run([policy, "x" + names[0] + "x", "start"], check=False).returncode == 0
+
+
+def test_a_policy_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    # Found by an adversarial pass: an empty policy-rc.d stayed, taken for the host's own.
+    policy = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(release, "POLICY_RC_D", str(policy))
+    real_write = os.write
+
+    def full(descriptor, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        release._without_service_starts(lambda *args, **kwargs: None, ["nginx"])("nginx")
+    monkeypatch.setattr(os, "write", real_write)
+    assert not policy.exists()
+    policy.mkdir()  # not a file: not ours, and no traceback
+    assert release._is_our_policy() is False
