@@ -115,19 +115,23 @@ def test_a_pool_with_a_redis_descriptor_cache_renders_a_config_the_registry_runs
     assert redis_keys(redis_addr) > 0  # the pool's blob descriptors live in redis
 
 
-def wait_stored(s3_endpoint, count, timeout=30):
-    """Until ``count`` blobs are committed in the pool's bucket: the proxy stores them as
-    (3.x) or after (2.8) it serves them, and a request before that misses again."""
+def wait_stored(s3_endpoint, digests, timeout=30):
+    """Until each of ``digests`` is committed in the pool's bucket: the proxy stores a blob
+    as (3.x) or after (2.8) it serves it, and a request before that misses again. A count
+    of stored blobs is not enough: the manifest is stored as a blob too, and may land
+    before the last layer does."""
     s3 = boto3.client(
         "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
         aws_access_key_id="AKIDTEST", aws_secret_access_key="SECRETTEST",
     )
+    wanted = {f"pool/docker/registry/v2/blobs/sha256/{d[7:9]}/{d[7:]}/data" for d in digests}
     deadline = time.monotonic() + timeout
     while True:
         listed = s3.list_objects_v2(Bucket="hub-cache", Prefix="pool/docker/registry/v2/blobs/").get("Contents", [])
-        stored = [obj for obj in listed if obj["Key"].endswith("/data")]
-        if len(stored) >= count or time.monotonic() > deadline:
-            return stored
+        missing = wanted - {obj["Key"] for obj in listed}
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"never stored in the pool: {sorted(missing)}"
         time.sleep(0.2)
 
 
@@ -144,7 +148,7 @@ def pool_of_two(module, hub, s3_endpoint, pool, tmp_path, image_layout, redis=No
         assert oci.pull(mirrors[0].hostport, "library/alpine", "latest", str(tmp_path / "via-a")) == expected
         first = hub.counts()
         assert first["blob_get"] > 0
-        wait_stored(s3_endpoint, len(oci.image_blobs(tmp_path / "via-a")))
+        wait_stored(s3_endpoint, oci.image_blobs(tmp_path / "via-a"))
 
         hub.reset_counts()
         assert oci.pull(mirrors[1].hostport, "library/alpine", "latest", str(tmp_path / "via-b")) == expected
