@@ -128,6 +128,12 @@ def deploy(conf, spec, test=False):
             f"the front's nginx {conf['lookup']['front_binary']} is missing; apply hub_mirror.install "
             f"first, or set hub_mirror:mirrors:{mirror}:front: none"
         )
+    unconfigured = [paths[key] for key in ("config", *(("front_conf",) if front_enabled(spec) else ()))
+                    if not os.path.exists(paths[key])]
+    if unconfigured and not test:
+        raise CommandExecutionError(
+            f"mirror {mirror}: {', '.join(unconfigured)} missing; apply hub_mirror.configure first"
+        )
     files = render_service_files(conf, spec)
     stale = {path: entry for path, entry in files.items() if read_file(path) != entry[0]}
     supervisor = supervisor_for(conf)

@@ -148,3 +148,17 @@ def test_an_upgraded_nginx_restarts_the_front_at_the_next_apply(tmp_path):
     without = mirror._fingerprint(conf, unfronted, {})
     nginx.write_bytes(b"1.22.1-7+deb12u2")
     assert mirror._fingerprint(conf, unfronted, {}) == without
+
+
+@pytest.mark.parametrize("front", ["nginx", "none"])
+def test_deploy_before_configure_says_to_configure(tmp_path, front):
+    lookup = lookup_in(tmp_path)
+    os.makedirs(os.path.join(lookup["prefix"], "bin"))
+    os.symlink("/bin/true", os.path.join(lookup["prefix"], "bin", "registry"))
+    lookup["front_binary"] = "/bin/true"
+    conf = settings_of({"lookup": lookup, "mirrors": {"hub": pillar_mirror(front=front)}})
+    missing = [f"{lookup['config_dir']}/hub.yml"] + ([f"{lookup['config_dir']}/hub.front.conf"] if front == "nginx" else [])
+    with pytest.raises(CommandExecutionError) as raised:
+        mirror.deploy(conf, conf["mirrors"]["hub"])
+    assert str(raised.value) == f"mirror hub: {', '.join(missing)} missing; apply hub_mirror.configure first"
+    assert not os.path.exists(lookup["init_dir"])  # nothing written
