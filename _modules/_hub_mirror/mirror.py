@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-import stat
+import subprocess
 import urllib.parse
 
 import yaml
@@ -193,9 +193,7 @@ def deploy(conf, spec, test=False):
         # changed and is recorded: a directory that will not go is said, not raised.
         try:
             _remove_from_storage(spec, [unused_front])
-        except FileNotFoundError:
-            pass
-        except (OSError, CommandExecutionError, RecursionError) as exc:  # a tree too deep for rmtree
+        except (OSError, CommandExecutionError) as exc:
             del changes[unused_front]
             comment += f"; {unused_front}, which it no longer uses, could not be removed ({exc}): remove it by hand"
     return {"changes": changes, "comment": comment}
@@ -364,18 +362,26 @@ def _purge_targets(storage):
 
 def _remove_from_storage(spec, paths):
     """Delete ``paths``, entries of the storage directory, through a descriptor of that
-    directory: the service user owns it and may swap it for a symlink meanwhile."""
+    directory: the service user owns it and may swap it for a symlink meanwhile.
+
+    By GNU rm, not shutil.rmtree: Python's walk (before 3.13) opens what it found to be a
+    directory without O_NONBLOCK, so a FIFO swapped in meanwhile holds root's run for
+    ever, and it recurses, so a tree deep enough raises. rm's walk opens with O_DIRECTORY,
+    O_NOFOLLOW and O_NONBLOCK, goes as deep as the tree does, and removes a symlink itself."""
     storage_fd = open_dir(spec["storage"], f"hub_mirror:mirrors:{spec['name']}:storage")
     try:
-        for path in paths:
-            # By the fd's own /proc link, which stays on the opened directory.
-            pinned = os.path.join(f"/proc/self/fd/{storage_fd}", os.path.basename(path))
-            if stat.S_ISDIR(os.lstat(pinned).st_mode):
-                shutil.rmtree(pinned)
-            else:
-                os.unlink(pinned)
+        # By the fd's own /proc link (rm inherits the fd), which stays on the opened directory.
+        pinned = [f"/proc/self/fd/{storage_fd}/{os.path.basename(path)}" for path in paths]
+        proc = subprocess.run(
+            ["/bin/rm", "-rf", "--", *pinned],
+            pass_fds=(storage_fd,), capture_output=True, text=True, env={}, check=False,
+        )
     finally:
         os.close(storage_fd)
+    if proc.returncode != 0:
+        raise CommandExecutionError(
+            f"removing {', '.join(paths)} failed: {proc.stderr.strip() or f'rm exit status {proc.returncode}'}"
+        )
 
 
 def _unused_front_dir(spec):

@@ -162,3 +162,24 @@ def test_deploy_before_configure_says_to_configure(tmp_path, front):
         mirror.deploy(conf, conf["mirrors"]["hub"])
     assert str(raised.value) == f"mirror hub: {', '.join(missing)} missing; apply hub_mirror.configure first"
     assert not os.path.exists(lookup["init_dir"])  # nothing written
+
+
+def test_a_purge_removes_a_tree_deeper_than_python_can_walk(swapped_storage, monkeypatch):
+    # The registry (the service user) writes the cache: it may make it as deep as it likes.
+    cache, _, _, raw = swapped_storage
+    (cache / storage.STORAGE_MARKER).write_text("ours\n")
+    fd = os.open(cache, os.O_RDONLY)
+    for _ in range(1500):  # shutil.rmtree recurses once per level
+        os.mkdir("docker", dir_fd=fd)
+        deeper = os.open("docker", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.mkfifo("fifo", dir_fd=fd)
+    os.close(fd)
+    for kind in (supervisor.Systemd, supervisor.Sysv):
+        monkeypatch.setattr(kind, "running", lambda self, name: False)
+    monkeypatch.setattr(mirror, "mirror_processes", lambda paths: [])
+    monkeypatch.setattr(mirror, "stop_service", lambda conf, spec: True)
+    conf = settings_of(raw, redact=True)
+    assert mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)["changes"] == {str(cache): "purged"}
+    assert not cache.exists()
