@@ -162,32 +162,47 @@ POLICY_RC_D = "/usr/sbin/policy-rc.d"
 _POLICY_MARK = "# hub_mirror is installing a package: its own service does not start now"
 
 
-def _policy_text(services):
-    """A policy that refuses ``services`` (as init scripts and as units) and allows the rest."""
+def _policy_text(services, pid):
+    """A policy that refuses ``services`` (as init scripts and as units) and allows the
+    rest, written by the hub_mirror run of process ``pid``."""
     names = "|".join(shlex.quote(name) for service in services for name in (service, f"{service}.service"))
     return (
-        f"#!/bin/sh\n{_POLICY_MARK}; other services may.\n"
+        f"#!/bin/sh\n{_POLICY_MARK} (pid {pid}); other services may.\n"
         'while [ "${1#--}" != "$1" ]; do shift; done\n'  # invoke-rc.d passes --quiet first
         f'case "$1" in\n    {names}) exit 101 ;;\nesac\nexit 0\n'
     )
 
 
-def _is_our_policy():
+def _policy_owner():
+    """The pid of the hub_mirror run whose policy is in place, or None if it is not ours."""
     try:
         text = read_file(POLICY_RC_D)
     except OSError:  # a directory or a link loop there: not ours
+        return None
+    found = re.match(rf"#!/bin/sh\n{re.escape(_POLICY_MARK)} \(pid ([0-9]{{1,9}})\)", text or "")
+    return int(found.group(1)) if found else None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return text is not None and text.startswith(f"#!/bin/sh\n{_POLICY_MARK}")
+    except OSError:
+        return True
+    return True
 
 
 def _without_service_starts(pkg_install, services):
     """``pkg_install`` during which Debian starts none of ``services``: docker-registry would
     serve its own config on :5000 and nginx its welcome page on :80 until hub_mirror
-    disabled them. A policy the host has (a container image's) is left to decide; one a
-    run killed mid-install left behind is ours to replace and remove."""
+    disabled them. A policy the host has (a container image's), or another hub_mirror run
+    has in place, is left to decide; one a run killed mid-install left behind is ours to
+    replace and remove."""
 
     def install(*args, **kwargs):
-        if _is_our_policy():
+        owner = _policy_owner()
+        if owner is not None and not _alive(owner):
             os.unlink(POLICY_RC_D)
         try:
             # Exclusive: a policy that appeared meanwhile is never overwritten.
@@ -196,7 +211,7 @@ def _without_service_starts(pkg_install, services):
             return pkg_install(*args, **kwargs)
         try:
             os.fchmod(descriptor, 0o755)
-            os.write(descriptor, _policy_text(services).encode())
+            os.write(descriptor, _policy_text(services, os.getpid()).encode())
         except OSError:
             # An empty script would pass for the host's own and allow every start.
             os.unlink(POLICY_RC_D)
@@ -206,7 +221,7 @@ def _without_service_starts(pkg_install, services):
         try:
             return pkg_install(*args, **kwargs)
         finally:
-            if _is_our_policy():
+            if _policy_owner() == os.getpid():
                 os.unlink(POLICY_RC_D)
 
     return install

@@ -92,10 +92,22 @@ def test_no_package_service_starts_while_a_package_installs(tmp_path, monkeypatc
     assert not policy.exists()
 
     # One left by a run killed mid-install is replaced and goes.
-    policy.write_text(release._policy_text(["old"]))
+    killed = subprocess.Popen(["true"])  # pylint: disable=consider-using-with
+    killed.wait()
+    policy.write_text(release._policy_text(["old"], killed.pid))
     policy.chmod(0o755)
     quiet("nginx")
     assert answers[-1][0] == 101 and not policy.exists()
+
+    # One of a run still installing (another hub_mirror call) decides, and stays its own.
+    with subprocess.Popen(["sleep", "60"]) as running:
+        theirs = release._policy_text(["other"], running.pid)
+        policy.write_text(theirs)
+        policy.chmod(0o755)
+        quiet("nginx")
+        running.kill()
+    assert answers[-1][0] == 0 and policy.read_text() == theirs
+    policy.unlink()
 
     # A host's own policy decides, and stays as it was.
     policy.write_text("#!/bin/sh\nexit 0\n")
@@ -111,7 +123,7 @@ def test_the_policy_refuses_exactly_the_services_named(names):
     with tempfile.TemporaryDirectory() as directory:
         policy = os.path.join(directory, "policy-rc.d")
         with open(policy, "w", encoding="utf-8") as handle:
-            handle.write(release._policy_text(names))
+            handle.write(release._policy_text(names, 1))
         os.chmod(policy, 0o755)
         for name in names:
             assert subprocess.run([policy, name, "start"], check=False).returncode == 101
@@ -133,4 +145,4 @@ def test_a_policy_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatc
     monkeypatch.setattr(os, "write", real_write)
     assert not policy.exists()
     policy.mkdir()  # not a file: not ours, and no traceback
-    assert release._is_our_policy() is False
+    assert release._policy_owner() is None
