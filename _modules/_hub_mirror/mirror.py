@@ -128,8 +128,7 @@ def deploy(conf, spec, test=False):
             f"the front's nginx {conf['lookup']['front_binary']} is missing; apply hub_mirror.install "
             f"first, or set hub_mirror:mirrors:{mirror}:front: none"
         )
-    unconfigured = [paths[key] for key in ("config", *(("front_conf",) if front_enabled(spec) else ()))
-                    if not os.path.exists(paths[key])]
+    unconfigured = [paths[key] for key in render_config_files(conf, spec) if not os.path.exists(paths[key])]
     if unconfigured and not test:
         raise CommandExecutionError(
             f"mirror {mirror}: {', '.join(unconfigured)} missing; apply hub_mirror.configure first"
@@ -362,26 +361,39 @@ def _purge_targets(storage):
 
 def _remove_from_storage(spec, paths):
     """Delete ``paths``, entries of the storage directory, through a descriptor of that
-    directory: the service user owns it and may swap it for a symlink meanwhile.
+    directory: the service user owns it and may swap it for a symlink meanwhile. The
+    storage marker, if among them, goes last and only once the rest has gone: a purge that
+    fails halfway can be run again.
 
     By GNU rm, not shutil.rmtree: Python's walk (before 3.13) opens what it found to be a
     directory without O_NONBLOCK, so a FIFO swapped in meanwhile holds root's run for
     ever, and it recurses, so a tree deep enough raises. rm's walk opens with O_DIRECTORY,
     O_NOFOLLOW and O_NONBLOCK, goes as deep as the tree does, and removes a symlink itself."""
     storage_fd = open_dir(spec["storage"], f"hub_mirror:mirrors:{spec['name']}:storage")
+    names = [os.path.basename(path) for path in paths]
     try:
         # By the fd's own /proc link (rm inherits the fd), which stays on the opened directory.
-        pinned = [f"/proc/self/fd/{storage_fd}/{os.path.basename(path)}" for path in paths]
+        pinned = f"/proc/self/fd/{storage_fd}"
         proc = subprocess.run(
-            ["/bin/rm", "-rf", "--", *pinned],
+            ["/bin/rm", "-rf", "--one-file-system", "--",
+             *(f"{pinned}/{name}" for name in names if name != STORAGE_MARKER)],
             pass_fds=(storage_fd,), capture_output=True, text=True, env={}, check=False,
         )
+        if proc.returncode != 0:
+            errors = proc.stderr.replace(pinned, spec["storage"]).strip().splitlines()
+            errors = errors or [f"rm exit status {proc.returncode}"]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise CommandExecutionError(f"removing {', '.join(paths)} failed: {errors[0]}{more}")
+        if STORAGE_MARKER in names:
+            try:
+                os.unlink(STORAGE_MARKER, dir_fd=storage_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                marker = os.path.join(spec["storage"], STORAGE_MARKER)
+                raise CommandExecutionError(f"removing {marker} failed: {exc.strerror}") from exc
     finally:
         os.close(storage_fd)
-    if proc.returncode != 0:
-        raise CommandExecutionError(
-            f"removing {', '.join(paths)} failed: {proc.stderr.strip() or f'rm exit status {proc.returncode}'}"
-        )
 
 
 def _unused_front_dir(spec):

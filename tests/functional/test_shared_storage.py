@@ -116,10 +116,10 @@ def test_a_pool_with_a_redis_descriptor_cache_renders_a_config_the_registry_runs
 
 
 def wait_stored(s3_endpoint, digests, timeout=30):
-    """Until each of ``digests`` is committed in the pool's bucket: the proxy stores a blob
-    as (3.x) or after (2.8) it serves it, and a request before that misses again. A count
-    of stored blobs is not enough: the manifest is stored as a blob too, and may land
-    before the last layer does."""
+    """Until each of ``digests`` (the manifest's and its blobs') is committed in the pool's
+    bucket: the proxy stores a blob as (3.x) or after (2.8) it serves it, and a request
+    before that misses again. A count of stored blobs is not enough: the manifest is
+    stored as a blob too, and may land before the last layer does."""
     s3 = boto3.client(
         "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
         aws_access_key_id="AKIDTEST", aws_secret_access_key="SECRETTEST",
@@ -148,7 +148,7 @@ def pool_of_two(module, hub, s3_endpoint, pool, tmp_path, image_layout, redis=No
         assert oci.pull(mirrors[0].hostport, "library/alpine", "latest", str(tmp_path / "via-a")) == expected
         first = hub.counts()
         assert first["blob_get"] > 0
-        wait_stored(s3_endpoint, oci.image_blobs(tmp_path / "via-a"))
+        wait_stored(s3_endpoint, [expected, *oci.image_blobs(tmp_path / "via-a")])
 
         hub.reset_counts()
         assert oci.pull(mirrors[1].hostport, "library/alpine", "latest", str(tmp_path / "via-b")) == expected

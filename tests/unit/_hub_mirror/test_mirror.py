@@ -3,6 +3,7 @@ and orphans do when a local user or the service user races or rewrites them (iss
 
 import json
 import os
+import subprocess
 
 import pytest
 import yaml
@@ -157,29 +158,64 @@ def test_deploy_before_configure_says_to_configure(tmp_path, front):
     os.symlink("/bin/true", os.path.join(lookup["prefix"], "bin", "registry"))
     lookup["front_binary"] = "/bin/true"
     conf = settings_of({"lookup": lookup, "mirrors": {"hub": pillar_mirror(front=front)}})
-    missing = [f"{lookup['config_dir']}/hub.yml"] + ([f"{lookup['config_dir']}/hub.front.conf"] if front == "nginx" else [])
+    assert mirror.deploy(conf, conf["mirrors"]["hub"], test=True)["changes"]  # a test run predicts
     with pytest.raises(CommandExecutionError) as raised:
         mirror.deploy(conf, conf["mirrors"]["hub"])
-    assert str(raised.value) == f"mirror hub: {', '.join(missing)} missing; apply hub_mirror.configure first"
+    message = str(raised.value)
+    assert message.startswith(f"mirror hub: {lookup['config_dir']}/hub.yml, ")
+    assert message.endswith(" missing; apply hub_mirror.configure first")
+    assert (f"{lookup['config_dir']}/hub.front.conf" in message) == (front == "nginx")
     assert not os.path.exists(lookup["init_dir"])  # nothing written
 
 
-def test_a_purge_removes_a_tree_deeper_than_python_can_walk(swapped_storage, monkeypatch):
-    # The registry (the service user) writes the cache: it may make it as deep as it likes.
+@pytest.fixture
+def purge_ready(swapped_storage, monkeypatch):
+    """A marked cache whose mirror is stopped, and the settings to purge it with."""
     cache, _, _, raw = swapped_storage
     (cache / storage.STORAGE_MARKER).write_text("ours\n")
+    for kind in (supervisor.Systemd, supervisor.Sysv):
+        monkeypatch.setattr(kind, "running", lambda self, name: False)
+    monkeypatch.setattr(mirror, "mirror_processes", lambda paths: [])
+    monkeypatch.setattr(mirror, "stop_service", lambda conf, spec: True)
+    return cache, settings_of(raw, redact=True)
+
+
+def test_a_purge_removes_a_tree_deeper_than_python_can_walk(purge_ready, request):
+    # The registry (the service user) writes the cache: it may make it as deep as it likes.
+    cache, conf = purge_ready
+    # Should the purge fail, pytest's own clean-up (rmtree) must not meet the tree.
+    request.addfinalizer(lambda: subprocess.run(["rm", "-rf", str(cache)], check=False))
     fd = os.open(cache, os.O_RDONLY)
     for _ in range(1500):  # shutil.rmtree recurses once per level
         os.mkdir("docker", dir_fd=fd)
         deeper = os.open("docker", os.O_RDONLY, dir_fd=fd)
         os.close(fd)
         fd = deeper
-    os.mkfifo("fifo", dir_fd=fd)
     os.close(fd)
-    for kind in (supervisor.Systemd, supervisor.Sysv):
-        monkeypatch.setattr(kind, "running", lambda self, name: False)
-    monkeypatch.setattr(mirror, "mirror_processes", lambda paths: [])
-    monkeypatch.setattr(mirror, "stop_service", lambda conf, spec: True)
-    conf = settings_of(raw, redact=True)
+    assert mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)["changes"] == {str(cache): "purged"}
+    assert not cache.exists()
+
+
+def test_a_purge_that_fails_halfway_keeps_the_marker_and_says_where(purge_ready, monkeypatch):
+    cache, conf = purge_ready
+    (cache / "docker" / "registry").mkdir(parents=True)
+    (cache / "docker" / "registry" / "blob").write_text("x")
+    # What rm says when the service user keeps writing into a directory it empties.
+    real_run = mirror.subprocess.run
+
+    def failing_rm(argv, **kwargs):
+        proc = real_run(["sh", "-c", f"echo \"rm: cannot remove '{argv[-1]}/registry': Directory not empty\" >&2; exit 1"],
+                        **kwargs)
+        return proc
+
+    monkeypatch.setattr(mirror.subprocess, "run", failing_rm)
+    with pytest.raises(CommandExecutionError) as raised:
+        mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)
+    assert str(raised.value) == (
+        f"removing {cache}/docker, {cache}/{storage.STORAGE_MARKER} failed: "
+        f"rm: cannot remove '{cache}/docker/registry': Directory not empty"
+    )
+    assert (cache / storage.STORAGE_MARKER).exists()  # so the purge can be run again
+    monkeypatch.setattr(mirror.subprocess, "run", real_run)
     assert mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)["changes"] == {str(cache): "purged"}
     assert not cache.exists()
