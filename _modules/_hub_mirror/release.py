@@ -3,6 +3,8 @@ Installing the registry: the release for this CPU, its verified digest, download
 extract, swap in; or the distribution's package.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.parse
 
 import requests
@@ -160,69 +163,83 @@ def _extract_registry(tarball, dest):
 # deb-systemd-invoke, which both run this program first: 101 means "do not".
 POLICY_RC_D = "/usr/sbin/policy-rc.d"
 _POLICY_MARK = "# hub_mirror is installing a package: its own service does not start now"
+# Held (flock) by the hub_mirror run whose policy is in place; the kernel lets go of it
+# when that run dies, however it dies.
+INSTALL_LOCK = "/run/hub-mirror-install.lock"
+INSTALL_LOCK_WAIT = 600
 
 
-def _policy_text(services, pid):
-    """A policy that refuses ``services`` (as init scripts and as units) and allows the
-    rest, written by the hub_mirror run of process ``pid``."""
+def _policy_text(services):
+    """A policy that refuses ``services`` (as init scripts and as units) and allows the rest."""
     names = "|".join(shlex.quote(name) for service in services for name in (service, f"{service}.service"))
     return (
-        f"#!/bin/sh\n{_POLICY_MARK} (pid {pid}); other services may.\n"
+        f"#!/bin/sh\n{_POLICY_MARK}; other services may.\n"
         'while [ "${1#--}" != "$1" ]; do shift; done\n'  # invoke-rc.d passes --quiet first
         f'case "$1" in\n    {names}) exit 101 ;;\nesac\nexit 0\n'
     )
 
 
-def _policy_owner():
-    """The pid of the hub_mirror run whose policy is in place, or None if it is not ours."""
+def _is_our_policy():
     try:
         text = read_file(POLICY_RC_D)
     except OSError:  # a directory or a link loop there: not ours
-        return None
-    found = re.match(rf"#!/bin/sh\n{re.escape(_POLICY_MARK)} \(pid ([0-9]{{1,9}})\)", text or "")
-    return int(found.group(1)) if found else None
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
         return False
-    except OSError:
-        return True
-    return True
+    return text is not None and text.startswith(f"#!/bin/sh\n{_POLICY_MARK}")
+
+
+@contextlib.contextmanager
+def _install_lock():
+    """One hub_mirror package install at a time on this host (apt would refuse the second
+    anyway): a run that finds the lock free knows no other run's policy is in place."""
+    descriptor = os.open(INSTALL_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + INSTALL_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    raise CommandExecutionError(
+                        f"another hub_mirror run has been installing a package for {INSTALL_LOCK_WAIT} s "
+                        f"(it holds {INSTALL_LOCK}); apply again once it is done"
+                    ) from exc
+                time.sleep(0.5)
+        yield
+    finally:
+        os.close(descriptor)  # and with it the lock
 
 
 def _without_service_starts(pkg_install, services):
     """``pkg_install`` during which Debian starts none of ``services``: docker-registry would
     serve its own config on :5000 and nginx its welcome page on :80 until hub_mirror
-    disabled them. A policy the host has (a container image's), or another hub_mirror run
-    has in place, is left to decide; one a run killed mid-install left behind is ours to
-    replace and remove."""
+    disabled them. A policy the host has (a container image's) is left to decide; one of
+    ours found while holding the install lock was left by a run that died mid-install,
+    and is replaced and removed."""
 
     def install(*args, **kwargs):
-        owner = _policy_owner()
-        if owner is not None and not _alive(owner):
-            os.unlink(POLICY_RC_D)
-        try:
-            # Exclusive: a policy that appeared meanwhile is never overwritten.
-            descriptor = os.open(POLICY_RC_D, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
-        except FileExistsError:
-            return pkg_install(*args, **kwargs)
-        try:
-            os.fchmod(descriptor, 0o755)
-            os.write(descriptor, _policy_text(services, os.getpid()).encode())
-        except OSError:
-            # An empty script would pass for the host's own and allow every start.
-            os.unlink(POLICY_RC_D)
-            raise
-        finally:
-            os.close(descriptor)
-        try:
-            return pkg_install(*args, **kwargs)
-        finally:
-            if _policy_owner() == os.getpid():
+        with _install_lock():
+            if _is_our_policy():
                 os.unlink(POLICY_RC_D)
+            try:
+                # Exclusive: a policy that appeared meanwhile is never overwritten.
+                descriptor = os.open(POLICY_RC_D, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+            except FileExistsError:
+                return pkg_install(*args, **kwargs)
+            try:
+                os.fchmod(descriptor, 0o755)
+                os.write(descriptor, _policy_text(services).encode())
+            except OSError:
+                # An empty script would pass for the host's own and allow every start.
+                os.unlink(POLICY_RC_D)
+                raise
+            finally:
+                os.close(descriptor)
+            try:
+                return pkg_install(*args, **kwargs)
+            finally:
+                if _is_our_policy():
+                    os.unlink(POLICY_RC_D)
 
     return install
 

@@ -1,10 +1,13 @@
 """The release: every arch upstream builds has a known digest and an asset URL, and the
 expected digest comes from the built-in table, the pillar or a URL."""
 
+import fcntl
 import hashlib
 import os
 import subprocess
 import tempfile
+import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -75,6 +78,7 @@ def test_no_package_service_starts_while_a_package_installs(tmp_path, monkeypatc
     while a package installs."""
     policy = tmp_path / "policy-rc.d"
     monkeypatch.setattr(release, "POLICY_RC_D", str(policy))
+    monkeypatch.setattr(release, "INSTALL_LOCK", str(tmp_path / "install.lock"))
     asked = [("nginx", "start"), ("--quiet", "nginx", "start"), ("nginx.service", "start"), ("docker-registry", "restart"), ("ssh.service", "restart"), ()]
     answers = []
 
@@ -92,22 +96,10 @@ def test_no_package_service_starts_while_a_package_installs(tmp_path, monkeypatc
     assert not policy.exists()
 
     # One left by a run killed mid-install is replaced and goes.
-    killed = subprocess.Popen(["true"])  # pylint: disable=consider-using-with
-    killed.wait()
-    policy.write_text(release._policy_text(["old"], killed.pid))
+    policy.write_text(release._policy_text(["old"]))
     policy.chmod(0o755)
     quiet("nginx")
     assert answers[-1][0] == 101 and not policy.exists()
-
-    # One of a run still installing (another hub_mirror call) decides, and stays its own.
-    with subprocess.Popen(["sleep", "60"]) as running:
-        theirs = release._policy_text(["other"], running.pid)
-        policy.write_text(theirs)
-        policy.chmod(0o755)
-        quiet("nginx")
-        running.kill()
-    assert answers[-1][0] == 0 and policy.read_text() == theirs
-    policy.unlink()
 
     # A host's own policy decides, and stays as it was.
     policy.write_text("#!/bin/sh\nexit 0\n")
@@ -123,7 +115,7 @@ def test_the_policy_refuses_exactly_the_services_named(names):
     with tempfile.TemporaryDirectory() as directory:
         policy = os.path.join(directory, "policy-rc.d")
         with open(policy, "w", encoding="utf-8") as handle:
-            handle.write(release._policy_text(names, 1))
+            handle.write(release._policy_text(names))
         os.chmod(policy, 0o755)
         for name in names:
             assert subprocess.run([policy, name, "start"], check=False).returncode == 101
@@ -134,6 +126,7 @@ def test_a_policy_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatc
     # Found by an adversarial pass: an empty policy-rc.d stayed, taken for the host's own.
     policy = tmp_path / "policy-rc.d"
     monkeypatch.setattr(release, "POLICY_RC_D", str(policy))
+    monkeypatch.setattr(release, "INSTALL_LOCK", str(tmp_path / "install.lock"))
     real_write = os.write
 
     def full(descriptor, data):
@@ -145,4 +138,47 @@ def test_a_policy_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatc
     monkeypatch.setattr(os, "write", real_write)
     assert not policy.exists()
     policy.mkdir()  # not a file: not ours, and no traceback
-    assert release._policy_owner() is None
+    assert release._is_our_policy() is False
+
+
+def test_a_second_install_waits_for_the_first_and_never_removes_its_policy(tmp_path, monkeypatch):
+    # Found by review: a second run took a live run's policy for a leftover and removed it.
+    policy = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(release, "POLICY_RC_D", str(policy))
+    monkeypatch.setattr(release, "INSTALL_LOCK", str(tmp_path / "install.lock"))
+    events = []
+    first_installing, first_may_finish = threading.Event(), threading.Event()
+
+    def slow_install(name):
+        events.append(("first installs", policy.read_text()))
+        first_installing.set()
+        first_may_finish.wait(10)
+        events.append(("first done, policy still there", policy.exists()))
+
+    def quick_install(name):
+        events.append(("second installs", policy.read_text()))
+
+    first = threading.Thread(target=release._without_service_starts(slow_install, ["nginx"]), args=("nginx",))
+    first.start()
+    assert first_installing.wait(10)
+    second = threading.Thread(target=release._without_service_starts(quick_install, ["docker-registry"]), args=("x",))
+    second.start()
+    time.sleep(1.5)  # the second is waiting on the lock meanwhile
+    first_may_finish.set()
+    first.join(10)
+    second.join(10)
+    assert [event[0] for event in events] == ["first installs", "first done, policy still there", "second installs"]
+    assert events[1][1] is True
+    assert "    nginx|" in events[0][1] and "    docker-registry|" in events[2][1]
+    assert not policy.exists()
+
+
+def test_an_install_that_cannot_get_the_lock_says_who_holds_it(tmp_path, monkeypatch):
+    lock = tmp_path / "install.lock"
+    monkeypatch.setattr(release, "POLICY_RC_D", str(tmp_path / "policy-rc.d"))
+    monkeypatch.setattr(release, "INSTALL_LOCK", str(lock))
+    monkeypatch.setattr(release, "INSTALL_LOCK_WAIT", 1)
+    with open(lock, "w", encoding="utf-8") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CommandExecutionError, match=f"another hub_mirror run .* holds {lock}"):
+            release._without_service_starts(lambda name: None, ["nginx"])("nginx")
