@@ -115,20 +115,28 @@ def test_a_pool_with_a_redis_descriptor_cache_renders_a_config_the_registry_runs
     assert redis_keys(redis_addr) > 0  # the pool's blob descriptors live in redis
 
 
-def wait_stored(s3_endpoint, digests, timeout=30):
-    """Until each of ``digests`` (the manifest's and its blobs') is committed in the pool's
-    bucket: the proxy stores a blob as (3.x) or after (2.8) it serves it, and a request
-    before that misses again. A count of stored blobs is not enough: the manifest is
-    stored as a blob too, and may land before the last layer does."""
+def wait_stored(s3_endpoint, repository, manifest, blobs, timeout=30):
+    """Until the pool's bucket holds what a pull of ``repository`` through one mirror
+    stores: the manifest and each of ``blobs`` (config, layers) committed and linked into
+    the repository. The proxy stores a blob as (3.x) or after (2.8) it serves it, and
+    another mirror asking before that misses again. Not a count of stored blobs: the
+    manifest is stored as a blob too, and may land first; not the blobs' data alone: a
+    commit moves the data into place, then links it into the repository, and the other
+    mirror looks for the link."""
     s3 = boto3.client(
         "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
         aws_access_key_id="AKIDTEST", aws_secret_access_key="SECRETTEST",
     )
-    wanted = {f"pool/docker/registry/v2/blobs/sha256/{d[7:9]}/{d[7:]}/data" for d in digests}
+    v2 = "pool/docker/registry/v2"
+    wanted = {f"{v2}/blobs/sha256/{d[7:9]}/{d[7:]}/data" for d in (manifest, *blobs)}
+    wanted |= {f"{v2}/repositories/{repository}/_layers/sha256/{d[7:]}/link" for d in blobs}
+    wanted.add(f"{v2}/repositories/{repository}/_manifests/revisions/sha256/{manifest[7:]}/link")
     deadline = time.monotonic() + timeout
     while True:
-        listed = s3.list_objects_v2(Bucket="hub-cache", Prefix="pool/docker/registry/v2/blobs/").get("Contents", [])
-        missing = wanted - {obj["Key"] for obj in listed}
+        keys = set()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="hub-cache", Prefix=f"{v2}/"):
+            keys.update(obj["Key"] for obj in page.get("Contents", []))
+        missing = wanted - keys
         if not missing:
             return
         assert time.monotonic() < deadline, f"never stored in the pool: {sorted(missing)}"
@@ -148,7 +156,7 @@ def pool_of_two(module, hub, s3_endpoint, pool, tmp_path, image_layout, redis=No
         assert oci.pull(mirrors[0].hostport, "library/alpine", "latest", str(tmp_path / "via-a")) == expected
         first = hub.counts()
         assert first["blob_get"] > 0
-        wait_stored(s3_endpoint, [expected, *oci.image_blobs(tmp_path / "via-a")])
+        wait_stored(s3_endpoint, "library/alpine", expected, oci.image_blobs(tmp_path / "via-a"))
 
         hub.reset_counts()
         assert oci.pull(mirrors[1].hostport, "library/alpine", "latest", str(tmp_path / "via-b")) == expected
