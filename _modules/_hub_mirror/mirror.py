@@ -377,16 +377,19 @@ def _remove_from_storage(spec, paths):
     try:
         # By the fd's own /proc link (rm inherits the fd), which stays on the opened directory.
         pinned = f"/proc/self/fd/{storage_fd}"
-        proc = subprocess.run(
-            ["/bin/rm", "-rf", "--one-file-system", "--",
-             *(f"{pinned}/{name}" for name in names if name != STORAGE_MARKER)],
-            pass_fds=(storage_fd,), capture_output=True, text=True, env={}, check=False,
-        )
-        if proc.returncode != 0:
-            errors = proc.stderr.replace(pinned, spec["storage"]).strip().splitlines()
-            errors = errors or [f"rm exit status {proc.returncode}"]
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise CommandExecutionError(f"removing {', '.join(paths)} failed: {errors[0]}{more}")
+        doomed = [f"{pinned}/{name}" for name in names if name != STORAGE_MARKER]
+        # In batches: the service user can make as many scheduler-state.json* names as it
+        # likes, and one argument list holds at most ARG_MAX bytes.
+        for start in range(0, len(doomed), 500):
+            proc = subprocess.run(
+                ["/bin/rm", "-rf", "--one-file-system", "--", *doomed[start:start + 500]],
+                pass_fds=(storage_fd,), capture_output=True, text=True, env={}, check=False,
+            )
+            if proc.returncode != 0:
+                errors = proc.stderr.replace(pinned, spec["storage"]).strip().splitlines()
+                errors = errors or [f"rm exit status {proc.returncode}"]
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise CommandExecutionError(f"removing in {spec['storage']} failed: {errors[0]}{more}")
         if STORAGE_MARKER in names:
             try:
                 os.unlink(STORAGE_MARKER, dir_fd=storage_fd)

@@ -212,10 +212,19 @@ def test_a_purge_that_fails_halfway_keeps_the_marker_and_says_where(purge_ready,
     with pytest.raises(CommandExecutionError) as raised:
         mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)
     assert str(raised.value) == (
-        f"removing {cache}/docker, {cache}/{storage.STORAGE_MARKER} failed: "
+        f"removing in {cache} failed: "
         f"rm: cannot remove '{cache}/docker/registry': Directory not empty"
     )
     assert (cache / storage.STORAGE_MARKER).exists()  # so the purge can be run again
     monkeypatch.setattr(mirror.subprocess, "run", real_run)
+    assert mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)["changes"] == {str(cache): "purged"}
+    assert not cache.exists()
+
+
+def test_a_purge_removes_more_entries_than_one_command_line_holds(purge_ready):
+    # Found by an adversarial pass: 12,000 long scheduler-state names overflowed ARG_MAX.
+    cache, conf = purge_ready
+    for index in range(12_000):
+        (cache / f"scheduler-state.json{'x' * 200}{index}").touch()
     assert mirror.remove(conf, conf["mirrors"]["dockerhub"], purge_storage=True)["changes"] == {str(cache): "purged"}
     assert not cache.exists()
