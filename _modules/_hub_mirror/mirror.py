@@ -89,14 +89,15 @@ def configure(conf, spec, test=False):
     return {"changes": changes, "comment": f"Mirror {mirror} config updated", "warnings": warnings}
 
 
-def _fingerprint(conf, spec, files):
+def _fingerprint(conf, spec, files, texts):
     """
     What the mirror must serve with: the binary the pillar asks for, the configs rendered
-    from pillar and the service files. Computed from pillar, not from disk, so that a test
-    run sees the restart a pending install or config change will cause. The credentials
-    file is left out: registry 3.x rereads it without a restart. The front's nginx is read
-    from disk: a package upgrade replaces it under a running front, which keeps the old
-    code until the next apply restarts the mirror.
+    from pillar (``texts``, from ``render_config_files``) and the service files
+    (``files``). Computed from pillar, not from disk, so that a test run sees the restart
+    a pending install or config change will cause. The credentials file is left out:
+    registry 3.x rereads it without a restart. The front's nginx is read from disk: a
+    package upgrade replaces it under a running front, which keeps the old code until the
+    next apply restarts the mirror.
     """
     digest = hashlib.sha256()
     binary = binary_path(conf)
@@ -107,7 +108,6 @@ def _fingerprint(conf, spec, files):
     front_binary = conf["lookup"]["front_binary"]
     if front_enabled(spec) and os.path.isfile(front_binary):
         digest.update(sha256_file(front_binary).encode())
-    texts = render_config_files(conf, spec)
     for key in ("config", "offline_config", "supervise_settings", "front_conf"):
         digest.update(texts.get(key, "").encode())
     for path in sorted(files):
@@ -128,10 +128,9 @@ def deploy(conf, spec, test=False):
             f"the front's nginx {conf['lookup']['front_binary']} is missing; apply hub_mirror.install "
             f"first, or set hub_mirror:mirrors:{mirror}:front: none"
         )
-    # A test run predicts from pillar alone: it renders nothing here.
-    unconfigured = [] if test else [
-        paths[key] for key in render_config_files(conf, spec) if not os.path.exists(paths[key])
-    ]
+    texts = render_config_files(conf, spec)
+    # A test run predicts from pillar alone.
+    unconfigured = [] if test else [paths[key] for key in texts if not os.path.exists(paths[key])]
     if unconfigured:
         raise CommandExecutionError(
             f"mirror {mirror}: {', '.join(unconfigured)} missing; apply hub_mirror.configure first"
@@ -140,7 +139,7 @@ def deploy(conf, spec, test=False):
     stale = {path: entry for path, entry in files.items() if read_file(path) != entry[0]}
     supervisor = supervisor_for(conf)
     is_running = supervisor.running(mirror)
-    fingerprint = _fingerprint(conf, spec, files)
+    fingerprint = _fingerprint(conf, spec, files, texts)
     changed = fingerprint != (read_file(paths["fingerprint"]) or "").strip()
     # Serving without its service: what a supervisor killed by older versions left behind.
     leftovers = [] if is_running else mirror_processes(paths)

@@ -138,7 +138,8 @@ def test_an_upgraded_nginx_restarts_the_front_at_the_next_apply(tmp_path):
     spec = conf["mirrors"]["hub"]
 
     def fingerprint():
-        return mirror._fingerprint(conf, spec, supervisor.render_service_files(conf, spec))
+        files = supervisor.render_service_files(conf, spec)
+        return mirror._fingerprint(conf, spec, files, registry_config.render_config_files(conf, spec))
 
     before = fingerprint()
     assert fingerprint() == before
@@ -146,9 +147,10 @@ def test_an_upgraded_nginx_restarts_the_front_at_the_next_apply(tmp_path):
     assert fingerprint() != before
     # A mirror without a front does not restart for it.
     unfronted = {**spec, "front": "none"}
-    without = mirror._fingerprint(conf, unfronted, {})
+    unfronted_texts = registry_config.render_config_files(conf, unfronted)
+    without = mirror._fingerprint(conf, unfronted, {}, unfronted_texts)
     nginx.write_bytes(b"1.22.1-7+deb12u2")
-    assert mirror._fingerprint(conf, unfronted, {}) == without
+    assert mirror._fingerprint(conf, unfronted, {}, unfronted_texts) == without
 
 
 @pytest.mark.parametrize("front", ["nginx", "none"])
